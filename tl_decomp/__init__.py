@@ -6,6 +6,18 @@ Exact vector-factor decompositions (Mickus et al., TACL 2022) and identifiabilit
 
 from tl_decomp._adapters import ModelSpec, model_spec
 from tl_decomp.corpus import load_corpus
+from tl_decomp.decompose import (
+    Decomposition,
+    DecompositionRecipe,
+    decompose,
+    decompose_layers,
+)
 from tl_decomp.models import load_model, tiny_model
 
-__all__ = ["ModelSpec", "load_corpus", "load_model", "model_spec", "tiny_model"]
+__all__ = [
+    "Decomposition",
+    "DecompositionRecipe",
+    "ModelSpec",
+    "decompose",
+    "decompose_layers",
+    "load_corpus", "load_model", "model_spec", "tiny_model"]

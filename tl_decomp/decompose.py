@@ -95,7 +95,9 @@ class _Stack:
 
     def __init__(self, kinds: dict[str, str], like: Tensor, dtype: torch.dtype):
         self.kinds = kinds
-        self.row: dict[str, int] = {}
+        # Coarse stacks always hold i, h, f, c (c zero on a bias-free RMSNorm model).
+        self.row: dict[str, int] = {k: j for j, k in enumerate(KINDS)} if list(kinds) == list(
+            KINDS) else {}
         self.buf = like.new_zeros((len(kinds), *like.shape), dtype=dtype)
 
     @property
@@ -275,10 +277,8 @@ class DecompositionRecipe:
             st.add(self._label("i", label), cache[hook].to(dt))
         if spec.embed_ln is not None:
             self._norm(st, spec.embed_ln, cache, dt)
-        last = max(wanted, default=-1)
-        for L in range(spec.n_layers):
-            if L > last and not final:
-                break
+        last = spec.n_layers - 1 if final else max(wanted, default=-1)
+        for L in range(last + 1):
             blk = spec.blocks[L]
             self._attention(st, L, cache, dt)
             if blk.ln1 is not None:
@@ -286,9 +286,9 @@ class DecompositionRecipe:
             self._mlp(st, L, cache, dt)
             if blk.ln2 is not None:
                 self._norm(st, blk.ln2, cache, dt)
-            if L in wanted and not (final and L == spec.n_layers - 1 and spec.final == blk.out):
+            if L in wanted:
                 yield self._result(st, cache, blk.out, L, tokens, attention_mask)
-        if final:
+        if final and spec.final != spec.blocks[-1].out:
             if spec.ln_final is not None:
                 self._norm(st, spec.ln_final, cache, dt)
             yield self._result(st, cache, spec.final, None, tokens, attention_mask)
@@ -302,8 +302,11 @@ class DecompositionRecipe:
         attention_mask: Tensor | None = None,
     ) -> Decomposition:
         """The decomposition of block `layer`'s output, or of the final embedding (None)."""
+        spec = self.spec
+        if layer is None and spec.final == spec.blocks[-1].out:
+            layer = spec.n_layers - 1  # encoders: the final embedding is the last block's output
         if layer is not None and layer < 0:
-            layer += self.spec.n_layers
+            layer += spec.n_layers
         layers = [] if layer is None else [layer]
         it = self.iter_layers(cache, layers, final=layer is None, tokens=tokens,
                               attention_mask=attention_mask)
@@ -383,8 +386,9 @@ def decompose(
     Args:
         model: a TransformerBridge, HookedTransformer or HookedEncoder.
         input: a text, a list of texts (right-padded; padding is masked), or token ids.
-        layer: block whose output to decompose; None for the final embedding (BERT: the last
-            block's output; decoders: the ``ln_final`` output the unembedding reads).
+        layer: block whose output to decompose (negative counts from the end); None for the
+            final embedding (BERT: the last block's output, reported as that layer; decoders:
+            the ``ln_final`` output the unembedding reads, reported as layer None).
         granularity: ``coarse`` (i, h, f, c), ``layer`` (attention and MLP per layer) or
             ``head`` (attention per layer and head).
         centering: ``correction`` puts every LayerNorm centering in ``c`` (the paper);
@@ -429,7 +433,7 @@ def decompose_layers(
     """The decomposition at every block output (and the final embedding) from one forward pass.
 
     Returns one `Decomposition` per block in `layers` (all by default), followed by the final
-    embedding when `final` and it is a different site (decoders' ``ln_final``). For corpora,
+    embedding (layer None) when `final` and it is a different site (decoders' ``ln_final``). For corpora,
     `DecompositionRecipe.iter_layers` yields the same one layer at a time.
 
     Example:

@@ -1,0 +1,43 @@
+"""The project's tolerances, in one place (SPEC 1.4)."""
+
+from __future__ import annotations
+
+import torch
+from torch import Tensor
+
+RTOL = {torch.float64: 1e-9, torch.float32: 1e-4}
+
+
+def assert_close(actual: Tensor, expected: Tensor, dtype: torch.dtype, what: str = "") -> None:
+    """max |actual - expected| <= RTOL[dtype] * max |expected|."""
+    expected = expected.to(actual.dtype)
+    err = (actual - expected).abs().max().item()
+    scale = expected.abs().max().item()
+    assert err <= RTOL[dtype] * scale, f"{what}: max abs error {err:.3g} vs |target| {scale:.3g}"
+
+
+def hook_state(model) -> dict[str, tuple[int, ...]]:
+    """Ids of every hook function on every hook point (some bridges own permanent ones)."""
+    state = {}
+    for name, hp in model.hook_dict.items():
+        fns = [*hp._forward_hooks.values(), *hp._backward_hooks.values(),
+               *hp._forward_pre_hooks.values()]
+        if fns:
+            state[name] = tuple(sorted(id(f) for f in fns))
+    return state
+
+
+class NoHooksLeft:
+    """``with NoHooksLeft(model): ...`` fails if the block leaves a hook behind, even on error."""
+
+    def __init__(self, model):
+        self.model = model
+
+    def __enter__(self):
+        self.before = hook_state(self.model)
+        return self
+
+    def __exit__(self, *exc):
+        after = hook_state(self.model)
+        assert after == self.before, f"hooks left behind: {set(after) ^ set(self.before)}"
+        return False
