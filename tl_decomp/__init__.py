@@ -13,11 +13,31 @@ from tl_decomp.decompose import (
     decompose_layers,
 )
 from tl_decomp.models import load_model, tiny_model
+from tl_decomp.stats import (
+    CheckpointComparison,
+    FFLinearity,
+    LayerStats,
+    anisotropy,
+    compare_checkpoints,
+    corpus_statistics,
+    ff_linearity,
+)
 
 __all__ = [
+    "CheckpointComparison",
     "Decomposition",
     "DecompositionRecipe",
+    "FFLinearity",
+    "LayerStats",
     "ModelSpec",
+    "anisotropy",
+    "compare_checkpoints",
+    "corpus_statistics",
     "decompose",
     "decompose_layers",
-    "load_corpus", "load_model", "model_spec", "tiny_model"]
+    "ff_linearity",
+    "load_corpus",
+    "load_model",
+    "model_spec",
+    "tiny_model",
+]

@@ -54,6 +54,7 @@ class Block:
     pattern: str
     v: str
     mlp_out: str | None
+    mlp_in: str | None  # the MLP's input up to a per-feature gain (enough for linear fits)
     out: str
     W_O: Tensor
     b_V: Tensor | None
@@ -237,6 +238,10 @@ def _spec_hooked_transformer(model: Any) -> ModelSpec:
             Block(
                 z=p + "attn.hook_z", pattern=p + "attn.hook_pattern", v=p + "attn.hook_v",
                 mlp_out=p + "hook_mlp_out", out=p + "hook_resid_post",
+                # RMSNorm's hook_normalized precedes the gain: a per-feature scale, harmless
+                # to standardised fits, which is all this hook is for.
+                mlp_in=p + "ln2.hook_normalized" if nt != "none"
+                else p + ("hook_resid_pre" if cfg.parallel_attn_mlp else "hook_resid_mid"),
                 W_O=blk.attn.W_O.detach(), b_V=_b_v(blk.attn, cfg.n_heads),
                 b_O=_vec(blk.attn.b_O), b_out=_vec(getattr(blk.mlp, "b_out", None)),
                 ln1=None, ln2=None,
@@ -275,6 +280,7 @@ def _spec_hooked_encoder(model: Any) -> ModelSpec:
             Block(
                 z=p + "attn.hook_z", pattern=p + "attn.hook_pattern", v=p + "attn.hook_v",
                 mlp_out=p + "hook_mlp_out", out=p + "hook_normalized_resid_post",
+                mlp_in=p + "ln1.hook_normalized",
                 W_O=blk.attn.W_O.detach(), b_V=_b_v(blk.attn, cfg.n_heads),
                 b_O=_vec(blk.attn.b_O), b_out=_vec(blk.mlp.b_out),
                 ln1=Norm(p + "ln1", (p + "hook_resid_mid",), p + "ln1.hook_scale",
@@ -322,6 +328,7 @@ def _spec_bridge(model: Any) -> ModelSpec:
             Block(
                 z=p + "attn.o.hook_in", pattern=p + "attn.hook_pattern", v=p + "attn.v.hook_out",
                 mlp_out=p + "mlp.out.hook_out", out=p + ("ln2.hook_out" if post else "hook_out"),
+                mlp_in=p + "mlp.in.hook_in" if p + "mlp.in.hook_in" in names else None,
                 W_O=blk.attn.W_O.detach(), b_V=_b_v(blk.attn, cfg.n_heads),
                 b_O=_vec(blk.attn.b_O), b_out=_vec(getattr(blk.mlp, "b_out", None)),
                 ln1=_bridge_norm(model, p + "ln1", rms) if post else None,

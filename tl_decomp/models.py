@@ -84,23 +84,27 @@ def _hf_config(arch: str) -> Any:
     raise ValueError(f"unknown tiny architecture {arch!r}; choose from {TINY_ARCHS}")
 
 
-def _tokenizer(bert: bool) -> Any:
-    from tokenizers import Tokenizer, models, pre_tokenizers, processors
-    from transformers import PreTrainedTokenizerFast
+_SPECIALS = ["[PAD]", "[BOS]", "[EOS]", "[UNK]", "[CLS]", "[SEP]", "[MASK]"]
+_WORDS = ["the", "a", "cat", "dog", "sat", "on", "mat", "and", "ran", ".", ",", "is", "big"]
 
-    specials = ["[PAD]", "[BOS]", "[EOS]", "[UNK]", "[CLS]", "[SEP]", "[MASK]"]
-    words = ["the", "a", "cat", "dog", "sat", "on", "mat", "and", "ran", ".", ",", "is", "big"]
-    vocab = {t: i for i, t in enumerate(specials + words)}
-    vocab.update({f"w{i}": len(vocab) for i in range(64 - len(vocab))})
-    tok = Tokenizer(models.WordLevel(vocab, unk_token="[UNK]"))
-    tok.pre_tokenizer = pre_tokenizers.Whitespace()  # type: ignore[assignment]  # stub lag
+
+def _tokenizer(bert: bool, path: str) -> Any:
+    """A 64-token word-level vocabulary: a real BertTokenizerFast for BERT ([CLS] ... [SEP])."""
+    from tokenizers import Tokenizer, models, pre_tokenizers
+    from transformers import BertTokenizerFast, PreTrainedTokenizerFast
+
+    vocab = _SPECIALS + _WORDS
+    vocab += [f"w{i}" for i in range(64 - len(vocab))]
     if bert:
-        tok.post_processor = processors.TemplateProcessing(  # type: ignore[assignment]
-            single="[CLS] $A [SEP]", special_tokens=[("[CLS]", 4), ("[SEP]", 5)]
-        )
+        vocab_file = f"{path}/vocab.txt"
+        with open(vocab_file, "w") as f:
+            f.write("\n".join(vocab) + "\n")
+        return BertTokenizerFast(vocab_file)  # transformers 5 names the argument `vocab`
+    tok = Tokenizer(models.WordLevel({t: i for i, t in enumerate(vocab)}, unk_token="[UNK]"))
+    tok.pre_tokenizer = pre_tokenizers.Whitespace()  # type: ignore[assignment]  # stub lag
     return PreTrainedTokenizerFast(
         tokenizer_object=tok, unk_token="[UNK]", pad_token="[PAD]", bos_token="[BOS]",
-        eos_token="[EOS]", cls_token="[CLS]", sep_token="[SEP]", mask_token="[MASK]",
+        eos_token="[EOS]",
     )
 
 
@@ -138,7 +142,7 @@ def _tiny_dir(arch: str) -> str:
     _perturb(hf, seed=1)
     path = tempfile.mkdtemp(prefix=f"tl_decomp_tiny_{arch}_")
     hf.save_pretrained(path)
-    _tokenizer(arch == "bert").save_pretrained(path)
+    _tokenizer(arch == "bert", path).save_pretrained(path)
     return path
 
 

@@ -1,0 +1,97 @@
+"""Statistics against brute-force references."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+from conftest import cached_model
+from helpers import assert_close
+
+from tl_decomp import (
+    anisotropy,
+    compare_checkpoints,
+    corpus_statistics,
+    decompose,
+    decompose_layers,
+    ff_linearity,
+    model_spec,
+)
+from tl_decomp import _adapters
+
+TEXTS = ["the cat sat on the mat .", "a dog ran", "the big cat is on a mat and the dog sat",
+         "a cat", "the dog is big ."]
+
+
+@pytest.mark.parametrize("granularity", ["coarse", "layer"])
+def test_streaming_moments_match_one_batch(granularity):
+    model = cached_model("bert")
+    streamed = corpus_statistics(model, TEXTS, batch_size=2, granularity=granularity,
+                                 progress=False)
+    ds = decompose_layers(model, TEXTS, granularity=granularity)
+    assert streamed.layers == tuple(d.layer for d in ds)
+    for r, d in enumerate(ds):
+        values = d.shares()[:, d.mask()]
+        cols = [streamed.labels.index(label) for label in d.labels]
+        assert_close(streamed.mean[r, cols], values.mean(1), torch.float64, "mean")
+        assert_close(streamed.std[r, cols], values.std(1), torch.float64, "std")
+    assert streamed.n_tokens == int(ds[0].mask().sum())
+    assert "±" in streamed.table()
+
+
+def test_shares_of_a_decoder_include_the_final_embedding():
+    s = corpus_statistics(cached_model("llama"), TEXTS, progress=False, statistic="cosines")
+    assert s.layers == (0, 1, 2, None)
+    assert s.max_relative_error < 1e-6
+
+
+def test_anisotropy_matches_pairwise_cosines():
+    d = decompose(cached_model("gpt2"), TEXTS)
+    vecs = d.factors[:, d.mask()]
+    for k in range(4):
+        cos = torch.nn.functional.cosine_similarity(vecs[k][:, None], vecs[k][None], dim=-1)
+        n = cos.shape[0]
+        brute = (cos.sum() - cos.diagonal().sum()) / (n * (n - 1))
+        assert abs(anisotropy(d)[k].item() - brute.item()) < 1e-10
+
+
+def test_ff_linearity_matches_least_squares_on_held_out_sentences():
+    model = cached_model("gpt2")
+    texts = [" ".join(["the", "cat", "dog", "sat", "mat", "a", "big"][i % 7:] + ["ran"] * (i % 3))
+             for i in range(30)]
+    result = ff_linearity(model, texts, batch_size=8, progress=False, ridge=0.0)
+    spec = model_spec(model)
+    held = set(result.held_out)
+    assert 0 < len(held) < len(texts)
+    tokens, mask = _adapters.tokenize(model, texts, encoder=False)
+    _, cache = model.run_with_cache(tokens, attention_mask=mask)
+    test = torch.tensor([i in held for i in range(len(texts))])[:, None] & mask.bool()
+    train = ~torch.tensor([i in held for i in range(len(texts))])[:, None] & mask.bool()
+    for L, blk in enumerate(spec.blocks):
+        x, y = cache[blk.mlp_in].double(), cache[blk.mlp_out].double()
+        xt = torch.cat([x[train], torch.ones(int(train.sum()), 1, dtype=x.dtype)], 1)
+        w = torch.linalg.lstsq(xt, y[train]).solution
+        xs = torch.cat([x[test], torch.ones(int(test.sum()), 1, dtype=x.dtype)], 1)
+        resid = y[test] - xs @ w
+        r2 = 1 - resid.pow(2).sum() / (y[test] - y[test].mean(0)).pow(2).sum()
+        assert abs(result.r2[L].item() - r2.item()) < 1e-6, L
+
+
+def test_compare_checkpoints_is_the_difference_and_checks_shapes():
+    a, b = cached_model("bert"), cached_model("bert", processed=True)
+    c = compare_checkpoints(a, b, TEXTS, progress=False)
+    sa = corpus_statistics(a, TEXTS, progress=False)
+    assert_close(c.a.mean, sa.mean, torch.float64)
+    assert_close(c.delta, c.b.mean - c.a.mean, torch.float64)
+    assert "Δi" in c.table()
+    with pytest.raises(ValueError, match="differ"):
+        compare_checkpoints(a, cached_model("gpt2"), TEXTS, progress=False)
+
+
+def test_bad_corpus_inputs():
+    model = cached_model("gpt2")
+    with pytest.raises(ValueError, match="non-empty"):
+        corpus_statistics(model, [], progress=False)
+    with pytest.raises(ValueError, match="non-empty"):
+        corpus_statistics(model, "the cat", progress=False)  # type: ignore[arg-type]
+    with pytest.raises(ValueError, match="two texts"):
+        ff_linearity(model, ["the cat"], progress=False)

@@ -1,0 +1,346 @@
+"""The paper's statistics over a corpus, streamed (Mickus et al. 2022, section 5).
+
+Per-layer mean and standard deviation of a per-token statistic of each term, accumulated
+batch by batch with Chan et al.'s parallel update, so memory does not grow with the corpus;
+per-term anisotropy; FF linearity scored on held-out sentences; checkpoint comparisons.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from dataclasses import dataclass
+from typing import Any, Literal
+
+import torch
+from jaxtyping import Float
+from torch import Tensor
+from tqdm.auto import tqdm
+
+from tl_decomp import _adapters
+from tl_decomp.decompose import Decomposition, DecompositionRecipe, Granularity
+
+Statistic = Literal["shares", "norm_ratios", "cosines"]
+
+
+@dataclass(frozen=True)
+class LayerStats:
+    """Mean and std of a statistic per site (rows) and factor (columns), over real tokens.
+
+    ``layers[r]`` is the block whose output row ``r`` describes (None: the final embedding).
+    """
+
+    statistic: str
+    layers: tuple[int | None, ...]
+    labels: tuple[str, ...]
+    mean: Float[Tensor, "site factor"]
+    std: Float[Tensor, "site factor"]
+    n_tokens: int
+    max_relative_error: float
+
+    def table(self, digits: int = 3) -> str:
+        """A plain-text table, ``mean ± std`` per site and factor."""
+        width = max(8, 2 * digits + 6)
+        head = "layer  " + "".join(f"{label:>{width}}" for label in self.labels)
+        rows = [head]
+        for r, layer in enumerate(self.layers):
+            cells = "".join(
+                f"{f'{m:.{digits}f}±{s:.{digits}f}':>{width}}"
+                for m, s in zip(self.mean[r].tolist(), self.std[r].tolist())
+            )
+            rows.append(f"{'final' if layer is None else layer + 1:>5}  {cells}")
+        return "\n".join(rows)
+
+    def __str__(self) -> str:
+        return self.table()
+
+
+class _Moments:
+    """Streaming count/mean/M2 per cell (Chan et al. 1979), in float64."""
+
+    def __init__(self) -> None:
+        self.n = 0
+        self.mean: Tensor | None = None
+        self.m2: Tensor | None = None
+
+    def update(self, x: Float[Tensor, "token factor"]) -> None:
+        x = x.double()
+        n_b = x.shape[0]
+        if n_b == 0:
+            return
+        mean_b = x.mean(0)
+        m2_b = ((x - mean_b) ** 2).sum(0)
+        if self.mean is None or self.m2 is None:
+            self.n, self.mean, self.m2 = n_b, mean_b, m2_b
+            return
+        n = self.n + n_b
+        delta = mean_b - self.mean
+        self.mean = self.mean + delta * n_b / n
+        self.m2 = self.m2 + m2_b + delta**2 * self.n * n_b / n
+        self.n = n
+
+    def std(self) -> Tensor:
+        assert self.m2 is not None
+        return (self.m2 / max(self.n - 1, 1)).sqrt()
+
+
+def _batches(texts: Sequence[str], size: int, progress: bool, desc: str):
+    if isinstance(texts, str) or not len(texts):
+        raise ValueError("expected a non-empty list of texts")
+    starts = range(0, len(texts), size)
+    for start in tqdm(starts, desc=desc, disable=not progress, unit="batch"):
+        yield list(texts[start : start + size])
+
+
+def corpus_statistics(
+    model: Any,
+    texts: Sequence[str],
+    *,
+    statistic: Statistic = "shares",
+    granularity: Granularity = "coarse",
+    centering: Literal["correction", "terms"] = "correction",
+    batch_size: int = 16,
+    progress: bool = True,
+) -> LayerStats:
+    """Mean ± std per layer of a per-token statistic of each term, over a corpus.
+
+    Every block output and (decoders) the final embedding; padding excluded. Memory is one
+    batch's decomposition, whatever the corpus size.
+
+    Example:
+        >>> from tl_decomp.models import tiny_model
+        >>> s = corpus_statistics(tiny_model("bert"), ["the cat sat", "a dog ran ."],
+        ...                       progress=False)
+        >>> s.labels, tuple(s.mean.shape)
+        (('i', 'h', 'f', 'c'), (3, 4))
+        >>> bool(torch.allclose(s.mean.sum(1), torch.ones(3, dtype=torch.float64)))
+        True
+    """
+    recipe = DecompositionRecipe.for_model(model, granularity=granularity, centering=centering)
+    moments: dict[int | None, _Moments] = {}
+    site_labels: dict[int | None, tuple[str, ...]] = {}
+    worst = 0.0
+    for batch in _batches(texts, batch_size, progress, f"decomposing ({statistic})"):
+        tokens, mask = _adapters.tokenize(model, batch, encoder=not recipe.spec.causal)
+        if tokens.shape[1] > recipe.spec.n_ctx:
+            raise ValueError(f"a text has {tokens.shape[1]} tokens; context is {recipe.spec.n_ctx}")
+        device = _adapters.model_device(model)
+        cache = _adapters.run_with_cache(model, tokens.to(device), mask.to(device),
+                                         recipe.names_filter)
+        for d in recipe.iter_layers(cache, tokens=tokens, attention_mask=mask):
+            values = getattr(d, statistic)()  # [factor batch pos]
+            keep = d.mask().to(values.device)
+            moments.setdefault(d.layer, _Moments()).update(values[:, keep].T)
+            site_labels[d.layer] = d.labels
+            worst = max(worst, d.relative_error)
+        del cache
+    return _finish(statistic, moments, site_labels, worst)
+
+
+def _finish(statistic, moments, site_labels, worst) -> LayerStats:
+    layers = tuple(moments)
+    labels = max(site_labels.values(), key=len)  # the last site holds every factor
+
+    def align(layer, t: Tensor) -> Tensor:  # earlier layers lack later layers' factors: NaN
+        out = torch.full((len(labels),), float("nan"), dtype=torch.float64)
+        out[[labels.index(label) for label in site_labels[layer]]] = t
+        return out
+
+    return LayerStats(
+        statistic=statistic,
+        layers=layers,
+        labels=labels,
+        mean=torch.stack([align(k, moments[k].mean) for k in layers]),
+        std=torch.stack([align(k, moments[k].std()) for k in layers]),
+        n_tokens=next(iter(moments.values())).n if moments else 0,
+        max_relative_error=worst,
+    )
+
+
+@dataclass(frozen=True)
+class CheckpointComparison:
+    """The same statistic for two checkpoints on the same inputs; ``delta = b - a``."""
+
+    a: LayerStats
+    b: LayerStats
+
+    @property
+    def delta(self) -> Tensor:
+        return self.b.mean - self.a.mean
+
+    def table(self, digits: int = 3) -> str:
+        rows = ["layer  " + "".join(f"{'Δ' + label:>10}" for label in self.a.labels)]
+        for r, layer in enumerate(self.a.layers):
+            cells = "".join(f"{v:>+10.{digits}f}" for v in self.delta[r].tolist())
+            rows.append(f"{'final' if layer is None else layer + 1:>5}  {cells}")
+        return "\n".join(rows)
+
+
+def compare_checkpoints(
+    model_a: Any, model_b: Any, texts: Sequence[str], **kwargs: Any
+) -> CheckpointComparison:
+    """`corpus_statistics` of two checkpoints (e.g. pretrained vs fine-tuned) on one corpus.
+
+    Raises:
+        ValueError: the two models tokenize the corpus differently or differ in shape.
+
+    Example:
+        >>> from tl_decomp.models import tiny_model
+        >>> c = compare_checkpoints(tiny_model("bert"), tiny_model("bert", processed=True),
+        ...                         ["the cat sat"], progress=False)
+        >>> tuple(c.delta.shape)
+        (3, 4)
+    """
+    sa, sb = _adapters.model_spec(model_a), _adapters.model_spec(model_b)
+    if (sa.n_layers, sa.d_model) != (sb.n_layers, sb.d_model):
+        raise ValueError("the checkpoints differ in shape: compare checkpoints of one model")
+    probe = list(texts[: min(len(texts), 8)])
+    ta = _adapters.tokenize(model_a, probe, encoder=not sa.causal)[0]
+    tb = _adapters.tokenize(model_b, probe, encoder=not sb.causal)[0]
+    if ta.shape != tb.shape or not torch.equal(ta, tb):
+        raise ValueError("the checkpoints tokenize the corpus differently")
+    return CheckpointComparison(corpus_statistics(model_a, texts, **kwargs),
+                                corpus_statistics(model_b, texts, **kwargs))
+
+
+def anisotropy(d: Decomposition) -> Float[Tensor, " factor"]:
+    """Mean pairwise cosine between the real tokens' vectors of each factor.
+
+    Uses ``sum_{i != j} u_i.u_j = ||sum u||^2 - N`` for unit vectors, so it is O(N d).
+
+    Example:
+        >>> from tl_decomp.models import tiny_model
+        >>> from tl_decomp.decompose import decompose
+        >>> a = anisotropy(decompose(tiny_model("gpt2"), ["the cat sat", "a dog ran"]))
+        >>> tuple(a.shape)
+        (4,)
+    """
+    vecs = d.factors[:, d.mask()]  # [factor token d_model]
+    n = vecs.shape[1]
+    if n < 2:
+        raise ValueError("anisotropy needs at least two real tokens")
+    unit = torch.nn.functional.normalize(vecs.double(), dim=-1)
+    total = unit.sum(1).pow(2).sum(-1)
+    return (total - (unit.norm(dim=-1) ** 2).sum(1)) / (n * (n - 1))
+
+
+@dataclass(frozen=True)
+class FFLinearity:
+    """Held-out R² of the best affine map from MLP input to MLP output, per layer."""
+
+    r2: Float[Tensor, " n_layers"]
+    n_train: int
+    n_test: int
+    held_out: tuple[int, ...]  # indices of the sentences scored
+
+
+class _Suff:
+    """Sufficient statistics of (x, y) pairs for affine least squares and its R²."""
+
+    def __init__(self) -> None:
+        self.n = 0
+        self.sx: Tensor | Any = 0.0
+        self.sy: Tensor | Any = 0.0
+        self.xx: Tensor | Any = 0.0
+        self.xy: Tensor | Any = 0.0
+        self.y2: Tensor | Any = 0.0
+
+    def update(self, x: Tensor, y: Tensor) -> None:
+        x, y = x.double(), y.double()
+        self.n += x.shape[0]
+        self.sx = self.sx + x.sum(0)
+        self.sy = self.sy + y.sum(0)
+        self.xx = self.xx + x.T @ x
+        self.xy = self.xy + x.T @ y
+        self.y2 = self.y2 + (y * y).sum(0)
+
+
+def _fit(train: _Suff, ridge: float) -> tuple[Tensor, Tensor]:
+    """Affine least squares on standardised inputs, from sufficient statistics alone."""
+    n = train.n
+    mx, my = train.sx / n, train.sy / n
+    cxx = train.xx / n - torch.outer(mx, mx)
+    cxy = train.xy / n - torch.outer(mx, my)
+    std = cxx.diagonal().clamp_min(1e-12).sqrt()
+    corr = cxx / torch.outer(std, std)
+    corr = corr + ridge * torch.eye(len(std), dtype=corr.dtype)
+    w_std = torch.linalg.solve(corr, cxy / std[:, None])
+    w = w_std / std[:, None]
+    return w, my - mx @ w
+
+
+def _r2(test: _Suff, w: Tensor, b: Tensor) -> float:
+    """1 - SSE/SST on the test split, expanded in its sufficient statistics."""
+    n = test.n
+    sse = (test.y2.sum() - 2 * (w * test.xy).sum() - 2 * (b * test.sy).sum()
+           + (w * (test.xx @ w)).sum() + 2 * (b * (test.sx @ w)).sum() + n * (b * b).sum())
+    sst = test.y2.sum() - (test.sy * test.sy).sum() / n
+    return float(1 - sse / sst)
+
+
+def ff_linearity(
+    model: Any,
+    texts: Sequence[str],
+    *,
+    test_fraction: float = 0.2,
+    seed: int = 0,
+    batch_size: int = 16,
+    ridge: float = 1e-6,
+    progress: bool = True,
+) -> FFLinearity:
+    """How linear each feed-forward sublayer is (the paper's Fig. 2), scored out of sample.
+
+    Fits ``mlp_out ≈ W·standardise(mlp_in) + b`` on the tokens of a random
+    ``1 - test_fraction`` of the sentences and reports R² on the held-out sentences (the
+    authors scored in-sample). One pass, memory O(d_model²) per layer.
+
+    Example:
+        >>> from tl_decomp.models import tiny_model
+        >>> r = ff_linearity(tiny_model("gpt2"), ["the cat sat on the mat"] * 40,
+        ...                  progress=False)
+        >>> tuple(r.r2.shape)
+        (3,)
+    """
+    spec = _adapters.model_spec(model)
+    if any(b.mlp_in is None or b.mlp_out is None for b in spec.blocks):
+        raise NotImplementedError(f"{spec.model_class} exposes no MLP input hook")
+    if not 0 < test_fraction < 1:
+        raise ValueError("test_fraction must lie strictly between 0 and 1")
+    if len(texts) < 2:
+        raise ValueError("ff_linearity needs at least two texts (one to fit, one to score)")
+    gen = torch.Generator().manual_seed(seed)
+    is_test = torch.rand(len(texts), generator=gen) < test_fraction
+    is_test[torch.randint(len(texts), (1,), generator=gen)] = True  # at least one held out
+    if is_test.all():
+        is_test[0] = False
+    names = {h for b in spec.blocks for h in (b.mlp_in, b.mlp_out)}
+    stats = [(_Suff(), _Suff()) for _ in spec.blocks]
+    offset = 0
+    for batch in _batches(texts, batch_size, progress, "FF linearity"):
+        tokens, mask = _adapters.tokenize(model, batch, encoder=not spec.causal)
+        dev = _adapters.model_device(model)
+        cache = _adapters.run_with_cache(model, tokens.to(dev), mask.to(dev), names.__contains__)
+        split = is_test[offset : offset + len(batch)]
+        offset += len(batch)
+        for L, blk in enumerate(spec.blocks):
+            x, y = cache[blk.mlp_in].cpu(), cache[blk.mlp_out].cpu()
+            for part, sel in ((0, ~split), (1, split)):
+                keep = mask.bool() & sel[:, None]
+                stats[L][part].update(x[keep], y[keep])
+    r2 = []
+    for train, test in stats:
+        w, b = _fit(train, ridge)
+        r2.append(_r2(test, w, b))
+    held_out = tuple(int(i) for i in is_test.nonzero().flatten())
+    return FFLinearity(torch.tensor(r2, dtype=torch.float64), stats[0][0].n, stats[0][1].n,
+                       held_out)
+
+
+__all__ = [
+    "CheckpointComparison",
+    "FFLinearity",
+    "LayerStats",
+    "anisotropy",
+    "compare_checkpoints",
+    "corpus_statistics",
+    "ff_linearity",
+]
