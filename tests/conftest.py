@@ -21,8 +21,9 @@ except ImportError:
 
 
 @functools.cache
-def cached_model(arch: str, kind: str = "bridge", dtype: torch.dtype = torch.float64,
-                 processed: bool = False):
+def cached_model(
+    arch: str, kind: str = "bridge", dtype: torch.dtype = torch.float64, processed: bool = False
+):
     """Session-wide models; tests must treat them as read-only."""
     return tiny_model(arch, kind=kind, dtype=dtype, processed=processed)  # type: ignore[arg-type]
 
@@ -33,7 +34,9 @@ def model_params():
             for processed in (False, True):
                 if processed and kind == "hooked" and arch == "bert":
                     continue  # HookedEncoder has no weight processing
-                yield pytest.param((arch, kind, processed), id=f"{kind}-{arch}-{'proc' if processed else 'raw'}")
+                yield pytest.param(
+                    (arch, kind, processed), id=f"{kind}-{arch}-{'proc' if processed else 'raw'}"
+                )
 
 
 @pytest.fixture(params=list(model_params()))

@@ -20,8 +20,11 @@ def hook_state(model) -> dict[str, tuple[int, ...]]:
     """Ids of every hook function on every hook point (some bridges own permanent ones)."""
     state = {}
     for name, hp in model.hook_dict.items():
-        fns = [*hp._forward_hooks.values(), *hp._backward_hooks.values(),
-               *hp._forward_pre_hooks.values()]
+        fns = [
+            *hp._forward_hooks.values(),
+            *hp._backward_hooks.values(),
+            *hp._forward_pre_hooks.values(),
+        ]
         if fns:
             state[name] = tuple(sorted(id(f) for f in fns))
     return state

@@ -2,9 +2,10 @@
 
 from __future__ import annotations
 
+from importlib.metadata import version
+
 import pytest
 import torch
-from importlib.metadata import version
 from conftest import cached_model
 from helpers import RTOL, NoHooksLeft, assert_close
 
@@ -22,8 +23,13 @@ def _skip_broken(arch, kind, processed, dtype):
 def _tolerance(spec, d, dtype):
     # HF's LlamaRMSNorm casts its input to float32 even in a float64 model, so the model's
     # own ln_final output carries float32 rounding there; the sum matches exact RMSNorm.
-    if dtype == torch.float64 and d.layer is None and spec.ln_final is not None \
-            and spec.ln_final.rms and spec.model_class == "TransformerBridge":
+    if (
+        dtype == torch.float64
+        and d.layer is None
+        and spec.ln_final is not None
+        and spec.ln_final.rms
+        and spec.model_class == "TransformerBridge"
+    ):
         return torch.float32
     return dtype
 
@@ -41,9 +47,14 @@ def test_invariant_every_layer_granularity_centering(model_case, dtype):
 def _check_all(model, spec, dtype):
     for granularity in ("coarse", "layer", "head"):
         for centering in ("correction", "terms"):
-            ds = decompose_layers(model, TEXTS, granularity=granularity, centering=centering,
-                                  split_input=granularity != "coarse",
-                                  split_correction=granularity == "layer")
+            ds = decompose_layers(
+                model,
+                TEXTS,
+                granularity=granularity,
+                centering=centering,
+                split_input=granularity != "coarse",
+                split_correction=granularity == "layer",
+            )
             assert [d.layer for d in ds][: spec.n_layers] == list(range(spec.n_layers))
             for d in ds:
                 what = f"{granularity}/{centering} layer {d.layer}"
@@ -59,9 +70,19 @@ def test_labels_follow_transformer_lens():
     assert d.labels[:2] == ("embed", "pos_embed")
     assert "L2H3" in d.labels and "2_mlp_out" in d.labels and d.labels[-1] == "bias"
     d = decompose(model, "the cat", granularity="layer", split_correction=True)
-    assert d.labels == ("input", "0_attn_out", "0_mlp_out", "1_attn_out", "1_mlp_out",
-                        "2_attn_out", "2_mlp_out", "attn_bias", "mlp_bias", "ln_center",
-                        "ln_bias")
+    assert d.labels == (
+        "input",
+        "0_attn_out",
+        "0_mlp_out",
+        "1_attn_out",
+        "1_mlp_out",
+        "2_attn_out",
+        "2_mlp_out",
+        "attn_bias",
+        "mlp_bias",
+        "ln_center",
+        "ln_bias",
+    )
     coarse = d.coarse()
     assert coarse.labels == ("i", "h", "f", "c")
     assert_close(coarse.factors.sum(0), d.factors.sum(0), torch.float64)
@@ -74,7 +95,7 @@ def test_terms_centering_keeps_only_biases_in_c():
     a = decompose(model, TEXTS, granularity="layer", split_correction=True)
     b = decompose(model, TEXTS, granularity="layer", split_correction=True, centering="terms")
     assert "ln_center" in a.labels and "ln_center" not in b.labels
-    non_c = torch.stack([f for f, k in zip(b.factors, b.kinds) if k != "c"])
+    non_c = torch.stack([f for f, k in zip(b.factors, b.kinds, strict=False) if k != "c"])
     assert (non_c / ln.w).mean(-1).abs().max() < 1e-12
     assert_close(b.factors.sum(0), a.factors.sum(0), torch.float64, "same sum")
 
@@ -110,7 +131,8 @@ def test_matches_full_resid_decomposition_on_pre_ln():
     ours = recipe.decompose(cache, layer=spec.n_layers - 1)
     try:
         theirs, labels = cache.get_full_resid_decomposition(
-            layer=spec.n_layers, expand_neurons=False, return_labels=True)
+            layer=spec.n_layers, expand_neurons=False, return_labels=True
+        )
     except Exception as err:  # the bridge's cache may not implement it
         pytest.skip(f"get_full_resid_decomposition unavailable here: {err}")
     pattern_rows = {L: cache[spec.blocks[L].pattern].sum(-1) for L in range(spec.n_layers)}
@@ -135,8 +157,9 @@ def test_recipe_names_filter_caches_exactly_what_it_reads():
 def test_missing_hooks_are_named_with_the_filter():
     model = cached_model("bert")
     recipe = DecompositionRecipe.for_model(model)
-    _, cache = model.run_with_cache(model.to_tokens("the cat"),
-                                    names_filter=lambda n: n.endswith("hook_pattern"))
+    _, cache = model.run_with_cache(
+        model.to_tokens("the cat"), names_filter=lambda n: n.endswith("hook_pattern")
+    )
     with pytest.raises(ValueError, match=r"names_filter=recipe.names_filter") as err:
         recipe.decompose(cache)
     assert "hook_scale" in str(err.value) or "hook_out" in str(err.value)
@@ -151,9 +174,13 @@ def test_cache_from_another_model_is_rejected():
 
 @pytest.mark.parametrize(
     "bad, match",
-    [("", "empty"), ([], "empty"), (["the cat", "  "], "empty"),
-     (torch.zeros((1, 0), dtype=torch.long), "empty"),
-     (torch.ones((1, 65), dtype=torch.long), "context")],
+    [
+        ("", "empty"),
+        ([], "empty"),
+        (["the cat", "  "], "empty"),
+        (torch.zeros((1, 0), dtype=torch.long), "empty"),
+        (torch.ones((1, 65), dtype=torch.long), "context"),
+    ],
 )
 def test_bad_input_is_rejected_and_leaves_no_hook(bad, match):
     model = cached_model("gpt2")
@@ -203,13 +230,28 @@ def test_unsupported_feature_raises_naming_it():
         pytest.skip("HookedTransformer configs with these features need TransformerLens 3.x")
     from transformer_lens import HookedTransformer, HookedTransformerConfig
 
-    cfg = HookedTransformerConfig(n_layers=1, d_model=8, n_heads=2, d_head=4, n_ctx=8,
-                                  d_vocab=10, act_fn="gelu", positional_embedding_type="alibi")
+    cfg = HookedTransformerConfig(
+        n_layers=1,
+        d_model=8,
+        n_heads=2,
+        d_head=4,
+        n_ctx=8,
+        d_vocab=10,
+        act_fn="gelu",
+        positional_embedding_type="alibi",
+    )
     with pytest.raises(NotImplementedError, match="alibi.*HookedTransformer"):
         model_spec(HookedTransformer(cfg))
-    cfg = HookedTransformerConfig(n_layers=1, d_model=8, n_heads=2, d_head=4, n_ctx=8,
-                                  d_vocab=10, act_fn="gelu",
-                                  normalization_type="RMS",
-                                  use_normalization_before_and_after=True)
+    cfg = HookedTransformerConfig(
+        n_layers=1,
+        d_model=8,
+        n_heads=2,
+        d_head=4,
+        n_ctx=8,
+        d_vocab=10,
+        act_fn="gelu",
+        normalization_type="RMS",
+        use_normalization_before_and_after=True,
+    )
     with pytest.raises(NotImplementedError, match="post-sublayer"):
         decompose(HookedTransformer(cfg), torch.tensor([[1, 2, 3]]))

@@ -8,6 +8,7 @@ from conftest import cached_model
 from helpers import assert_close
 
 from tl_decomp import (
+    _adapters,
     anisotropy,
     compare_checkpoints,
     corpus_statistics,
@@ -16,17 +17,22 @@ from tl_decomp import (
     ff_linearity,
     model_spec,
 )
-from tl_decomp import _adapters
 
-TEXTS = ["the cat sat on the mat .", "a dog ran", "the big cat is on a mat and the dog sat",
-         "a cat", "the dog is big ."]
+TEXTS = [
+    "the cat sat on the mat .",
+    "a dog ran",
+    "the big cat is on a mat and the dog sat",
+    "a cat",
+    "the dog is big .",
+]
 
 
 @pytest.mark.parametrize("granularity", ["coarse", "layer"])
 def test_streaming_moments_match_one_batch(granularity):
     model = cached_model("bert")
-    streamed = corpus_statistics(model, TEXTS, batch_size=2, granularity=granularity,
-                                 progress=False)
+    streamed = corpus_statistics(
+        model, TEXTS, batch_size=2, granularity=granularity, progress=False
+    )
     ds = decompose_layers(model, TEXTS, granularity=granularity)
     assert streamed.layers == tuple(d.layer for d in ds)
     for r, d in enumerate(ds):
@@ -56,8 +62,10 @@ def test_anisotropy_matches_pairwise_cosines():
 
 def test_ff_linearity_matches_least_squares_on_held_out_sentences():
     model = cached_model("gpt2")
-    texts = [" ".join(["the", "cat", "dog", "sat", "mat", "a", "big"][i % 7:] + ["ran"] * (i % 3))
-             for i in range(30)]
+    texts = [
+        " ".join(["the", "cat", "dog", "sat", "mat", "a", "big"][i % 7 :] + ["ran"] * (i % 3))
+        for i in range(30)
+    ]
     result = ff_linearity(model, texts, batch_size=8, progress=False, ridge=0.0)
     spec = model_spec(model)
     held = set(result.held_out)

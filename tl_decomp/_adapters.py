@@ -174,8 +174,9 @@ def _b_v(attn: Any, n_heads: int) -> Tensor | None:
 
 def _ln_weights(ln: Any, rms: bool) -> tuple[Tensor | None, Tensor | None]:
     w = getattr(ln, "w", None)
-    if getattr(ln, "uses_weight_offset", False) or getattr(ln.cfg if hasattr(ln, "cfg") else None,
-                                                           "rmsnorm_uses_offset", False):
+    if getattr(ln, "uses_weight_offset", False) or getattr(
+        ln.cfg if hasattr(ln, "cfg") else None, "rmsnorm_uses_offset", False
+    ):
         raise NotImplementedError("RMSNorm with a (1 + w) gain offset (Gemma) is not supported")
     b = None if rms else getattr(ln, "b", None)
     return _vec(w), _vec(b)
@@ -236,41 +237,70 @@ def _spec_hooked_transformer(model: Any) -> ModelSpec:
         p = f"blocks.{L}."
         blocks.append(
             Block(
-                z=p + "attn.hook_z", pattern=p + "attn.hook_pattern", v=p + "attn.hook_v",
-                mlp_out=p + "hook_mlp_out", out=p + "hook_resid_post",
+                z=p + "attn.hook_z",
+                pattern=p + "attn.hook_pattern",
+                v=p + "attn.hook_v",
+                mlp_out=p + "hook_mlp_out",
+                out=p + "hook_resid_post",
                 # RMSNorm's hook_normalized precedes the gain: a per-feature scale, harmless
                 # to standardised fits, which is all this hook is for.
-                mlp_in=p + "ln2.hook_normalized" if nt != "none"
+                mlp_in=p + "ln2.hook_normalized"
+                if nt != "none"
                 else p + ("hook_resid_pre" if cfg.parallel_attn_mlp else "hook_resid_mid"),
-                W_O=blk.attn.W_O.detach(), b_V=_b_v(blk.attn, cfg.n_heads),
-                b_O=_vec(blk.attn.b_O), b_out=_vec(getattr(blk.mlp, "b_out", None)),
-                ln1=None, ln2=None,
+                W_O=blk.attn.W_O.detach(),
+                b_V=_b_v(blk.attn, cfg.n_heads),
+                b_O=_vec(blk.attn.b_O),
+                b_out=_vec(getattr(blk.mlp, "b_out", None)),
+                ln1=None,
+                ln2=None,
             )
         )
     ln_final = None
     if nt != "none":
         w, b = _ln_weights(model.ln_final, rms)
-        ln_final = Norm("ln_final", (f"blocks.{cfg.n_layers - 1}.hook_resid_post",),
-                        "ln_final.hook_scale", "unembed.hook_in", w, b, rms)
+        ln_final = Norm(
+            "ln_final",
+            (f"blocks.{cfg.n_layers - 1}.hook_resid_post",),
+            "ln_final.hook_scale",
+            "unembed.hook_in",
+            w,
+            b,
+            rms,
+        )
     embeds = [("embed", "hook_embed")]
     if cfg.positional_embedding_type == "standard":
         embeds.append(("pos_embed", "hook_pos_embed"))
     common = _common(model, "HookedTransformer", "pre")
     common["biases"] = _biases(blocks, model, [ln_final])
     return ModelSpec(
-        **common, token_types=False, causal=cfg.attention_dir == "causal",
-        embeds=tuple(embeds), embed_ln=None, blocks=tuple(blocks), ln_final=ln_final,
+        **common,
+        token_types=False,
+        causal=cfg.attention_dir == "causal",
+        embeds=tuple(embeds),
+        embed_ln=None,
+        blocks=tuple(blocks),
+        ln_final=ln_final,
         final="unembed.hook_in" if ln_final else f"blocks.{cfg.n_layers - 1}.hook_resid_post",
     )
 
 
 def _spec_hooked_encoder(model: Any) -> ModelSpec:
     cfg = model.cfg
-    embeds = (("embed", "embed.hook_embed"), ("pos_embed", "embed.hook_pos_embed"),
-              ("token_type_embed", "embed.hook_token_type_embed"))
+    embeds = (
+        ("embed", "embed.hook_embed"),
+        ("pos_embed", "embed.hook_pos_embed"),
+        ("token_type_embed", "embed.hook_token_type_embed"),
+    )
     w, b = _ln_weights(model.embed.ln, False)
-    embed_ln = Norm("embed.ln", tuple(h for _, h in embeds), "embed.ln.hook_scale",
-                    "blocks.0.hook_resid_pre", w, b, False)
+    embed_ln = Norm(
+        "embed.ln",
+        tuple(h for _, h in embeds),
+        "embed.ln.hook_scale",
+        "blocks.0.hook_resid_pre",
+        w,
+        b,
+        False,
+    )
     blocks = []
     for L, blk in enumerate(model.blocks):
         p = f"blocks.{L}."
@@ -278,23 +308,48 @@ def _spec_hooked_encoder(model: Any) -> ModelSpec:
         w2, b2 = _ln_weights(blk.ln2, False)
         blocks.append(
             Block(
-                z=p + "attn.hook_z", pattern=p + "attn.hook_pattern", v=p + "attn.hook_v",
-                mlp_out=p + "hook_mlp_out", out=p + "hook_normalized_resid_post",
+                z=p + "attn.hook_z",
+                pattern=p + "attn.hook_pattern",
+                v=p + "attn.hook_v",
+                mlp_out=p + "hook_mlp_out",
+                out=p + "hook_normalized_resid_post",
                 mlp_in=p + "ln1.hook_normalized",
-                W_O=blk.attn.W_O.detach(), b_V=_b_v(blk.attn, cfg.n_heads),
-                b_O=_vec(blk.attn.b_O), b_out=_vec(blk.mlp.b_out),
-                ln1=Norm(p + "ln1", (p + "hook_resid_mid",), p + "ln1.hook_scale",
-                         p + "ln1.hook_normalized", w1, b1, False),
-                ln2=Norm(p + "ln2", (p + "hook_resid_post",), p + "ln2.hook_scale",
-                         p + "hook_normalized_resid_post", w2, b2, False),
+                W_O=blk.attn.W_O.detach(),
+                b_V=_b_v(blk.attn, cfg.n_heads),
+                b_O=_vec(blk.attn.b_O),
+                b_out=_vec(blk.mlp.b_out),
+                ln1=Norm(
+                    p + "ln1",
+                    (p + "hook_resid_mid",),
+                    p + "ln1.hook_scale",
+                    p + "ln1.hook_normalized",
+                    w1,
+                    b1,
+                    False,
+                ),
+                ln2=Norm(
+                    p + "ln2",
+                    (p + "hook_resid_post",),
+                    p + "ln2.hook_scale",
+                    p + "hook_normalized_resid_post",
+                    w2,
+                    b2,
+                    False,
+                ),
             )
         )
     common = _common(model, "HookedEncoder", "post")
     common["positional"] = "learned"
     common["biases"] = _biases(blocks, model, [embed_ln] + [b.ln1 for b in blocks])
     return ModelSpec(
-        **common, token_types=True, causal=False, embeds=embeds, embed_ln=embed_ln,
-        blocks=tuple(blocks), ln_final=None, final=blocks[-1].out,
+        **common,
+        token_types=True,
+        causal=False,
+        embeds=embeds,
+        embed_ln=embed_ln,
+        blocks=tuple(blocks),
+        ln_final=None,
+        final=blocks[-1].out,
     )
 
 
@@ -311,8 +366,9 @@ def _spec_bridge(model: Any) -> ModelSpec:
     elif arch in _BRIDGE_PRE_LN:
         placement = "pre"
     else:
-        raise _unsupported(f"TransformerBridge architecture {arch!r} (block layout unverified)",
-                           model)
+        raise _unsupported(
+            f"TransformerBridge architecture {arch!r} (block layout unverified)", model
+        )
     nt = _norm_type(model)
     rms = nt == "RMS"
     names = set(model.hook_dict)
@@ -326,11 +382,16 @@ def _spec_bridge(model: Any) -> ModelSpec:
         post = placement == "post"
         blocks.append(
             Block(
-                z=p + "attn.o.hook_in", pattern=p + "attn.hook_pattern", v=p + "attn.v.hook_out",
-                mlp_out=p + "mlp.out.hook_out", out=p + ("ln2.hook_out" if post else "hook_out"),
+                z=p + "attn.o.hook_in",
+                pattern=p + "attn.hook_pattern",
+                v=p + "attn.v.hook_out",
+                mlp_out=p + "mlp.out.hook_out",
+                out=p + ("ln2.hook_out" if post else "hook_out"),
                 mlp_in=p + "mlp.in.hook_in" if p + "mlp.in.hook_in" in names else None,
-                W_O=blk.attn.W_O.detach(), b_V=_b_v(blk.attn, cfg.n_heads),
-                b_O=_vec(blk.attn.b_O), b_out=_vec(getattr(blk.mlp, "b_out", None)),
+                W_O=blk.attn.W_O.detach(),
+                b_V=_b_v(blk.attn, cfg.n_heads),
+                b_O=_vec(blk.attn.b_O),
+                b_out=_vec(getattr(blk.mlp, "b_out", None)),
                 ln1=_bridge_norm(model, p + "ln1", rms) if post else None,
                 ln2=_bridge_norm(model, p + "ln2", rms) if post else None,
             )
@@ -341,10 +402,14 @@ def _spec_bridge(model: Any) -> ModelSpec:
     common = _common(model, "TransformerBridge", placement)
     common["biases"] = _biases(blocks, model, [embed_ln, ln_final] + [b.ln1 for b in blocks])
     spec = ModelSpec(
-        **common, token_types=len(embeds) == 3 or "token_type_embed.hook_out" in names,
+        **common,
+        token_types=len(embeds) == 3 or "token_type_embed.hook_out" in names,
         # TransformerLens 3.x reports BERT as causal; the encoder is bidirectional.
         causal=placement == "pre" and cfg.attention_dir == "causal",
-        embeds=tuple(embeds), embed_ln=embed_ln, blocks=tuple(blocks), ln_final=ln_final,
+        embeds=tuple(embeds),
+        embed_ln=embed_ln,
+        blocks=tuple(blocks),
+        ln_final=ln_final,
         final=ln_final.output if ln_final and ln_final.output else blocks[-1].out,
     )
     missing = [h for h in spec.hooks() if h not in names]

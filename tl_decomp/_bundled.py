@@ -67,8 +67,12 @@ def _fingerprint(gguf: Path) -> dict[str, object]:
         digest.update(fh.read(chunk))
         fh.seek(max(size - chunk, 0))  # tail covers tensor data, not just metadata
         digest.update(fh.read(chunk))
-    return {"version": _FORMAT_VERSION, "file": gguf.name, "size": size,
-            "sha256_head_tail": digest.hexdigest()}
+    return {
+        "version": _FORMAT_VERSION,
+        "file": gguf.name,
+        "size": size,
+        "sha256_head_tail": digest.hexdigest(),
+    }
 
 
 def _write_smollm2(gguf: Path, out: Path) -> None:

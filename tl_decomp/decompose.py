@@ -96,8 +96,9 @@ class _Stack:
     def __init__(self, kinds: dict[str, str], like: Tensor, dtype: torch.dtype):
         self.kinds = kinds
         # Coarse stacks always hold i, h, f, c (c zero on a bias-free RMSNorm model).
-        self.row: dict[str, int] = {k: j for j, k in enumerate(KINDS)} if list(kinds) == list(
-            KINDS) else {}
+        self.row: dict[str, int] = (
+            {k: j for j, k in enumerate(KINDS)} if list(kinds) == list(KINDS) else {}
+        )
         self.buf = like.new_zeros((len(kinds), *like.shape), dtype=dtype)
 
     @property
@@ -149,7 +150,9 @@ class DecompositionRecipe:
         """A recipe for `model`; raises `NotImplementedError` on unsupported architectures."""
         recipe = cls(spec=_adapters.model_spec(model), model=model, **options)
         if recipe.granularity not in ("coarse", "layer", "head"):
-            raise ValueError(f"granularity must be coarse, layer or head, not {recipe.granularity!r}")
+            raise ValueError(
+                f"granularity must be coarse, layer or head, not {recipe.granularity!r}"
+            )
         if recipe.centering not in ("correction", "terms"):
             raise ValueError(f"centering must be 'correction' or 'terms', not {recipe.centering!r}")
         return recipe
@@ -231,7 +234,10 @@ class DecompositionRecipe:
                 heads = [f"L{L}H{h}" for h in range(self.spec.n_heads)[sl]]
                 st.put(heads, einops.einsum(z[:, :, sl], W_O[sl], "b q h dh, h dh m -> h b q m"))
         else:
-            st.add(self._label("h", f"{L}_attn_out"), einops.einsum(z, W_O, "b q h dh, h dh m -> b q m"))
+            st.add(
+                self._label("h", f"{L}_attn_out"),
+                einops.einsum(z, W_O, "b q h dh, h dh m -> b q m"),
+            )
         if blk.b_O is not None:
             bias = blk.b_O.to(dt) if bias is None else bias + blk.b_O.to(dt)
         if bias is not None:
@@ -308,8 +314,9 @@ class DecompositionRecipe:
         if layer is not None and layer < 0:
             layer += spec.n_layers
         layers = [] if layer is None else [layer]
-        it = self.iter_layers(cache, layers, final=layer is None, tokens=tokens,
-                              attention_mask=attention_mask)
+        it = self.iter_layers(
+            cache, layers, final=layer is None, tokens=tokens, attention_mask=attention_mask
+        )
         return next(iter(it))
 
     def _result(self, st: _Stack, cache, site: str, layer: int | None, tokens, mask):
@@ -317,8 +324,16 @@ class DecompositionRecipe:
         target = cache[site]
         err = (factors.sum(0) - target.to(factors.dtype)).abs().max().item()
         return Decomposition(
-            factors=factors, labels=labels, kinds=kinds, target=target, site=site, layer=layer,
-            tokens=tokens, attention_mask=mask, max_abs_error=err, centering=self.centering,
+            factors=factors,
+            labels=labels,
+            kinds=kinds,
+            target=target,
+            site=site,
+            layer=layer,
+            tokens=tokens,
+            attention_mask=mask,
+            max_abs_error=err,
+            centering=self.centering,
         )
 
     def _check_cache(self, cache: Any) -> None:
@@ -348,10 +363,14 @@ def _as_tokens(model: Any, spec: ModelSpec, input: Any, attention_mask: Tensor |
             raise ValueError("empty input: no tokens")
         mask = torch.ones_like(tokens) if attention_mask is None else attention_mask
         if mask.shape != tokens.shape:
-            raise ValueError(f"attention_mask shape {tuple(mask.shape)} != tokens {tuple(tokens.shape)}")
+            raise ValueError(
+                f"attention_mask shape {tuple(mask.shape)} != tokens {tuple(tokens.shape)}"
+            )
     else:
         if attention_mask is not None:
-            raise ValueError("attention_mask is only accepted with token ids; text is padded for you")
+            raise ValueError(
+                "attention_mask is only accepted with token ids; text is padded for you"
+            )
         tokens, mask = _adapters.tokenize(model, input, encoder=not spec.causal)
     if tokens.shape[1] > spec.n_ctx:
         raise ValueError(f"input has {tokens.shape[1]} tokens; the model's context is {spec.n_ctx}")
@@ -410,8 +429,12 @@ def decompose(
         True
     """
     recipe = DecompositionRecipe.for_model(
-        model, granularity=granularity, centering=centering, split_input=split_input,
-        split_correction=split_correction, dtype=dtype,
+        model,
+        granularity=granularity,
+        centering=centering,
+        split_input=split_input,
+        split_correction=split_correction,
+        dtype=dtype,
     )
     cache, tokens, mask = _run(model, recipe, input, attention_mask)
     return recipe.decompose(cache, layer, tokens=tokens, attention_mask=mask)
@@ -433,8 +456,8 @@ def decompose_layers(
     """The decomposition at every block output (and the final embedding) from one forward pass.
 
     Returns one `Decomposition` per block in `layers` (all by default), followed by the final
-    embedding (layer None) when `final` and it is a different site (decoders' ``ln_final``). For corpora,
-    `DecompositionRecipe.iter_layers` yields the same one layer at a time.
+    embedding (layer None) when `final` and it is a different site (decoders' ``ln_final``).
+    For corpora, `DecompositionRecipe.iter_layers` yields the same one layer at a time.
 
     Example:
         >>> from tl_decomp.models import tiny_model
@@ -445,8 +468,12 @@ def decompose_layers(
         True
     """
     recipe = DecompositionRecipe.for_model(
-        model, granularity=granularity, centering=centering, split_input=split_input,
-        split_correction=split_correction, dtype=dtype,
+        model,
+        granularity=granularity,
+        centering=centering,
+        split_input=split_input,
+        split_correction=split_correction,
+        dtype=dtype,
     )
     cache, tokens, mask = _run(model, recipe, input, attention_mask)
     return list(recipe.iter_layers(cache, layers, final=final, tokens=tokens, attention_mask=mask))

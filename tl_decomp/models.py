@@ -31,6 +31,9 @@ def load_model(
         dtype: parameter dtype of the booted model.
         device: where to put it.
 
+    MiniLM ships no masked-LM head: TransformerLens boots it as ``BertForMaskedLM`` with a
+    randomly initialised head, so its logits mean nothing; its hidden states are exact.
+
     Raises:
         ModuleNotFoundError: a bundled model's package is missing (the message has the
             exact install command).
@@ -66,21 +69,37 @@ def load_model(
 def _hf_config(arch: str) -> Any:
     import transformers as tf
 
-    small = dict(vocab_size=64, hidden_size=32, num_hidden_layers=3, num_attention_heads=4,
-                 intermediate_size=48, max_position_embeddings=64)
+    small: dict[str, Any] = dict(
+        vocab_size=64,
+        hidden_size=32,
+        num_hidden_layers=3,
+        num_attention_heads=4,
+        intermediate_size=48,
+        max_position_embeddings=64,
+    )
     if arch == "gpt2":
-        return tf.GPT2Config(vocab_size=64, n_embd=32, n_layer=3, n_head=4, n_positions=64,
-                             bos_token_id=1, eos_token_id=2)
+        return tf.GPT2Config(
+            vocab_size=64,
+            n_embd=32,
+            n_layer=3,
+            n_head=4,
+            n_positions=64,
+            bos_token_id=1,
+            eos_token_id=2,
+        )
     if arch == "bert":
         return tf.BertConfig(**small, type_vocab_size=2, pad_token_id=0)
     if arch == "llama":
         return tf.LlamaConfig(**small, num_key_value_heads=2, bos_token_id=1, eos_token_id=2)
     if arch == "qwen2":
-        return tf.Qwen2Config(**small, num_key_value_heads=2, bos_token_id=1, eos_token_id=2,
-                              use_sliding_window=False)
+        return tf.Qwen2Config(
+            **small, num_key_value_heads=2, bos_token_id=1, eos_token_id=2, use_sliding_window=False
+        )
     if arch == "neox":
-        return tf.GPTNeoXConfig(**small, rotary_pct=0.5, use_parallel_residual=True,
-                                bos_token_id=1, eos_token_id=2)
+        neox: dict[str, Any] = {"rotary_pct": 0.5}  # transformers 5 reads it as partial rotary
+        return tf.GPTNeoXConfig(
+            **small, **neox, use_parallel_residual=True, bos_token_id=1, eos_token_id=2
+        )
     raise ValueError(f"unknown tiny architecture {arch!r}; choose from {TINY_ARCHS}")
 
 
@@ -103,7 +122,10 @@ def _tokenizer(bert: bool, path: str) -> Any:
     tok = Tokenizer(models.WordLevel({t: i for i, t in enumerate(vocab)}, unk_token="[UNK]"))
     tok.pre_tokenizer = pre_tokenizers.Whitespace()  # type: ignore[assignment]  # stub lag
     return PreTrainedTokenizerFast(
-        tokenizer_object=tok, unk_token="[UNK]", pad_token="[PAD]", bos_token="[BOS]",
+        tokenizer_object=tok,
+        unk_token="[UNK]",
+        pad_token="[PAD]",
+        bos_token="[BOS]",
         eos_token="[EOS]",
     )
 
@@ -129,15 +151,20 @@ def _init_random(model: torch.nn.Module, seed: int) -> None:
         p.copy_(1 + 0.2 * noise if is_gain else 0.2 * noise if p.ndim == 1 else 0.15 * noise)
 
 
-@functools.lru_cache(maxsize=None)
+@functools.cache
 def _tiny_dir(arch: str) -> str:
     """Write a tiny random HF model + tokenizer once per process; later boots reuse it."""
     import transformers as tf
 
     torch.manual_seed(0)
     cfg = _hf_config(arch)
-    cls = {"bert": tf.BertForMaskedLM, "gpt2": tf.GPT2LMHeadModel, "llama": tf.LlamaForCausalLM,
-           "qwen2": tf.Qwen2ForCausalLM, "neox": tf.GPTNeoXForCausalLM}[arch]
+    cls = {
+        "bert": tf.BertForMaskedLM,
+        "gpt2": tf.GPT2LMHeadModel,
+        "llama": tf.LlamaForCausalLM,
+        "qwen2": tf.Qwen2ForCausalLM,
+        "neox": tf.GPTNeoXForCausalLM,
+    }[arch]
     hf = cls(cfg)
     _perturb(hf, seed=1)
     path = tempfile.mkdtemp(prefix=f"tl_decomp_tiny_{arch}_")
@@ -187,23 +214,48 @@ def _tiny_hooked(arch: str, dtype: torch.dtype, processed: bool) -> Any:
         from transformer_lens import HookedEncoder, HookedTransformer, HookedTransformerConfig
     except ImportError as err:
         raise NotImplementedError(
-            "HookedTransformer/HookedEncoder were removed in TransformerLens 4.x; "
-            "use kind='bridge'"
+            "HookedTransformer/HookedEncoder were removed in TransformerLens 4.x; use kind='bridge'"
         ) from err
-    base = dict(n_layers=3, d_model=32, n_heads=4, d_head=8, d_mlp=48, n_ctx=64, d_vocab=64,
-                dtype=dtype, seed=0)
+    base = dict(
+        n_layers=3,
+        d_model=32,
+        n_heads=4,
+        d_head=8,
+        d_mlp=48,
+        n_ctx=64,
+        d_vocab=64,
+        dtype=dtype,
+        seed=0,
+    )
     per_arch: dict[str, dict[str, Any]] = {
         "gpt2": dict(act_fn="gelu_new", normalization_type="LN"),
         "bert": dict(act_fn="gelu", normalization_type="LN", attention_dir="bidirectional"),
-        "llama": dict(act_fn="silu", normalization_type="RMS", positional_embedding_type="rotary",
-                      n_key_value_heads=2, gated_mlp=True, final_rms=True),
-        "qwen2": dict(act_fn="silu", normalization_type="RMS", positional_embedding_type="rotary",
-                      n_key_value_heads=2, gated_mlp=True, final_rms=True),
-        "neox": dict(act_fn="gelu", normalization_type="LN", positional_embedding_type="rotary",
-                     rotary_dim=4, parallel_attn_mlp=True),
+        "llama": dict(
+            act_fn="silu",
+            normalization_type="RMS",
+            positional_embedding_type="rotary",
+            n_key_value_heads=2,
+            gated_mlp=True,
+            final_rms=True,
+        ),
+        "qwen2": dict(
+            act_fn="silu",
+            normalization_type="RMS",
+            positional_embedding_type="rotary",
+            n_key_value_heads=2,
+            gated_mlp=True,
+            final_rms=True,
+        ),
+        "neox": dict(
+            act_fn="gelu",
+            normalization_type="LN",
+            positional_embedding_type="rotary",
+            rotary_dim=4,
+            parallel_attn_mlp=True,
+        ),
     }
     cfg = HookedTransformerConfig(**base, **per_arch[arch])
-    cls = HookedEncoder if arch == "bert" else HookedTransformer
+    cls: Any = HookedEncoder if arch == "bert" else HookedTransformer
     from transformers import AutoTokenizer
 
     # From disk, so it has the name_or_path that TransformerLens 3.x re-loads it by.

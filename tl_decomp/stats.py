@@ -45,7 +45,7 @@ class LayerStats:
         for r, layer in enumerate(self.layers):
             cells = "".join(
                 f"{f'{m:.{digits}f}±{s:.{digits}f}':>{width}}"
-                for m, s in zip(self.mean[r].tolist(), self.std[r].tolist())
+                for m, s in zip(self.mean[r].tolist(), self.std[r].tolist(), strict=False)
             )
             rows.append(f"{'final' if layer is None else layer + 1:>5}  {cells}")
         return "\n".join(rows)
@@ -124,8 +124,9 @@ def corpus_statistics(
         if tokens.shape[1] > recipe.spec.n_ctx:
             raise ValueError(f"a text has {tokens.shape[1]} tokens; context is {recipe.spec.n_ctx}")
         device = _adapters.model_device(model)
-        cache = _adapters.run_with_cache(model, tokens.to(device), mask.to(device),
-                                         recipe.names_filter)
+        cache = _adapters.run_with_cache(
+            model, tokens.to(device), mask.to(device), recipe.names_filter
+        )
         for d in recipe.iter_layers(cache, tokens=tokens, attention_mask=mask):
             values = getattr(d, statistic)()  # [factor batch pos]
             keep = d.mask().to(values.device)
@@ -198,8 +199,9 @@ def compare_checkpoints(
     tb = _adapters.tokenize(model_b, probe, encoder=not sb.causal)[0]
     if ta.shape != tb.shape or not torch.equal(ta, tb):
         raise ValueError("the checkpoints tokenize the corpus differently")
-    return CheckpointComparison(corpus_statistics(model_a, texts, **kwargs),
-                                corpus_statistics(model_b, texts, **kwargs))
+    return CheckpointComparison(
+        corpus_statistics(model_a, texts, **kwargs), corpus_statistics(model_b, texts, **kwargs)
+    )
 
 
 def anisotropy(d: Decomposition) -> Float[Tensor, " factor"]:
@@ -271,8 +273,14 @@ def _fit(train: _Suff, ridge: float) -> tuple[Tensor, Tensor]:
 def _r2(test: _Suff, w: Tensor, b: Tensor) -> float:
     """1 - SSE/SST on the test split, expanded in its sufficient statistics."""
     n = test.n
-    sse = (test.y2.sum() - 2 * (w * test.xy).sum() - 2 * (b * test.sy).sum()
-           + (w * (test.xx @ w)).sum() + 2 * (b * (test.sx @ w)).sum() + n * (b * b).sum())
+    sse = (
+        test.y2.sum()
+        - 2 * (w * test.xy).sum()
+        - 2 * (b * test.sy).sum()
+        + (w * (test.xx @ w)).sum()
+        + 2 * (b * (test.sx @ w)).sum()
+        + n * (b * b).sum()
+    )
     sst = test.y2.sum() - (test.sy * test.sy).sum() / n
     return float(1 - sse / sst)
 
@@ -331,8 +339,9 @@ def ff_linearity(
         w, b = _fit(train, ridge)
         r2.append(_r2(test, w, b))
     held_out = tuple(int(i) for i in is_test.nonzero().flatten())
-    return FFLinearity(torch.tensor(r2, dtype=torch.float64), stats[0][0].n, stats[0][1].n,
-                       held_out)
+    return FFLinearity(
+        torch.tensor(r2, dtype=torch.float64), stats[0][0].n, stats[0][1].n, held_out
+    )
 
 
 __all__ = [

@@ -1,0 +1,85 @@
+"""The bundled real models: adapter facts, and sums checked against Hugging Face itself."""
+
+from __future__ import annotations
+
+import functools
+
+import pytest
+import torch
+from helpers import NoHooksLeft
+
+from tl_decomp import _bundled, decompose_layers, load_model, model_spec
+
+pytestmark = pytest.mark.bundled
+TEXTS = [
+    "The cat sat on the mat.",
+    "Emma Woodhouse, handsome, clever, and rich, had lived "
+    "nearly twenty-one years in the world with very little to distress or vex her.",
+]
+
+
+@functools.cache
+def bundled(name):
+    return load_model(name)
+
+
+def test_minilm_facts():
+    spec = model_spec(bundled("minilm"))
+    assert (spec.norm_placement, spec.norm_type, spec.causal, spec.token_types) == (
+        "post",
+        "LN",
+        False,
+        True,
+    )
+    assert (spec.n_layers, spec.d_model, spec.n_heads, spec.d_head) == (6, 384, 12, 32)
+    assert spec.final == "blocks.5.ln2.hook_out"
+
+
+def test_smollm2_facts_and_paris():
+    model = bundled("smollm2")
+    spec = model_spec(model)
+    assert (spec.norm_placement, spec.norm_type, spec.causal, spec.positional) == (
+        "pre",
+        "RMS",
+        True,
+        "rotary",
+    )
+    assert (spec.n_layers, spec.n_heads, spec.n_kv_heads) == (30, 9, 3)
+    assert spec.biases == frozenset()
+    logits = model(model.to_tokens("The capital of France is"))
+    assert model.tokenizer.decode(logits[0, -1].argmax()) == " Paris"
+
+
+def test_minilm_sums_to_hugging_face_hidden_states():
+    from transformers import BertModel
+
+    model = bundled("minilm")
+    hf = BertModel.from_pretrained(str(_bundled.minilm_dir())).eval()
+    with NoHooksLeft(model):
+        ds = decompose_layers(model, TEXTS, granularity="head")
+    tokens, mask = ds[0].tokens, ds[0].attention_mask
+    with torch.no_grad():
+        ref = hf(input_ids=tokens, attention_mask=mask, output_hidden_states=True).hidden_states
+    assert len(ds) == 6
+    for d in ds:
+        keep = d.mask()
+        err = (d.factors.sum(0)[keep] - ref[d.layer + 1][keep]).abs().max()
+        assert err <= 1e-4 * ref[d.layer + 1][keep].abs().max(), (d.layer, err)
+        assert d.relative_error < 1e-5
+
+
+def test_smollm2_sums_to_hugging_face_hidden_states():
+    from transformers import LlamaForCausalLM
+
+    model = bundled("smollm2")
+    hf = LlamaForCausalLM.from_pretrained(str(_bundled.smollm2_dir())).eval()
+    ds = decompose_layers(model, TEXTS, layers=[0, 14, 28])
+    tokens, mask = ds[0].tokens, ds[0].attention_mask
+    with torch.no_grad():
+        out = hf(input_ids=tokens, attention_mask=mask, output_hidden_states=True)
+    final = out.hidden_states[-1]  # HF stores the ln_final output last
+    for d in ds:
+        ref = final if d.layer is None else out.hidden_states[d.layer + 1]
+        keep = d.mask()
+        err = (d.factors.sum(0)[keep] - ref[keep]).abs().max()
+        assert err <= 1e-4 * ref[keep].abs().max(), (d.layer, err)
