@@ -89,6 +89,9 @@ class ModelSpec:
     ln_final: Norm | None  # pre-LN: the norm the unembedding reads
     final: str  # hook holding the final embedding
     dtype: torch.dtype
+    # The layer-0 input e^0 [B]: what block 0 reads (BERT: the embedding-LN output; decoders:
+    # the summed embeddings). A hook replacing it runs the model from e^0 onward.
+    layer0: str
 
     @property
     def kv_head(self) -> tuple[int, ...]:
@@ -108,7 +111,7 @@ class ModelSpec:
             norms += [blk.ln1, blk.ln2]
         for n in norms:
             if n is not None:
-                names += [*n.inputs, n.scale] + ([n.output] if n.output else [])
+                names += [*n.inputs, n.scale]
         return list(dict.fromkeys(names))
 
     def names_filter(self, **kwargs: Any) -> Callable[[str], bool]:
@@ -281,6 +284,7 @@ def _spec_hooked_transformer(model: Any) -> ModelSpec:
         blocks=tuple(blocks),
         ln_final=ln_final,
         final="unembed.hook_in" if ln_final else f"blocks.{cfg.n_layers - 1}.hook_resid_post",
+        layer0="blocks.0.hook_resid_pre",
     )
 
 
@@ -411,6 +415,7 @@ def _spec_bridge(model: Any) -> ModelSpec:
         blocks=tuple(blocks),
         ln_final=ln_final,
         final=ln_final.output if ln_final and ln_final.output else blocks[-1].out,
+        layer0="blocks.0.hook_in",
     )
     missing = [h for h in spec.hooks() if h not in names]
     if missing:
@@ -491,3 +496,50 @@ def model_device(model: Any) -> torch.device:
 def cache_model(cache: Any) -> Any:
     """The model an `ActivationCache` came from (None for a plain dict)."""
     return getattr(cache, "model", None)
+
+
+# -- Running a model with temporary hooks (identifiability, attribution) --------------------
+# Added for tl_decomp.identifiability / tl_decomp.attribution: one call signature for the
+# three model classes, and an early stop so nothing after the last hook needed runs (the
+# MLM head or unembedding would otherwise cost as much as a small encoder's blocks).
+
+
+class _StopRun(Exception):
+    """Raised by the hook a run stops after; caught by `run_with_hooks`."""
+
+
+def _stop(tensor: Tensor, *, hook: Any) -> None:
+    raise _StopRun
+
+
+def run_with_hooks(
+    model: Any,
+    tokens: Tensor,
+    attention_mask: Tensor | None,
+    fwd_hooks: Sequence[tuple[str, Callable[..., Any]]],
+    *,
+    stop_after: str | None = None,
+) -> None:
+    """Run `model` on token ids with temporary forward hooks, removed even if the run raises.
+
+    Hooks on one name run in the order given; a hook that returns a tensor replaces the
+    activation. With `stop_after`, the run ends once that hook's hooks have run.
+    """
+    hooks = list(fwd_hooks) + ([(stop_after, _stop)] if stop_after else [])
+    key = "one_zero_attention_mask" if _kind(model) == "HookedEncoder" else "attention_mask"
+    kwargs = {key: attention_mask}
+    try:
+        with model.hooks(fwd_hooks=hooks):
+            model(tokens, **kwargs)
+    except _StopRun:
+        pass
+
+
+def embedding_matrix(model: Any) -> Tensor:
+    """The token embedding matrix ``W_E`` [d_vocab d_model] that the embed hook reads from."""
+    return model.W_E.detach()
+
+
+def norm_eps(model: Any) -> float:
+    """The epsilon of the model's LayerNorms / RMSNorms (inside sigma, SPEC 1.1)."""
+    return float(model.cfg.eps)

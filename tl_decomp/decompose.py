@@ -11,6 +11,7 @@ never from ``hook_attn_out``/``hook_resid_mid``, which hold no additive terms on
 
 from __future__ import annotations
 
+import math
 import warnings
 from collections.abc import Iterator, Sequence
 from dataclasses import dataclass, field, replace
@@ -222,10 +223,10 @@ class DecompositionRecipe:
         W_O = blk.W_O.to(dt)
         if blk.b_V is not None:
             # z = A (v' + b_V) = A v' + rowsum(A) b_V: split the value bias out exactly.
-            rows = einops.rearrange(cache[blk.pattern].to(dt).sum(-1), "b h q -> b q h 1")
-            b_part = rows * blk.b_V.to(dt)
-            z = z - b_part
-            bias = einops.einsum(b_part, W_O, "b q h dh, h dh m -> b q m")
+            rows = einops.rearrange(cache[blk.pattern].to(dt).sum(-1), "b h q -> b q h")
+            b_V = blk.b_V.to(dt)
+            z = z - rows[..., None] * b_V
+            bias = rows @ einops.einsum(b_V, W_O, "h dh, h dh m -> h m")
         else:
             bias = None
         if self.granularity == "head":
@@ -323,6 +324,9 @@ class DecompositionRecipe:
         factors, labels, kinds = st.snapshot()
         target = cache[site]
         err = (factors.sum(0) - target.to(factors.dtype)).abs().max().item()
+        if not math.isfinite(err):  # NaN or inf anywhere upstream reaches the sum
+            bad = self._first_non_finite(cache)
+            raise ValueError(f"the model's activation {bad} contains NaN or inf")
         return Decomposition(
             factors=factors,
             labels=labels,
@@ -351,9 +355,9 @@ class DecompositionRecipe:
                 f"{missing[:5]}; cache them with "
                 "model.run_with_cache(tokens, names_filter=recipe.names_filter)"
             )
-        for h in self.hooks:
-            if not torch.isfinite(cache[h]).all():
-                raise ValueError(f"the model's activation {h} contains NaN or inf")
+
+    def _first_non_finite(self, cache: Any) -> str:
+        return next((h for h in self.hooks if not torch.isfinite(cache[h]).all()), "unknown")
 
 
 def _as_tokens(model: Any, spec: ModelSpec, input: Any, attention_mask: Tensor | None):
