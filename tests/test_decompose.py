@@ -255,3 +255,15 @@ def test_unsupported_feature_raises_naming_it():
     )
     with pytest.raises(NotImplementedError, match="post-sublayer"):
         decompose(HookedTransformer(cfg), torch.tensor([[1, 2, 3]]))
+
+
+def test_shapes_are_checked_at_runtime(request):
+    """pyproject's --jaxtyping-packages makes every annotated shape a runtime check."""
+    if not request.config.getoption("--jaxtyping-packages", default=None):
+        pytest.skip("run without jaxtyping's import hook")
+    from tl_decomp import Decomposition
+
+    good = torch.zeros(2, 1, 3, 4)
+    with pytest.raises(TypeError):  # target's d_model disagrees with factors'
+        Decomposition(good, ("a", "b"), ("i", "c"), torch.zeros(1, 3, 5), "site", 0, None, None,
+                      0.0)
