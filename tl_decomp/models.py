@@ -40,8 +40,8 @@ def load_model(
         ValueError: an empty name.
 
     Example:
-        >>> model = load_model("minilm")  # doctest: +SKIP
-        >>> model.cfg.n_layers  # doctest: +SKIP
+        >>> model = load_model("minilm")
+        >>> model.cfg.n_layers
         6
     """
     from transformer_lens.model_bridge import TransformerBridge
