@@ -1,0 +1,196 @@
+"""Hidden Token Attribution (SPEC 4): exact against brute-force autograd, estimate by its
+statistics, rows summing to 1, causality, padding, hooks."""
+
+from __future__ import annotations
+
+import functools
+
+import pytest
+import torch
+from conftest import KINDS, cached_model
+from helpers import NoHooksLeft
+
+from tl_decomp import _adapters, model_spec
+from tl_decomp.attribution import AttributionResult, hidden_token_attribution
+
+TEXTS = ["the cat sat on the mat .", "a dog ran", "the big cat is on a mat and the dog sat"]
+CASES = [(arch, kind) for kind in KINDS for arch in ("gpt2", "bert", "llama")]
+
+
+def _brute_force(model, text: str, layers: list[int]) -> torch.Tensor:
+    """||d e_i^l / d x_j||_F from torch.autograd.functional.jacobian (reverse mode)."""
+    spec = model_spec(model)
+    tokens, _ = _adapters.tokenize(model, [text], encoder=not spec.causal)
+    sites = [spec.layer0 if L == 0 else spec.blocks[L - 1].out for L in layers]
+    got: dict = {}
+
+    def keep(name, tensor, *, hook):
+        got[name] = tensor
+
+    mask = torch.ones_like(tokens)
+    _adapters.run_with_hooks(model, tokens, mask, [(spec.layer0, functools.partial(keep, "x"))])
+    x0 = got["x"].detach().clone()
+
+    def f(x):
+        hooks = [(spec.layer0, lambda tensor, *, hook: x)]
+        hooks += [(s, functools.partial(keep, s)) for s in sites]
+        _adapters.run_with_hooks(model, tokens, mask, hooks)
+        return torch.stack([got[s] for s in sites])
+
+    J = torch.autograd.functional.jacobian(f, x0, vectorize=True)  # [layer 1 i d 1 j d]
+    return J[:, 0, :, :, 0].pow(2).sum((2, 4)).sqrt()
+
+
+@pytest.mark.parametrize(("arch", "kind"), CASES, ids=[f"{k}-{a}" for a, k in CASES])
+def test_exact_matches_autograd_jacobian(arch, kind):
+    model = cached_model(arch, kind, torch.float64)
+    layers = [0, 1, 2, 3]
+    expected = _brute_force(model, "the cat sat on the mat", layers)
+    with NoHooksLeft(model):
+        res = hidden_token_attribution(model, "the cat sat on the mat", layers=layers)
+    scale = expected.max()
+    assert (res.norms[:, 0] - expected).abs().max() <= 1e-6 * scale
+    want = expected / expected.sum(-1, keepdim=True)
+    assert (res.contributions[:, 0] - want).abs().max() <= 1e-6
+    # layer 0 is the input itself: each token is all its own
+    assert torch.equal(res.contributions[0, 0], torch.eye(expected.shape[-1], dtype=torch.float64))
+
+
+def test_exact_on_processed_weights():
+    model = cached_model("gpt2", "bridge", torch.float64, processed=True)
+    expected = _brute_force(model, TEXTS[1], [1, 3])
+    res = hidden_token_attribution(model, TEXTS[1], layers=[1, 3])
+    assert (res.norms[:, 0] - expected).abs().max() <= 1e-6 * expected.max()
+
+
+@pytest.mark.parametrize("arch", ["gpt2", "bert", "llama"])
+@pytest.mark.parametrize("method", ["exact", "estimate"])
+def test_rows_sum_to_one_padding_and_causality(arch, method):
+    model = cached_model(arch, "bridge", torch.float64)
+    res = hidden_token_attribution(model, TEXTS, method=method, n_probes=4)
+    real = res.attention_mask.bool()
+    sums = res.contributions.sum(-1)
+    assert (sums[:, real] - 1).abs().max() <= 1e-12
+    assert (sums[:, ~real] == 0).all()  # padded queries
+    assert (res.contributions.permute(0, 1, 3, 2)[:, ~real] == 0).all()  # padded keys
+    # a padded example equals the example run alone
+    alone = hidden_token_attribution(model, TEXTS[1], method=method, n_probes=4, seed=1)
+    n = alone.tokens.shape[1]
+    assert torch.allclose(res.contributions[:, 1, :n, :n], alone.contributions[:, 0], atol=1e-12)
+    future = torch.triu(torch.ones(res.tokens.shape[1], res.tokens.shape[1]), 1).bool()
+    if model_spec(model).causal:
+        assert (res.contributions[..., future] == 0).all()  # exactly, not approximately
+    else:
+        assert (res.contributions[..., future] > 0).any()
+
+
+def test_estimate_converges_as_one_over_sqrt_n():
+    model = cached_model("bert", "bridge", torch.float64)
+    exact = hidden_token_attribution(model, TEXTS[2])
+
+    def rms_error(n_probes: int) -> float:
+        errs = [
+            (
+                hidden_token_attribution(
+                    model, TEXTS[2], method="estimate", n_probes=n_probes, seed=s
+                ).norms
+                / exact.norms
+                - 1
+            )
+            for s in range(2)
+        ]
+        return torch.cat(errs).pow(2).mean().sqrt().item()
+
+    e4, e64 = rms_error(4), rms_error(64)
+    assert 2.5 < e4 / e64 < 6.5, (e4, e64)  # 16x the probes: about 4x smaller
+    assert e64 < 0.05
+
+
+@pytest.mark.parametrize("arch", ["gpt2", "bert"])
+def test_estimate_stderr_is_honest(arch):
+    model = cached_model(arch, "bridge", torch.float64)
+    exact = hidden_token_attribution(model, TEXTS)
+    zn, zc = [], []
+    for seed in range(3):
+        est = hidden_token_attribution(model, TEXTS, method="estimate", n_probes=32, seed=seed)
+        ok = est.stderr > 0
+        zn.append(((est.norms - exact.norms) / est.norms_stderr)[ok])
+        zc.append(((est.contributions - exact.contributions) / est.stderr)[ok])
+    for z in (torch.cat(zn), torch.cat(zc)):
+        assert 0.5 < z.pow(2).mean() < 2.0
+        assert (z.abs() < 2).double().mean() > 0.85
+    assert exact.stderr is None and exact.norms_stderr is None
+
+
+def test_statistics_against_hand_computation():
+    c = torch.tensor(
+        [
+            [
+                [[1.0, 0.0, 0.0], [0.7, 0.3, 0.0], [0.2, 0.5, 0.3]],
+                [[0.6, 0.4, 0.0], [0.1, 0.9, 0.0], [0.0, 0.0, 0.0]],
+            ]
+        ]
+    )  # l b q k
+    mask = torch.tensor([[1, 1, 1], [1, 1, 0]])
+    res = AttributionResult(
+        contributions=c,
+        norms=c,
+        norms_stderr=None,
+        layers=(1,),
+        tokens=torch.zeros(2, 3, dtype=torch.long),
+        attention_mask=mask,
+        method="exact",
+        wrt="layer0",
+        n_probes=None,
+    )
+    own = torch.tensor([1.0, 0.3, 0.3, 0.6, 0.9])
+    assert torch.allclose(res.own_token(), own.quantile(0.5)[None])
+    assert torch.allclose(res.p_tilde(), torch.tensor([2 / 5]))  # (0,1) and (0,2)
+    offsets, mean = res.by_offset()
+    assert offsets.tolist() == [-2, -1, 0, 1, 2]
+    expected = [0.2, (0.7 + 0.5 + 0.1) / 3, own.mean(), (0.0 + 0.0 + 0.4) / 3, 0.0]
+    assert torch.allclose(mean[0], torch.tensor(expected))
+    assert res.by_offset(1)[0].tolist() == [-1, 0, 1]
+
+
+def test_wrt_embed():
+    model = cached_model("bert", "bridge", torch.float64)
+    res = hidden_token_attribution(model, TEXTS[0], layers=[0, 3], wrt="embed")
+    n = res.tokens.shape[1]
+    # the embedding LayerNorm acts per token: at layer 0 each token is all its own
+    assert torch.allclose(res.contributions[0, 0], torch.eye(n, dtype=torch.float64))
+    assert torch.allclose(res.contributions[1].sum(-1), torch.ones(1, n, dtype=torch.float64))
+    assert res.wrt == "embed"
+
+
+def test_bad_input_raises_clearly_and_leaves_no_hook():
+    model = cached_model("gpt2", "bridge", torch.float64)
+    with pytest.raises(ValueError, match="out of range"):
+        hidden_token_attribution(model, "the cat", layers=[4])
+    # TypeError where runtime type checking (jaxtyping + beartype) is on, else ValueError.
+    with pytest.raises((ValueError, TypeError), match="method"):
+        hidden_token_attribution(model, "the cat", method="approx")  # type: ignore[arg-type]
+    with pytest.raises(ValueError, match="n_probes"):
+        hidden_token_attribution(model, "the cat", method="estimate", n_probes=1)
+    tokens = torch.tensor([[0, 5, 6]])
+    with pytest.raises(ValueError, match="right padding"):
+        hidden_token_attribution(model, tokens, attention_mask=torch.tensor([[0, 1, 1]]))
+    with pytest.raises(ValueError, match="empty"):
+        hidden_token_attribution(model, torch.zeros(1, 0, dtype=torch.long))
+    with NoHooksLeft(model), pytest.raises(IndexError):  # fails inside the hooked run
+        hidden_token_attribution(model, torch.tensor([[1, 500]]))
+
+
+@pytest.mark.bundled
+def test_minilm_estimate_tracks_exact():
+    from tl_decomp import load_model
+
+    model = load_model("minilm")
+    text = "It is a truth universally acknowledged."
+    exact = hidden_token_attribution(model, text, layers=[1])
+    est = hidden_token_attribution(model, text, layers=[1], method="estimate", n_probes=64)
+    real = exact.attention_mask.bool()
+    assert (exact.contributions.sum(-1)[:, real] - 1).abs().max() < 1e-5
+    rel = (est.contributions / exact.contributions - 1).abs()
+    assert rel.median() < 0.1
+    assert 0 < exact.own_token().item() < 1

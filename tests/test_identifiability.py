@@ -1,0 +1,210 @@
+"""Token identifiability (SPEC 3): on constructed states where the answer is known, on tiny
+models, and on bad input."""
+
+from __future__ import annotations
+
+import random
+
+import pytest
+import torch
+from conftest import KINDS, cached_model
+from helpers import NoHooksLeft
+
+from tl_decomp import model_spec
+from tl_decomp.identifiability import (
+    StateBatch,
+    Vocab,
+    identifiability_from_states,
+    token_identifiability,
+)
+
+_WORDS = ["the", "a", "cat", "dog", "sat", "on", "mat", "and", "ran", ".", ",", "is", "big"]
+
+
+def _corpus(n: int = 30, seed: int = 0) -> list[str]:
+    """Sentences in the tiny models' vocabulary (no [UNK]: every token is distinct data)."""
+    rng = random.Random(seed)
+    words = _WORDS + [f"w{i}" for i in range(30)]
+    return [" ".join(rng.choice(words) for _ in range(rng.randint(4, 10))) for _ in range(n)]
+
+
+def _batches(table, make_states, n_ids=None, n_seq=40, length=8, seed=0, batch=8):
+    """Sequences of random ids; ``e0 = table[id]``; ``states = make_states(tokens)``."""
+    gen = torch.Generator().manual_seed(seed)
+    out = []
+    for start in range(0, n_seq, batch):
+        tokens = torch.randint(n_ids or len(table), (batch, length), generator=gen)
+        mask = torch.ones_like(tokens)
+        mask[0, length // 2 :] = 0  # one padded sequence per batch
+        e0 = table[tokens]
+        out.append(
+            StateBatch(
+                tokens,
+                mask,
+                e0,
+                make_states(tokens),
+                torch.zeros_like(e0),
+                torch.arange(start, start + batch),
+            )
+        )
+    return out
+
+
+def _table(n=50, d=16, seed=0):
+    return torch.randn(n, d, generator=torch.Generator().manual_seed(seed), dtype=torch.float64)
+
+
+def test_linear_map_recovers_tokens_through_an_invertible_linear_layer():
+    gen = torch.Generator().manual_seed(1)
+    A = torch.randn(16, 16, generator=gen, dtype=torch.float64)  # invertible, far from identity
+    b = 5 * torch.randn(16, generator=gen, dtype=torch.float64)
+    table = _table()
+
+    def states(tokens):
+        return torch.stack([table[tokens], table[tokens] @ A + b])
+
+    kw = dict(layers=[0, 1], distance="l2")
+    lin = identifiability_from_states(
+        _batches(table, states), _batches(table, states, seed=1), mapping="linear", **kw
+    )
+    naive = identifiability_from_states([], _batches(table, states, seed=1), mapping="naive", **kw)
+    assert lin.rates.tolist() == [1.0, 1.0]
+    assert naive.rate(0) == 1.0 and naive.rate(1) < 0.5
+    W = lin.maps[1].weight.T  # the fitted map inverts the layer
+    assert torch.allclose(W, torch.linalg.inv(A), atol=1e-8)
+
+
+def test_cosine_ignores_scale_l2_does_not():
+    table = _table()
+    gen = torch.Generator().manual_seed(2)
+    scales = torch.exp(2 * torch.randn(len(table), 1, generator=gen, dtype=torch.float64))
+
+    def states(tokens):  # each token's vector rescaled by its own factor: direction kept
+        return torch.stack([table[tokens], table[tokens] * scales[tokens]])
+
+    test = _batches(table, states, seed=3)
+    cos = identifiability_from_states([], test, [0, 1], mapping="naive", distance="cosine")
+    l2 = identifiability_from_states([], test, [0, 1], mapping="naive", distance="l2")
+    assert cos.rates.tolist() == [1.0, 1.0]
+    assert l2.rate(0) == 1.0 and l2.rate(1) < 0.9
+
+
+def test_sequence_lookup_vs_vocabulary_lookup():
+    gen = torch.Generator().manual_seed(4)
+    base = _table(25)
+    decoys = base + 0.05 * torch.randn(base.shape, generator=gen, dtype=torch.float64)
+    table = torch.cat([base, decoys])  # ids 25..49: a near twin of each of the first 25
+
+    def states(tokens):  # noise larger than the gap to the twin, smaller than to the rest
+        noise = 0.2 * torch.randn(table[tokens].shape, generator=gen, dtype=torch.float64)
+        return torch.stack([table[tokens], table[tokens] + noise])
+
+    test = _batches(table, states, n_ids=25, seed=6)
+    seq = identifiability_from_states([], test, [0, 1], mapping="naive", distance="l2")
+    voc = identifiability_from_states(
+        [], test, [0, 1], mapping="naive", distance="l2", vocab=Vocab(table)
+    )
+    assert seq.rates.tolist() == [1.0, 1.0]
+    assert voc.rate(0) == 1.0 and voc.rate(1) < 0.9
+    assert voc.lookup == "vocab"
+
+
+@pytest.mark.parametrize("norm", ["LN", "RMS", "none"])
+def test_vocab_scores_match_materialised_candidates(norm):
+    gen = torch.Generator().manual_seed(7)
+    W, q, r = (
+        torch.randn(s, generator=gen, dtype=torch.float64) for s in ((30, 8), (5, 8), (5, 8))
+    )
+    w, b = (
+        1 + 0.3 * torch.randn(8, generator=gen, dtype=torch.float64),
+        torch.randn(8, dtype=torch.float64),
+    )
+    vocab = Vocab(W, norm, None if norm == "none" else w, None if norm != "LN" else b, 1e-5)
+    z = W[None] + r[:, None]  # [token vocab d]
+    if norm == "LN":
+        z = z - z.mean(-1, keepdim=True)
+    c = z / (z.pow(2).mean(-1, keepdim=True) + 1e-5).sqrt() * w if norm != "none" else z
+    c = c + (b if norm == "LN" else 0)
+    cos = torch.nn.functional.cosine_similarity(q[:, None], c, dim=-1)
+    assert torch.allclose(vocab.scores(q, r, "cosine") / q.norm(dim=-1, keepdim=True), cos)
+    l2 = -(q[:, None] - c).pow(2).sum(-1) + q.pow(2).sum(-1, keepdim=True)
+    assert torch.allclose(vocab.scores(q, r, "l2"), l2)
+
+
+@pytest.mark.parametrize("kind", KINDS)
+@pytest.mark.parametrize("arch", ["gpt2", "bert", "llama"])
+def test_naive_layer0_is_perfect(arch, kind):
+    model = cached_model(arch, kind, torch.float64)
+    corpus = _corpus(15)
+    with NoHooksLeft(model):
+        for distance in ("cosine", "l2"):
+            for lookup in ("sequence", "vocab"):
+                res = token_identifiability(
+                    model,
+                    corpus,
+                    mapping="naive",
+                    distance=distance,
+                    lookup=lookup,
+                    layers=[0, 3],
+                    progress=False,
+                )
+                assert res.rate(0) == 1.0, (distance, lookup)
+
+
+def test_result_bookkeeping_split_and_cross_layer():
+    model = cached_model("gpt2", "bridge", torch.float64)
+    corpus = _corpus(20)
+    res = token_identifiability(model, corpus, cross_layer=True, progress=False, seed=3)
+    assert sorted(res.train + res.test) == list(range(20)) and len(res.test) == 4
+    assert res.layers == (0, 1, 2, 3) and len(res.maps) == 4
+    n_tokens = sum(len(corpus[i].split()) + 1 for i in res.test)  # + BOS
+    assert res.correct.shape == (4, n_tokens) == (4, len(res.token_ids))
+    assert torch.allclose(res.rates, res.correct.double().mean(1))
+    assert set(res.sequences.tolist()) == set(res.test)
+    assert torch.allclose(res.cross_layer().diagonal(), res.rates)
+    assert res.rate(0) == 1.0  # the linear map on layer 0 is the identity
+    same = token_identifiability(model, corpus, progress=False, seed=3, batch_size=3)
+    assert torch.equal(same.correct, res.correct)  # batching changes nothing
+    with pytest.raises(ValueError, match="cross_layer=True"):
+        same.cross_layer()
+
+
+def test_linear_beats_naive_on_a_tiny_decoder():
+    model = cached_model("gpt2", "bridge", torch.float64)
+    lin = token_identifiability(model, _corpus(40), mapping="linear", progress=False)
+    naive = token_identifiability(model, _corpus(40), mapping="naive", progress=False)
+    assert (lin.rates >= naive.rates).all() and lin.rate(3) > naive.rate(3)
+
+
+def test_mlp_map():
+    model = cached_model("bert", "bridge", torch.float32)
+    res = token_identifiability(model, _corpus(30), mapping="mlp", layers=[0, 1], progress=False)
+    assert res.rate(0) >= 0.95 and res.rate(1) >= 0.9
+    assert isinstance(res.maps[0], torch.nn.Sequential)
+
+
+def test_bad_input_raises_clearly():
+    model = cached_model("bert", "bridge", torch.float64)
+    with pytest.raises(ValueError, match="empty"):
+        token_identifiability(model, [], progress=False)
+    with pytest.raises(ValueError, match="too short for the split"):
+        token_identifiability(model, ["the cat sat"], progress=False)
+    with pytest.raises(ValueError, match="too short for the split"):
+        token_identifiability(model, _corpus(5), mapping="mlp", progress=False)
+    with pytest.raises(ValueError, match="out of range"):
+        token_identifiability(model, _corpus(5), layers=[0, 4], progress=False)
+    with pytest.raises((ValueError, TypeError), match="mapping"):  # TypeError: beartype on
+        token_identifiability(model, _corpus(5), mapping="ridge", progress=False)  # type: ignore[arg-type]
+    with pytest.raises(ValueError, match="test_fraction"):
+        token_identifiability(model, _corpus(5), test_fraction=1.0, progress=False)
+    assert model_spec(model).n_layers == 3
+
+
+@pytest.mark.bundled
+def test_minilm_linear_identifiability():
+    from tl_decomp import load_corpus, load_model
+
+    model = load_model("minilm")
+    res = token_identifiability(model, load_corpus(60), layers=[0, 6], progress=False)
+    assert res.rate(0) == 1.0
+    assert 0.5 < res.rate(6) <= 1.0

@@ -1,0 +1,142 @@
+"""The maps ``g_l: e^l -> e^0`` of `tl_decomp.identifiability`, fitted on streamed batches.
+
+``linear`` is least squares with a bias from normal equations accumulated in float64, so the
+training split never has to be held in memory; ``mlp`` keeps at most a fixed number of
+training tokens. Every map is an ``nn.Module`` applied to ``[... d_model]`` vectors.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterable
+from typing import Any, Literal
+
+import torch
+from jaxtyping import Float
+from torch import Tensor, nn
+
+Mapping = Literal["naive", "linear", "mlp"]
+Distance = Literal["cosine", "l2"]
+
+
+class LinearFit:
+    """Streamed least squares with bias: ``e0 ~ [x - shift, 1] @ W``, normal equations in f64."""
+
+    def __init__(self) -> None:
+        self.gram: Tensor | None = None
+
+    def add(self, x: Float[Tensor, "n d_model"], y: Float[Tensor, "n d_model"]) -> None:
+        if self.gram is None:  # centring on the first batch keeps the Gram well conditioned
+            self.shift = x.mean(0, keepdim=True)
+            self.gram = x.new_zeros((x.shape[1] + 1,) * 2, dtype=torch.float64)
+            self.cross = x.new_zeros((x.shape[1] + 1, y.shape[1]), dtype=torch.float64)
+        xt = torch.cat([x - self.shift, torch.ones_like(x[:, :1])], 1).double()
+        self.gram += xt.T @ xt
+        self.cross += xt.T @ y.double()
+
+    def fit(self) -> nn.Linear:
+        W = torch.linalg.lstsq(self.gram, self.cross).solution.to(self.shift.dtype)
+        d_in, d_out = W.shape[0] - 1, W.shape[1]
+        lin = nn.Linear(d_in, d_out, dtype=W.dtype, device=W.device).requires_grad_(False)
+        lin.weight.copy_(W[:-1].T)
+        lin.bias.copy_(W[-1] - (self.shift @ W[:-1])[0])
+        return lin
+
+
+class StoredPairs:
+    """Training pairs for the MLP map, at most `cap` tokens; every 10th sequence validates."""
+
+    def __init__(self, cap: int) -> None:
+        self.cap, self.n, self.seen = cap, 0, 0
+        self.train: list[tuple[Tensor, Tensor]] = []
+        self.val: list[tuple[Tensor, Tensor]] = []
+
+    def add(self, x: Tensor, y: Tensor, mask: Tensor) -> None:
+        for b in range(mask.shape[0]):
+            if self.n < self.cap:
+                m = mask[b].bool()
+                target = self.val if self.seen % 10 == 9 else self.train
+                target.append((x[:, b][:, m].clone(), y[b][m].clone()))
+                self.n += int(m.sum())
+            self.seen += 1
+
+
+def train_mlp(
+    x: Tensor,
+    y: Tensor,
+    xv: Tensor,
+    yv: Tensor,
+    distance: Distance,
+    seed: int,
+    max_epochs: int = 100,
+    patience: int = 3,
+) -> nn.Module:
+    """One hidden layer (width d_model, GELU); Adam; early stopping on the validation loss.
+
+    Inputs are standardised and outputs start at the targets' mean and scale (both folded
+    into the weights); an "epoch" is at least 10 steps, so small training sets still fit.
+    """
+    d = x.shape[1]
+    with torch.random.fork_rng(devices=[]):
+        torch.manual_seed(seed)
+        first, last = nn.Linear(d, d).to(x), nn.Linear(d, y.shape[1]).to(x)
+    with torch.no_grad():
+        sd = x.std(0).clamp_min(1e-6)
+        first.weight /= sd
+        first.bias -= first.weight @ x.mean(0)
+        last.weight *= y.std(0)[:, None]
+        last.bias.copy_(y.mean(0))
+    net = nn.Sequential(first, nn.GELU(), last)
+
+    def loss(pred: Tensor, target: Tensor) -> Tensor:
+        if distance == "cosine":
+            return 1 - nn.functional.cosine_similarity(pred, target, dim=-1).mean()
+        return (pred - target).pow(2).mean()
+
+    opt = torch.optim.Adam(net.parameters(), lr=1e-3)
+    gen = torch.Generator().manual_seed(seed)
+    steps = max(-(-len(x) // 256), 10)
+    best, best_state, bad = float("inf"), net.state_dict(), 0
+    for _ in range(max_epochs):
+        for _ in range(steps):
+            idx = torch.randint(len(x), (min(256, len(x)),), generator=gen)
+            opt.zero_grad()
+            loss(net(x[idx]), y[idx]).backward()
+            opt.step()
+        with torch.no_grad():
+            val = loss(net(xv), yv).item()
+        if val < best * (1 - 1e-4):
+            best, bad, best_state = val, 0, {k: v.clone() for k, v in net.state_dict().items()}
+        elif (bad := bad + 1) >= patience:
+            break
+    net.load_state_dict(best_state)
+    return net.requires_grad_(False).eval()
+
+
+def fit_maps(
+    train: Iterable[Any],  # identifiability.StateBatch (imports this module)
+    n_layers: int,
+    mapping: Mapping,
+    distance: Distance,
+    seed: int,
+    max_mlp_tokens: int,
+) -> tuple[nn.Module, ...]:
+    if mapping == "naive":
+        return tuple(nn.Identity() for _ in range(n_layers))
+    linear = [LinearFit() for _ in range(n_layers)]
+    stored = StoredPairs(max_mlp_tokens)
+    for batch in train:
+        m = batch.mask.bool()
+        if mapping == "linear":
+            for k in range(n_layers):
+                linear[k].add(batch.states[k][m], batch.e0[m])
+        else:
+            stored.add(batch.states, batch.e0, batch.mask)
+    if mapping == "linear":
+        if linear[0].gram is None:
+            raise ValueError("the training split holds no tokens")
+        return tuple(lin.fit() for lin in linear)
+    if not stored.train or not stored.val:
+        raise ValueError("the mlp map needs at least 10 training sequences (every 10th validates)")
+    x, y = (torch.cat(t, dim=-2) for t in zip(*stored.train, strict=True))
+    xv, yv = (torch.cat(t, dim=-2) for t in zip(*stored.val, strict=True))
+    return tuple(train_mlp(x[k], y, xv[k], yv, distance, seed + k) for k in range(n_layers))

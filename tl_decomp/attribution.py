@@ -1,0 +1,348 @@
+"""Hidden Token Attribution (Brunner et al., ICLR 2020, section 5; SPEC section 4).
+
+How much does input position ``j`` contribute to the hidden vector ``e_i^l``?
+
+    c[l, i, j] = ||d e_i^l / d x_j||_F / sum_k ||d e_i^l / d x_k||_F
+
+where ``x`` is the layer-0 input (``wrt="layer0"``: what block 0 reads; for BERT the
+embedding-LN output) or the raw token embeddings (``wrt="embed"``). Rows sum to 1.
+
+The Jacobian is taken by forward mode: one Jacobian-vector product with a tangent at input
+position ``j`` gives ``J[l, i, j] u`` for every query ``i`` and every layer ``l`` at once, so a
+full ``exact`` pass costs ``pos * d_model`` JVPs (reverse mode would need that many per layer).
+The JVPs are vmapped in chunks of `chunk_size`, which bounds memory. ``estimate`` replaces the
+``d_model`` basis vectors by `n_probes` Gaussian directions: ``E ||J u||^2 = ||J||_F^2``.
+
+To differentiate with respect to ``x`` the model is run with a hook that *replaces* the
+activation at ``x`` by the JVP's input. That is the one write-hook in tl_decomp: it sets the
+point the derivative is taken at, and it is fed the model's own activation, so the primal
+output is exactly the model's. The hook lives only for the call, even when it raises.
+"""
+
+from __future__ import annotations
+
+import functools
+from collections.abc import Callable, Iterator, Sequence
+from dataclasses import dataclass
+from typing import Any, Literal
+
+import einops
+import torch
+from jaxtyping import Bool, Float, Int
+from torch import Tensor
+from torch.func import jvp, vmap
+from tqdm import tqdm
+
+from tl_decomp import _adapters
+from tl_decomp._adapters import ModelSpec
+
+Method = Literal["exact", "estimate"]
+Wrt = Literal["layer0", "embed"]
+
+
+@dataclass(frozen=True)
+class AttributionResult:
+    """Hidden Token Attribution: ``contributions[l, b, i].sum() == 1`` for every real query.
+
+    Attributes:
+        contributions: ``c[l, b, i, j]``, share of key position ``j`` in ``e_i`` at layer
+            ``layers[l]``; padding rows and columns are 0.
+        norms: the Jacobian block norms ``||d e_i / d x_j||_F`` (estimated by ``estimate``).
+        norms_stderr: standard error of `norms` (``estimate`` only; None for ``exact``).
+        layers: 0 is the layer-0 input, ``l >= 1`` the output of block ``l - 1``.
+        tokens, attention_mask: the input (mask 1 = real token; right padding only).
+        method, wrt, n_probes: how it was computed (`n_probes` is None for ``exact``).
+    """
+
+    contributions: Float[Tensor, "layer batch query_pos key_pos"]
+    norms: Float[Tensor, "layer batch query_pos key_pos"]
+    norms_stderr: Float[Tensor, "layer batch query_pos key_pos"] | None
+    layers: tuple[int, ...]
+    tokens: Int[Tensor, "batch pos"]
+    attention_mask: Int[Tensor, "batch pos"]
+    method: str
+    wrt: str
+    n_probes: int | None
+
+    @property
+    def stderr(self) -> Float[Tensor, "layer batch query_pos key_pos"] | None:
+        """Standard error of `contributions` (``estimate``), by the delta method.
+
+        The keys' norms are estimated from independent probes, so for ``c_j = n_j / S``:
+        ``Var c_j = (s_j^2 (1 - 2 c_j) + c_j^2 sum_k s_k^2) / S^2`` with ``s`` = `norms_stderr`.
+        """
+        if self.norms_stderr is None:
+            return None
+        c, s2 = self.contributions, self.norms_stderr**2
+        total = self.norms.sum(-1, keepdim=True).clamp_min(1e-30)
+        var = (s2 * (1 - 2 * c) + c**2 * s2.sum(-1, keepdim=True)) / total**2
+        return var.clamp_min(0).sqrt()
+
+    def queries(self) -> Bool[Tensor, "batch query_pos"]:
+        """The real (unpadded) query positions."""
+        return self.attention_mask.bool()
+
+    def own_token(self) -> Float[Tensor, " layer"]:
+        """Median over real tokens of the token's contribution to itself, ``c[l, b, i, i]``."""
+        own = torch.diagonal(self.contributions, dim1=-2, dim2=-1)[:, self.queries()]
+        return own.quantile(0.5, dim=-1)
+
+    def p_tilde(self) -> Float[Tensor, " layer"]:
+        """Fraction of real tokens whose largest contributor is another position (paper: %)."""
+        top = self.contributions.argmax(-1)[:, self.queries()]
+        own = self.queries().nonzero()[:, 1]
+        return (top != own).to(self.contributions.dtype).mean(-1)
+
+    def by_offset(
+        self, max_offset: int | None = None
+    ) -> tuple[Int[Tensor, " offset"], Float[Tensor, "layer offset"]]:
+        """Mean contribution of the key at relative offset ``j - i`` in ``-k..k``, per layer.
+
+        Averages over the real queries that have a real key at that offset.
+        """
+        n = self.tokens.shape[1]
+        k = n - 1 if max_offset is None else min(max_offset, n - 1)
+        offsets = torch.arange(-k, k + 1, device=self.contributions.device)
+        keys = torch.arange(n, device=offsets.device)[None, :] + offsets[:, None]  # [offset q]
+        lengths = self.attention_mask.sum(-1).to(offsets.device)
+        valid = (keys >= 0)[None] & (keys[None] < lengths[:, None, None])  # [b offset q]
+        valid &= self.queries().to(offsets.device)[:, None, :]
+        index = einops.repeat(
+            keys.clamp(0, n - 1), "o q -> l b q o", l=len(self.layers), b=self.tokens.shape[0]
+        )
+        picked = einops.rearrange(self.contributions.gather(-1, index), "l b q o -> l b o q")
+        total = (picked * valid).sum((1, 3))
+        return offsets, total / valid.sum((0, 2)).clamp_min(1)
+
+
+def _layer_sites(spec: ModelSpec, layers: Sequence[int]) -> list[str]:
+    return [spec.layer0 if L == 0 else spec.blocks[L - 1].out for L in layers]
+
+
+def _replace(x: Tensor, tensor: Tensor, *, hook: Any) -> Tensor:
+    return x
+
+
+def _capture(store: dict[str, Tensor], site: str, tensor: Tensor, *, hook: Any) -> None:
+    store[site] = tensor
+
+
+def _runner(model: Any, spec: ModelSpec, tokens: Tensor, source: str, sites: list[str]):
+    """``x -> hidden states [layer 1 pos d_model]`` of `tokens` with the `source` activation
+    replaced by ``x``; the run stops after the deepest site."""
+    mask = torch.ones_like(tokens)
+    order = [spec.layer0] + [b.out for b in spec.blocks]
+    last = max(sites, key=order.index)
+
+    def run(x: Tensor) -> Tensor:
+        got: dict[str, Tensor] = {}
+        hooks = [(source, functools.partial(_replace, x))]
+        hooks += [(s, functools.partial(_capture, got, s)) for s in dict.fromkeys(sites)]
+        _adapters.run_with_hooks(model, tokens, mask, hooks, stop_after=last)
+        return torch.stack([got[s] for s in sites])
+
+    return run
+
+
+def _source_activation(model: Any, tokens: Tensor, source: str) -> Tensor:
+    got: dict[str, Tensor] = {}
+    with torch.no_grad():
+        _adapters.run_with_hooks(
+            model,
+            tokens,
+            torch.ones_like(tokens),
+            [(source, functools.partial(_capture, got, source))],
+            stop_after=source,
+        )
+    return got[source].detach().clone()
+
+
+def _tangents(
+    n: int, d: int, method: Method, n_probes: int, chunk: int, like: Tensor, seed: int
+) -> Iterator[tuple[Tensor, Tensor]]:
+    """Chunks of (input position, tangent [chunk 1 pos d_model]): basis vectors or probes."""
+    per_pos = d if method == "exact" else n_probes
+    gen = torch.Generator().manual_seed(seed)
+    for start in range(0, n * per_pos, chunk):
+        flat = torch.arange(start, min(start + chunk, n * per_pos))
+        pos = flat // per_pos
+        u = like.new_zeros((len(flat), 1, n, d))
+        if method == "exact":
+            u[torch.arange(len(flat)), 0, pos, flat % per_pos] = 1
+        else:
+            u[torch.arange(len(flat)), 0, pos] = torch.randn(
+                (len(flat), d), generator=gen, dtype=torch.float64
+            ).to(like)
+        yield pos.to(like.device), u
+
+
+def _sq_norms(
+    run: Callable[[Tensor], Tensor],
+    x0: Tensor,
+    method: Method,
+    n_probes: int,
+    chunk: int,
+    n_layers: int,
+    seed: int,
+    bar: Any,
+) -> tuple[Tensor, Tensor | None]:
+    """Per (layer, query, key): ``||J||_F^2`` (exact) or its probe mean and the mean's variance."""
+    n, d = x0.shape[1:]
+    s1 = x0.new_zeros((n_layers, n, n), dtype=torch.float64)
+    s2 = torch.zeros_like(s1)
+    column = vmap(lambda u: jvp(run, (x0,), (u,))[1])
+    for pos, u in _tangents(n, d, method, n_probes, chunk, x0, seed):
+        with torch.no_grad():
+            q = column(u).double().pow(2).sum(-1)  # [chunk layer 1 query]
+        q = einops.rearrange(q, "c l 1 i -> l i c")
+        s1.index_add_(2, pos, q)
+        if method == "estimate":
+            s2.index_add_(2, pos, q * q)
+        bar.update(len(pos))
+    if method == "exact":
+        return s1, None
+    mean = s1 / n_probes
+    var_q = (s2 / n_probes - mean**2).clamp_min(0) * n_probes / (n_probes - 1)
+    return mean, var_q / n_probes
+
+
+def _check(
+    spec: ModelSpec,
+    layers: Sequence[int] | None,
+    method: str,
+    wrt: str,
+    n_probes: int,
+    chunk_size: int | None,
+) -> tuple[int, ...]:
+    layers = tuple(range(1, spec.n_layers + 1)) if layers is None else tuple(layers)
+    if not layers:
+        raise ValueError("layers is empty: ask for at least one layer")
+    for L in layers:
+        if not 0 <= L <= spec.n_layers:
+            raise ValueError(
+                f"layer {L} out of range: layers run 0 (the layer-0 input) to "
+                f"{spec.n_layers} (the last block's output)"
+            )
+    if method not in ("exact", "estimate"):
+        raise ValueError(f"method must be 'exact' or 'estimate', not {method!r}")
+    if wrt not in ("layer0", "embed"):
+        raise ValueError(f"wrt must be 'layer0' or 'embed', not {wrt!r}")
+    if method == "estimate" and n_probes < 2:
+        raise ValueError(
+            f"n_probes must be at least 2 to estimate a standard error, not {n_probes}"
+        )
+    if chunk_size is not None and chunk_size < 1:
+        raise ValueError(f"chunk_size must be positive, not {chunk_size}")
+    return layers
+
+
+def _as_tokens(model: Any, spec: ModelSpec, input: Any, attention_mask: Tensor | None):
+    if isinstance(input, Tensor):
+        tokens = input if input.ndim == 2 else input.unsqueeze(0)
+        mask = torch.ones_like(tokens) if attention_mask is None else attention_mask.to(tokens)
+    else:
+        if attention_mask is not None:
+            raise ValueError(
+                "attention_mask is only accepted with token ids; text is padded for you"
+            )
+        tokens, mask = _adapters.tokenize(model, input, encoder=not spec.causal)
+    if tokens.numel() == 0 or mask.shape != tokens.shape or (mask.sum(-1) == 0).any():
+        raise ValueError("empty input, or an attention_mask that does not match the tokens")
+    if (mask.cummin(-1).values != mask).any():
+        raise ValueError("only right padding is supported: each mask row must be 1...1 0...0")
+    if tokens.shape[1] > spec.n_ctx:
+        raise ValueError(f"input has {tokens.shape[1]} tokens; the model's context is {spec.n_ctx}")
+    return tokens, mask
+
+
+def hidden_token_attribution(
+    model: Any,
+    input: str | Sequence[str] | Tensor,
+    *,
+    layers: Sequence[int] | None = None,
+    method: Method = "exact",
+    n_probes: int = 16,
+    wrt: Wrt = "layer0",
+    attention_mask: Tensor | None = None,
+    chunk_size: int | None = None,
+    seed: int = 0,
+    progress: bool = False,
+) -> AttributionResult:
+    """Hidden Token Attribution: each input position's share in each hidden vector.
+
+    Guarantees ``contributions[l, b, i, :].sum() == 1`` for every real query ``i``, and on
+    causal models ``contributions[l, b, i, j] == 0`` exactly for ``j > i``.
+
+    Args:
+        model: a TransformerBridge, HookedTransformer or HookedEncoder.
+        input: a text, a list of texts (right-padded), or token ids ``[batch pos]``.
+        layers: which hidden states, 0 (the layer-0 input) to ``n_layers``; default
+            ``1..n_layers``.
+        method: ``exact`` (full Jacobian blocks, ``pos * d_model`` JVPs per example) or
+            ``estimate`` (``pos * n_probes`` JVPs; see `AttributionResult.stderr`).
+        n_probes: Gaussian probes per position for ``estimate``.
+        wrt: ``layer0`` (the input to block 0, the paper's ``x``) or ``embed`` (the raw token
+            embeddings, before positions and the embedding LayerNorm).
+        attention_mask: 1/0 mask for token-id input (right padding; each example is run on
+            its real tokens only).
+        chunk_size: JVPs per vectorised pass; memory grows with it. Default: about 4M
+            output elements per layer (e.g. 170 JVPs for 64 tokens of d_model 384).
+        seed: seeds the probes.
+        progress: show a progress bar over the JVPs.
+
+    Example:
+        >>> from tl_decomp.models import tiny_model
+        >>> model = tiny_model("gpt2", dtype=torch.float64)
+        >>> hta = hidden_token_attribution(model, "the cat sat on the mat")
+        >>> hta.contributions.shape  # layer batch query_pos key_pos
+        torch.Size([3, 1, 7, 7])
+        >>> rows = hta.contributions.sum(-1)
+        >>> bool(torch.allclose(rows, torch.ones_like(rows)))
+        True
+        >>> float(hta.contributions[:, 0, 2, 3:].abs().max())  # causal: no future tokens
+        0.0
+    """
+    spec = _adapters.model_spec(model)
+    layers = _check(spec, layers, method, wrt, n_probes, chunk_size)
+    tokens, mask = _as_tokens(model, spec, input, attention_mask)
+    device = _adapters.model_device(model)
+    tokens, mask = tokens.to(device), mask.to(device)
+    source = spec.layer0 if wrt == "layer0" else spec.embeds[0][1]
+    sites = _layer_sites(spec, layers)
+    shape = (len(layers), *tokens.shape, tokens.shape[1])
+    norm2: Tensor | None = None
+    var = torch.zeros(shape, dtype=torch.float64, device=device)
+    lengths = mask.sum(-1).tolist()
+    per_pos = spec.d_model if method == "exact" else n_probes
+    with tqdm(total=sum(lengths) * per_pos, disable=not progress, desc="JVPs") as bar:
+        for b, n in enumerate(lengths):
+            ids = tokens[b : b + 1, :n]
+            x0 = _source_activation(model, ids, source)
+            run = _runner(model, spec, ids, source, sites)
+            chunk = chunk_size or max(16, min(1024, 2**22 // (n * spec.d_model)))
+            sq, v = _sq_norms(run, x0, method, n_probes, chunk, len(layers), seed + b, bar)
+            norm2 = torch.zeros(shape, dtype=sq.dtype, device=device) if norm2 is None else norm2
+            norm2[:, b, :n, :n] = sq
+            if v is not None:
+                var[:, b, :n, :n] = v
+    assert norm2 is not None
+    dtype = spec.dtype if spec.dtype in (torch.float32, torch.float64) else torch.float32
+    norms = norm2.sqrt()
+    contributions = norms / norms.sum(-1, keepdim=True).clamp_min(1e-30)
+    stderr = None
+    if method == "estimate":  # delta method: se(sqrt m) = se(m) / (2 sqrt m)
+        stderr = (var.sqrt() / (2 * norms).clamp_min(1e-30)).to(dtype)
+    return AttributionResult(
+        contributions=contributions.to(dtype),
+        norms=norms.to(dtype),
+        norms_stderr=stderr,
+        layers=layers,
+        tokens=tokens,
+        attention_mask=mask,
+        method=method,
+        wrt=wrt,
+        n_probes=n_probes if method == "estimate" else None,
+    )
+
+
+__all__ = ["AttributionResult", "hidden_token_attribution"]

@@ -1,0 +1,403 @@
+"""Token identifiability (Brunner et al., ICLR 2020, section 4; SPEC section 3).
+
+Can the input token at position ``t`` be recovered from its hidden vector ``e_t^l``? A map
+``g: e^l -> e^0`` is fitted on a training split of sequences, and a test token counts as
+identified when the nearest neighbour of ``g(e_t^l)`` among the candidates holds its token id.
+Candidates are the layer-0 vectors of the same sequence (``lookup="sequence"``, the paper's
+default) or of every vocabulary item at that token's position (``lookup="vocab"``).
+
+Memory does not grow with the corpus: hidden states are gathered a batch at a time, the
+linear map is fitted from streamed normal equations (float64), and the test split is scored
+as it streams past. The MLP map trains on at most `max_mlp_tokens` stored training vectors.
+"""
+
+from __future__ import annotations
+
+import functools
+from collections.abc import Iterable, Iterator, Sequence
+from dataclasses import dataclass, replace
+from typing import Any, Literal, NamedTuple
+
+import torch
+from jaxtyping import Bool, Float, Int
+from torch import Tensor, nn
+from tqdm import tqdm
+
+from tl_decomp import _adapters
+from tl_decomp._adapters import ModelSpec
+from tl_decomp._maps import Distance, Mapping, fit_maps
+
+Lookup = Literal["sequence", "vocab"]
+
+
+class StateBatch(NamedTuple):
+    """Hidden states of a batch of sequences, as `identifiability_from_states` reads them.
+
+    `states[k]` is layer ``layers[k]``; `offsets` (vocab lookup only) is each token's
+    pre-norm layer-0 input minus its own token embedding: positions, token types.
+    """
+
+    tokens: Int[Tensor, "batch pos"]
+    mask: Int[Tensor, "batch pos"]
+    e0: Float[Tensor, "batch pos d_model"]
+    states: Float[Tensor, "layer batch pos d_model"]
+    offsets: Float[Tensor, "batch pos d_model"] | None = None
+    sequences: Int[Tensor, " batch"] | None = None
+
+
+@dataclass(frozen=True)
+class Vocab:
+    """Candidates for ``lookup="vocab"``: ``c_v = norm(W_E[v] + offset)`` at each token's slot.
+
+    `norm` is ``"LN"`` (``g * (z - mean z) / sigma + b``), ``"RMS"`` or ``"none"``. Scores
+    come from inner products with ``W_E``, never materialising ``d_vocab`` vectors per token.
+    """
+
+    W_E: Float[Tensor, "d_vocab d_model"]
+    norm: Literal["LN", "RMS", "none"] = "none"
+    w: Float[Tensor, " d_model"] | None = None
+    b: Float[Tensor, " d_model"] | None = None
+    eps: float = 0.0
+
+    @classmethod
+    def for_model(cls, model: Any, spec: ModelSpec) -> Vocab:
+        ln = spec.embed_ln
+        norm = "none" if ln is None else ("RMS" if ln.rms else "LN")
+        return cls(
+            _adapters.embedding_matrix(model),
+            norm,
+            ln and ln.w,
+            ln and ln.b,
+            _adapters.norm_eps(model),
+        )
+
+    def scores(
+        self, q: Float[Tensor, "n d_model"], offsets: Float[Tensor, "n d_model"], distance: Distance
+    ) -> Float[Tensor, "n d_vocab"]:
+        """Higher is nearer: ``cos(q, c_v)``, or ``-||q - c_v||^2 + ||q||^2``."""
+        dt = q.dtype
+        W, r = self.W_E.to(dt), offsets.to(dt)
+        if self.norm == "LN":
+            W, r = W - W.mean(-1, keepdim=True), r - r.mean(-1, keepdim=True)
+        g = torch.ones_like(r[0]) if self.w is None else self.w.to(dt)
+        b = torch.zeros_like(r[0]) if self.b is None else self.b.to(dt)
+        zz = (W * W).sum(-1) + 2 * r @ W.T + (r * r).sum(-1, keepdim=True)  # ||W_v + r||^2
+        sigma = (zz / W.shape[1] + self.eps).sqrt() if self.norm != "none" else torch.ones_like(zz)
+        qc = ((q * g) @ W.T + ((q * g) * r).sum(-1, keepdim=True)) / sigma + (q * b).sum(-1, True)
+        gz2 = ((g * W) ** 2).sum(-1) + 2 * (g * g * r) @ W.T + ((g * r) ** 2).sum(-1, True)
+        gzb = (g * b) @ W.T + ((g * b) * r).sum(-1, keepdim=True)
+        cc = gz2 / sigma**2 + 2 * gzb / sigma + (b * b).sum()
+        return qc / cc.clamp_min(1e-30).sqrt() if distance == "cosine" else 2 * qc - cc
+
+
+@dataclass(frozen=True)
+class IdentifiabilityResult:
+    """Identifiability rates per layer, from a map fitted on `train` and scored on `test`.
+
+    Attributes:
+        rates: fraction of test tokens identified at each layer of `layers`
+            (default layers ``0..n_layers``, so ``rates[l]`` is layer ``l``).
+        layers: 0 is the layer-0 input itself, ``l >= 1`` the output of block ``l - 1``.
+        correct: per test token and layer, whether it was identified.
+        token_ids, positions, sequences: each test token's id, position, and corpus index.
+        maps: the fitted ``g_l: e^l -> e^0``, one module per layer (identity for naive).
+        cross: ``cross[a, b]``: rate of the map fitted on ``layers[a]`` applied to
+            ``layers[b]`` (computed with ``cross_layer=True``).
+        train, test: corpus indices of the two splits.
+    """
+
+    rates: Float[Tensor, " layer"]
+    layers: tuple[int, ...]
+    correct: Bool[Tensor, "layer token"]
+    token_ids: Int[Tensor, " token"]
+    positions: Int[Tensor, " token"]
+    sequences: Int[Tensor, " token"]
+    maps: tuple[nn.Module, ...]
+    mapping: str
+    distance: str
+    lookup: str
+    cross: Float[Tensor, "layer layer"] | None = None
+    train: tuple[int, ...] = ()
+    test: tuple[int, ...] = ()
+
+    def rate(self, layer: int) -> float:
+        """The identifiability rate at `layer` (a layer number, not an index into `rates`)."""
+        return float(self.rates[self.layers.index(layer)])
+
+    def cross_layer(self) -> Float[Tensor, "layer layer"]:
+        """Rates of the map fitted on layer ``layers[a]`` tested on ``layers[b]`` [B Fig. 2b]."""
+        if self.cross is None:
+            raise ValueError("cross-layer rates were not computed: pass cross_layer=True")
+        return self.cross
+
+
+def _nearest_in_sequence(
+    pred: Float[Tensor, "batch pos d_model"],
+    e0: Float[Tensor, "batch pos d_model"],
+    mask: Tensor,
+    distance: Distance,
+) -> Int[Tensor, "batch pos"]:
+    """Position of the nearest layer-0 vector of the same sequence (real keys only)."""
+    if distance == "cosine":
+        unit = functools.partial(nn.functional.normalize, dim=-1)
+        score = unit(pred) @ unit(e0).transpose(1, 2)
+    else:
+        score = -torch.cdist(pred, e0)
+    return score.masked_fill(~mask.bool()[:, None, :], -torch.inf).argmax(-1)
+
+
+def _score(
+    maps: Sequence[nn.Module], x: Tensor, batch: StateBatch, distance: Distance, vocab: Vocab | None
+) -> Tensor:
+    """Whether each real token of `batch` is identified from `x` through each map: [map n]."""
+    m = batch.mask.bool()
+    out = []
+    for g in maps:
+        with torch.no_grad():
+            pred = g(x)
+        if vocab is None:
+            idx = _nearest_in_sequence(pred, batch.e0, batch.mask, distance)
+            out.append((batch.tokens.gather(1, idx) == batch.tokens)[m])
+        else:
+            assert batch.offsets is not None
+            q, r, ids = pred[m], batch.offsets[m], batch.tokens[m]
+            hits = [
+                vocab.scores(qc, rc, distance).argmax(-1) == ic
+                for qc, rc, ic in zip(q.split(256), r.split(256), ids.split(256), strict=True)
+            ]
+            out.append(torch.cat(hits))
+    return torch.stack(out)
+
+
+def identifiability_from_states(
+    train: Iterable[StateBatch],
+    test: Iterable[StateBatch],
+    layers: Sequence[int],
+    *,
+    mapping: Mapping = "linear",
+    distance: Distance = "cosine",
+    vocab: Vocab | None = None,
+    cross_layer: bool = False,
+    seed: int = 0,
+    max_mlp_tokens: int = 20_000,
+) -> IdentifiabilityResult:
+    """Fit ``g_l: e^l -> e^0`` on the `train` batches, score the `test` batches.
+
+    For hidden states gathered elsewhere; `token_identifiability` gathers them from a model.
+    Each iterable is read once. `vocab` switches to the vocabulary lookup.
+    """
+    maps = fit_maps(train, len(layers), mapping, distance, seed, max_mlp_tokens)
+    correct, ids, pos, seqs, cross = [], [], [], [], None
+    for batch in test:
+        if vocab is not None and batch.offsets is None:
+            raise ValueError("lookup='vocab' needs StateBatch.offsets")
+        m = batch.mask.bool()
+        correct.append(
+            torch.cat(
+                [
+                    _score(maps[k : k + 1], batch.states[k], batch, distance, vocab)
+                    for k in range(len(layers))
+                ]
+            )
+        )
+        if cross_layer:
+            hits = torch.stack(
+                [_score(maps, x, batch, distance, vocab).sum(-1) for x in batch.states], 1
+            )
+            cross = hits if cross is None else cross + hits
+        ids.append(batch.tokens[m])
+        pos.append(torch.arange(m.shape[1], device=m.device).expand_as(m)[m])
+        s = batch.sequences if batch.sequences is not None else torch.arange(m.shape[0])
+        seqs.append(s.to(m.device)[:, None].expand_as(m)[m])
+    if not correct:
+        raise ValueError("the test split holds no tokens")
+    hit = torch.cat(correct, 1)
+    n = hit.shape[1]
+    return IdentifiabilityResult(
+        rates=hit.double().mean(1),
+        layers=tuple(layers),
+        correct=hit,
+        token_ids=torch.cat(ids),
+        positions=torch.cat(pos),
+        sequences=torch.cat(seqs),
+        maps=maps,
+        mapping=mapping,
+        distance=distance,
+        lookup="sequence" if vocab is None else "vocab",
+        cross=None if cross is None else cross.double() / n,
+    )
+
+
+def _capture(store: dict[str, Tensor], site: str, tensor: Tensor, *, hook: Any) -> None:
+    store[site] = tensor
+
+
+def _gather(
+    model: Any,
+    spec: ModelSpec,
+    corpus: Sequence[str],
+    order: Sequence[int],
+    layers: Sequence[int],
+    batch_size: int,
+    vocab: bool,
+    bar: Any,
+) -> Iterator[StateBatch]:
+    """Hidden states of `corpus[order]`, a batch at a time; the run stops at the deepest layer."""
+    sites = [spec.layer0] + [spec.blocks[L - 1].out for L in layers if L > 0]
+    embeds = [h for _, h in spec.embeds] if vocab else []
+    W_E = _adapters.embedding_matrix(model) if vocab else None
+    device = _adapters.model_device(model)
+    for start in range(0, len(order), batch_size):
+        idx = list(order[start : start + batch_size])
+        tokens, mask = _adapters.tokenize(model, [corpus[i] for i in idx], encoder=not spec.causal)
+        if tokens.shape[1] > spec.n_ctx:
+            raise ValueError(
+                f"a sequence has {tokens.shape[1]} tokens; the context is {spec.n_ctx}"
+            )
+        tokens, mask = tokens.to(device), mask.to(device)
+        got: dict[str, Tensor] = {}
+        hooks = [(s, functools.partial(_capture, got, s)) for s in dict.fromkeys(sites + embeds)]
+        with torch.no_grad():
+            _adapters.run_with_hooks(model, tokens, mask, hooks, stop_after=sites[-1])
+        e0 = got[spec.layer0]
+        states = torch.stack([e0 if L == 0 else got[spec.blocks[L - 1].out] for L in layers])
+        offsets = None if W_E is None else sum(got[h] for h in embeds) - W_E[tokens]
+        yield StateBatch(tokens, mask, e0, states, offsets, torch.tensor(idx, device=device))
+        bar.update(len(idx))
+
+
+def _check(
+    spec: ModelSpec,
+    corpus: Sequence[str],
+    layers: Sequence[int] | None,
+    options: dict[str, tuple[str, tuple[str, ...]]],
+    test_fraction: float,
+) -> tuple[int, ...]:
+    for name, (value, allowed) in options.items():
+        if value not in allowed:
+            raise ValueError(f"{name} must be one of {allowed}, not {value!r}")
+    if isinstance(corpus, str) or len(corpus) == 0:
+        raise ValueError("the corpus is empty (or a single string): pass a list of texts")
+    layers = tuple(range(spec.n_layers + 1)) if layers is None else tuple(layers)
+    bad = [L for L in layers if not 0 <= L <= spec.n_layers]
+    if bad or not layers:
+        raise ValueError(
+            f"layer {bad[:1] or 'list empty'} out of range: layers run 0 (the "
+            f"layer-0 input) to {spec.n_layers} (the last block's output)"
+        )
+    if not 0 < test_fraction < 1:
+        raise ValueError(f"test_fraction must be strictly between 0 and 1, not {test_fraction}")
+    return layers
+
+
+def _split(
+    corpus: Sequence[str], test_fraction: float, seed: int, mapping: str
+) -> tuple[list[int], list[int]]:
+    """Random split by sequence; each side sorted by length, which keeps padding low."""
+    n = len(corpus)
+    n_test = max(1, round(n * test_fraction))
+    need = 10 if mapping == "mlp" else 1
+    if n - n_test < need:
+        raise ValueError(
+            f"a corpus of {n} sequence(s) is too short for the split: "
+            f"{n_test} test and at least {need} training sequence(s) are needed"
+        )
+    perm = torch.randperm(n, generator=torch.Generator().manual_seed(seed)).tolist()
+    by_length = functools.partial(sorted, key=lambda i: len(corpus[i]))
+    return by_length(perm[n_test:]), by_length(perm[:n_test])
+
+
+def token_identifiability(
+    model: Any,
+    corpus: Sequence[str],
+    *,
+    mapping: Mapping = "linear",
+    distance: Distance = "cosine",
+    lookup: Lookup = "sequence",
+    layers: Sequence[int] | None = None,
+    seed: int = 0,
+    test_fraction: float = 0.2,
+    batch_size: int = 32,
+    cross_layer: bool = False,
+    max_mlp_tokens: int = 20_000,
+    progress: bool = True,
+) -> IdentifiabilityResult:
+    """How often each layer's hidden vector still identifies its input token.
+
+    A map ``g_l: e^l -> e^0`` is fitted on a random ``1 - test_fraction`` of the sequences;
+    a test token is identified when the nearest candidate to ``g_l(e_t^l)`` has its token id.
+
+    Args:
+        model: a TransformerBridge, HookedTransformer or HookedEncoder.
+        corpus: texts, one sequence each (the split is by sequence).
+        mapping: ``naive`` (identity), ``linear`` (least squares with bias, closed form) or
+            ``mlp`` (one hidden layer; Adam; early stopping on every 10th training sequence;
+            trained with the loss of `distance`).
+        distance: ``cosine`` or ``l2`` for the nearest-neighbour lookup.
+        lookup: among the layer-0 vectors of the token's own sequence (``sequence``) or of
+            every vocabulary item at the token's position (``vocab``; costs ``d_vocab`` dot
+            products per token and layer).
+        layers: 0 (the layer-0 input) to ``n_layers``; default all.
+        seed: seeds the split and the MLP.
+        test_fraction: share of sequences held out for scoring.
+        batch_size: sequences per forward pass (memory is per batch, not per corpus).
+        cross_layer: also score every map on every layer (`IdentifiabilityResult.cross_layer`).
+        max_mlp_tokens: training tokens the MLP map keeps in memory.
+        progress: show a progress bar over the corpus.
+
+    Example:
+        >>> from tl_decomp.models import tiny_model
+        >>> model = tiny_model("bert", dtype=torch.float64)
+        >>> corpus = ["the cat sat on the mat .", "a dog ran", "the big dog is on a mat",
+        ...           "a cat and a dog sat", "the mat is big ."]
+        >>> res = token_identifiability(model, corpus, mapping="naive", progress=False)
+        >>> res.layers, res.rate(0)
+        ((0, 1, 2, 3), 1.0)
+    """
+    spec = _adapters.model_spec(model)
+    layers = _check(
+        spec,
+        corpus,
+        layers,
+        {
+            "mapping": (mapping, ("naive", "linear", "mlp")),
+            "distance": (distance, ("cosine", "l2")),
+            "lookup": (lookup, ("sequence", "vocab")),
+        },
+        test_fraction,
+    )
+    train, test = _split(corpus, test_fraction, seed, mapping)
+    vocab = Vocab.for_model(model, spec) if lookup == "vocab" else None
+    total = len(test) + (len(train) if mapping != "naive" else 0)
+    with tqdm(total=total, disable=not progress, desc="sequences") as bar:
+        gather = functools.partial(
+            _gather,
+            model,
+            spec,
+            corpus,
+            layers=layers,
+            batch_size=batch_size,
+            vocab=vocab is not None,
+            bar=bar,
+        )
+        result = identifiability_from_states(
+            gather(train) if mapping != "naive" else iter(()),
+            gather(test),
+            layers,
+            mapping=mapping,
+            distance=distance,
+            vocab=vocab,
+            cross_layer=cross_layer,
+            seed=seed,
+            max_mlp_tokens=max_mlp_tokens,
+        )
+    return replace(result, train=tuple(train), test=tuple(test))
+
+
+__all__ = [
+    "IdentifiabilityResult",
+    "StateBatch",
+    "Vocab",
+    "identifiability_from_states",
+    "token_identifiability",
+]
