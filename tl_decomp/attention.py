@@ -1,0 +1,505 @@
+"""Effective attention (Brunner et al., ICLR 2020, section 3) as a cache post-processor.
+
+A head writes ``A T`` with ``T = V W_O`` (one output vector per key). Once there are more keys
+than ``rank(T) <= d_head``, any ``A + N`` with the rows of ``N`` in the left null space of
+``T`` writes the same output, so only ``A_eff = A P`` is identifiable, ``P = T T^+`` being the
+projector onto the column space of ``T`` in key space (SPEC section 2).
+
+Each query row is projected onto the keys it may see: all valid keys of its example
+(bidirectional), or the valid keys up to itself (causal; the full ``T`` would leak future
+keys). Nothing is shared across examples, heads or rows: not a rank, not a tolerance.
+
+This is not TransformerLens 4.x's ``compute_ssm_effective_attention``, the implicit attention
+matrix of state-space layers: a different concept under a similar name.
+"""
+
+from __future__ import annotations
+
+import unicodedata
+from collections.abc import Iterator, Sequence
+from dataclasses import dataclass
+from typing import Any
+
+import einops
+import torch
+from jaxtyping import Float, Int, Shaped
+from torch import Tensor
+
+from tl_decomp import _adapters
+from tl_decomp._adapters import ModelSpec
+from tl_decomp._projection import causal, full_projection, serial
+
+
+@dataclass(frozen=True)
+class _Options:
+    value_bias: bool = True
+    preserve_row_sums: bool = False
+    rtol: float | None = None
+    dtype: torch.dtype = torch.float64
+
+
+def effective_attention(
+    cache: Any,
+    layer: int,
+    *,
+    model: Any = None,
+    attention_mask: Shaped[Tensor, "batch pos"] | None = None,
+    value_bias: bool = True,
+    preserve_row_sums: bool = False,
+    rtol: float | None = None,
+    dtype: torch.dtype = torch.float64,
+) -> Float[Tensor, "batch head_index query_pos key_pos"]:
+    """The identifiable part of ``cache["pattern", layer]``: ``A_eff = A P``, row by row.
+
+    Guarantees ``A_eff @ T == A @ T`` (the head's output is unchanged), ``A_eff == A`` on
+    every row that sees no more keys than ``rank(T)``, ``A_eff @ P == A_eff``, and zeros at
+    masked keys, padded queries and (causal models) future keys. ``A`` on masked keys is
+    ignored. Agrees with one SVD of ``T`` per row to rounding (``eps * cond(T)``).
+
+    Args:
+        cache: an ``ActivationCache`` holding ``hook_pattern`` and ``hook_v`` of `layer`
+            (``names_filter=tl_decomp.model_spec(model).names_filter(attention=True)``).
+        layer: block index (negative counts from the end).
+        model: the model the cache came from; read from the cache when it records it.
+        attention_mask: the 1/0 mask the model ran with; None means no padding.
+        value_bias: ``T`` from ``hook_v`` as the model computed it (with ``b_V``); False uses
+            ``V - b_V``, the paper's bias-free ``X W_V W_O``.
+        preserve_row_sums: project onto the column space of ``[T, 1]``: rows still sum to 1
+            and the head's output including ``b_V`` is preserved.
+        rtol: singular values of ``T`` at most ``rtol * sigma_max`` count as zero. Default
+            per row: ``eps(dtype) * max(keys, d_model)``, what ``torch.linalg.matrix_rank``
+            uses on that row's ``T`` (``keys x d_model``).
+        dtype: compute and output dtype.
+
+    Example:
+        >>> from tl_decomp.models import tiny_model
+        >>> model = tiny_model("gpt2", dtype=torch.float64)  # causal, d_head 8
+        >>> names = _adapters.model_spec(model).names_filter(attention=True)
+        >>> _, cache = model.run_with_cache(torch.arange(5, 17)[None], names_filter=names)
+        >>> a, a_eff = cache["pattern", 0], effective_attention(cache, 0)
+        >>> bool(torch.equal(a_eff[:, :, :8], a[:, :, :8]))  # rows that see <= 8 keys
+        True
+        >>> bool((a_eff - a).abs().max() > 1e-3)
+        True
+    """
+    _, spec = _source(cache, model)
+    L = _layer_index(spec, layer)
+    _check_cache(cache, spec, [L])
+    options = _Options(value_bias, preserve_row_sums, rtol, dtype)
+    return _layer(cache, spec, L, attention_mask, options)
+
+
+def effective_attention_layers(
+    cache: Any,
+    layers: Sequence[int] | None = None,
+    *,
+    model: Any = None,
+    attention_mask: Shaped[Tensor, "batch pos"] | None = None,
+    value_bias: bool = True,
+    preserve_row_sums: bool = False,
+    rtol: float | None = None,
+    dtype: torch.dtype = torch.float64,
+) -> Float[Tensor, "n_layers batch head_index query_pos key_pos"]:
+    """`effective_attention` of several layers (all by default), stacked like
+    ``cache.stack_activation("pattern")``."""
+    _, spec = _source(cache, model)
+    Ls = _layers(spec, layers)
+    _check_cache(cache, spec, Ls)
+    opts = _Options(value_bias, preserve_row_sums, rtol, dtype)
+    first = _layer(cache, spec, Ls[0], attention_mask, opts)
+    out = first.new_empty(len(Ls), *first.shape)
+    out[0] = first
+    for i, L in enumerate(Ls[1:], 1):
+        out[i] = _layer(cache, spec, L, attention_mask, opts)
+    return out
+
+
+@dataclass(frozen=True)
+class NullSpace:
+    """How much of each head's attention is not identifiable, per layer, example and head.
+
+    Attributes:
+        layers: block indices, aligned with the first axis.
+        n_keys: valid keys per example.
+        rank: ``rank(T)`` over the example's valid keys (tolerance as in `effective_attention`).
+        null_dim: ``n_keys - rank``, the dimension of the left null space of ``T``.
+        relative_norm: ``||A - A_eff||_F / ||A||_F`` over the example's valid entries.
+    """
+
+    layers: tuple[int, ...]
+    n_keys: Int[Tensor, " batch"]
+    rank: Int[Tensor, "n_layers batch head_index"]
+    null_dim: Int[Tensor, "n_layers batch head_index"]
+    relative_norm: Float[Tensor, "n_layers batch head_index"]
+
+    def rows(self) -> list[dict[str, Any]]:
+        """One row per layer and head, averaged over examples (``pandas.DataFrame(rows)``)."""
+        mean = lambda t: t.double().nanmean(0).tolist()  # noqa: E731
+        return [
+            dict(layer=L, head=h, rank=r, null_dim=d, relative_norm=n)
+            for i, L in enumerate(self.layers)
+            for h, (r, d, n) in enumerate(
+                zip(
+                    *map(mean, (self.rank[i], self.null_dim[i], self.relative_norm[i])), strict=True
+                )
+            )
+        ]
+
+
+def attention_null_space(
+    cache: Any,
+    layers: Sequence[int] | None = None,
+    *,
+    model: Any = None,
+    attention_mask: Shaped[Tensor, "batch pos"] | None = None,
+    value_bias: bool = True,
+    preserve_row_sums: bool = False,
+    rtol: float | None = None,
+    dtype: torch.dtype = torch.float64,
+) -> NullSpace:
+    """Per head: ``rank(T)``, the null-space dimension, and ``||A - A_eff||_F / ||A||_F``.
+
+    Options as in `effective_attention`.
+
+    Example:
+        >>> from tl_decomp.models import tiny_model
+        >>> model = tiny_model("bert", dtype=torch.float64)  # bidirectional, d_head 8
+        >>> names = _adapters.model_spec(model).names_filter(attention=True)
+        >>> _, cache = model.run_with_cache(torch.arange(5, 17)[None], names_filter=names)
+        >>> ns = attention_null_space(cache, [0])
+        >>> ns.n_keys.tolist(), ns.rank.tolist(), ns.null_dim.tolist()
+        ([12], [[[8, 8, 8, 8]]], [[[4, 4, 4, 4]]])
+    """
+    _, spec = _source(cache, model)
+    Ls = _layers(spec, layers)
+    _check_cache(cache, spec, Ls)
+    opts = _Options(value_bias, preserve_row_sums, rtol, dtype)
+    ranks, norms = [], []
+    for L in Ls:
+        a = cache[spec.blocks[L].pattern].to(dtype)
+        mask = _mask(a, attention_mask)
+        a = a * _allowed(mask, spec.causal)
+        u = _values(cache, spec, L, mask, opts)
+        with serial():
+            ranks.append(full_projection(u, mask, _rtol(opts, spec, mask.sum(-1)))[2])
+        diff = (a - _layer(cache, spec, L, mask, opts)).flatten(2).norm(dim=-1)
+        norms.append(diff / a.flatten(2).norm(dim=-1))
+    n_keys = _mask(cache[spec.blocks[Ls[0]].pattern], attention_mask).sum(-1)
+    rank = torch.stack(ranks)
+    return NullSpace(tuple(Ls), n_keys, rank, n_keys[:, None] - rank, torch.stack(norms))
+
+
+# -- corpus analyses [B, Fig. 1] --------------------------------------------------------------
+@dataclass(frozen=True)
+class AttentionCorrelation:
+    """Pearson r between raw and effective attention per text, layer and head.
+
+    r runs over every entry a query may attend to (valid keys; causal: up to itself), and
+    is NaN where a pattern is constant (one-token texts). ``r[i]`` belongs to ``texts[i]``.
+    """
+
+    layers: tuple[int, ...]
+    lengths: Int[Tensor, " seq"]
+    r: Float[Tensor, "seq n_layers head_index"]
+
+    def by_length(
+        self, edges: Sequence[int] = (8, 16, 32, 48, 64, 96, 128, 192, 256, 512)
+    ) -> list[dict[str, Any]]:
+        """One row per length bin ``lo < tokens <= hi``: r over texts, layers and heads."""
+        bounds = [0, *edges, None]
+        rows = []
+        for lo, hi in zip(bounds[:-1], bounds[1:], strict=True):
+            pick = (self.lengths > lo) & (self.lengths <= (hi or self.lengths.max()))
+            r = self.r[pick].flatten()
+            r = r[~r.isnan()]
+            if r.numel():
+                q = torch.quantile(r, torch.tensor([0.25, 0.5, 0.75], dtype=r.dtype)).tolist()
+                rows.append(
+                    dict(
+                        tokens=f"{lo + 1}-{hi or ''}",
+                        texts=int(pick.sum()),
+                        mean=r.mean().item(),
+                        q25=q[0],
+                        median=q[1],
+                        q75=q[2],
+                    )
+                )
+        return rows
+
+
+def attention_correlation(
+    model: Any,
+    texts: Sequence[str],
+    *,
+    layers: Sequence[int] | None = None,
+    batch_size: int = 16,
+    value_bias: bool = True,
+    preserve_row_sums: bool = False,
+    rtol: float | None = None,
+    dtype: torch.dtype = torch.float64,
+) -> AttentionCorrelation:
+    """Correlation of raw and effective attention, to be read by length [B, Fig. 1a].
+
+    Brunner et al. (BERT-base, d_head 64): r is about 1 up to 64 tokens and about 0.5 at
+    100. Texts run in batches of similar length; options as in `effective_attention`.
+
+    Example:
+        >>> from tl_decomp.models import tiny_model
+        >>> corr = attention_correlation(tiny_model("bert"), ["the cat sat", "a " * 20])
+        >>> corr.lengths.tolist(), tuple(corr.r.shape)  # d_head 8: the first is exact
+        ([5, 22], (2, 3, 4))
+        >>> [(row["tokens"], round(row["median"], 6)) for row in corr.by_length((8,))]
+        [('1-8', 1.0), ('9-', ...)]
+    """
+    spec, Ls = _spec_layers(model, layers)
+    opts = _Options(value_bias, preserve_row_sums, rtol, dtype)
+    lengths = torch.zeros(len(texts), dtype=torch.long)
+    r = torch.full((len(texts), len(Ls), spec.n_heads), torch.nan, dtype=dtype)
+    for index, _, mask, cache in _corpus(model, spec, texts, batch_size):
+        lengths[index] = mask.sum(-1)
+        allowed = _allowed(mask, spec.causal)
+        for i, L in enumerate(Ls):
+            a = cache[spec.blocks[L].pattern].to(dtype) * allowed
+            r[index, i] = _pearson(a, _layer(cache, spec, L, mask, opts), allowed).cpu()
+    return AttentionCorrelation(tuple(Ls), lengths, r)
+
+
+@dataclass(frozen=True)
+class SpecialTokenAttention:
+    """Mean attention a query gives to each kind of key token, per layer (averaged over
+    queries, heads and texts): raw and effective.
+
+    Attributes:
+        categories: ``[CLS]``/``[SEP]`` (encoders) or ``BOS`` (decoders), ``punctuation``
+            (tokens made only of Unicode punctuation), ``other``.
+        raw, effective: attention mass on each category; raw rows sum to 1 over categories.
+        tokens: how many key tokens of each category the texts held.
+    """
+
+    layers: tuple[int, ...]
+    categories: tuple[str, ...]
+    raw: Float[Tensor, "n_layers category"]
+    effective: Float[Tensor, "n_layers category"]
+    tokens: Int[Tensor, " category"]
+
+    def rows(self) -> list[dict[str, Any]]:
+        """One row per layer: ``raw <category>`` and ``effective <category>`` columns."""
+        return [
+            {"layer": L}
+            | {f"raw {c}": self.raw[i, j].item() for j, c in enumerate(self.categories)}
+            | {f"effective {c}": self.effective[i, j].item() for j, c in enumerate(self.categories)}
+            for i, L in enumerate(self.layers)
+        ]
+
+
+def special_token_attention(
+    model: Any,
+    texts: Sequence[str],
+    *,
+    layers: Sequence[int] | None = None,
+    batch_size: int = 16,
+    value_bias: bool = True,
+    preserve_row_sums: bool = False,
+    rtol: float | None = None,
+    dtype: torch.dtype = torch.float64,
+) -> SpecialTokenAttention:
+    """Attention on ``[CLS]``, ``[SEP]``/BOS and punctuation per layer, raw vs effective.
+
+    Brunner et al. (Fig. 1b/c, BERT-base): raw attention on ``[SEP]`` is about 0.5 in the
+    middle layers, effective attention on it at most 0.1. Options as in `effective_attention`.
+
+    Example:
+        >>> from tl_decomp.models import tiny_model
+        >>> st = special_token_attention(tiny_model("bert"), ["the cat sat .", "a dog ran"])
+        >>> st.categories, st.tokens.tolist()
+        (('[CLS]', '[SEP]', 'punctuation', 'other'), [2, 2, 1, 6])
+        >>> bool(torch.allclose(st.raw.sum(-1), torch.ones(3, dtype=torch.float64)))
+        True
+    """
+    spec, Ls = _spec_layers(model, layers)
+    opts = _Options(value_bias, preserve_row_sums, rtol, dtype)
+    names, special = _categories(model, spec)
+    raw, eff = torch.zeros(2, len(Ls), len(names), dtype=dtype)
+    seen, queries = torch.zeros(len(names), dtype=torch.long), 0
+    for _, tokens, mask, cache in _corpus(model, spec, texts, batch_size):
+        kind = _categorise(model, tokens, special, len(names))
+        onehot = torch.nn.functional.one_hot(kind, len(names)).to(dtype) * mask[..., None]
+        seen += onehot.sum((0, 1)).long().cpu()
+        queries += int(mask.sum()) * spec.n_heads
+        allowed = _allowed(mask, spec.causal)
+        for i, L in enumerate(Ls):
+            a = cache[spec.blocks[L].pattern].to(dtype) * allowed
+            raw[i] += einops.einsum(a, onehot, "b h q k, b k c -> c").cpu()
+            eff[i] += einops.einsum(
+                _layer(cache, spec, L, mask, opts), onehot, "b h q k, b k c -> c"
+            ).cpu()
+    return SpecialTokenAttention(tuple(Ls), names, raw / queries, eff / queries, seen)
+
+
+def _corpus(
+    model: Any, spec: ModelSpec, texts: Sequence[str], batch_size: int
+) -> Iterator[tuple[Tensor, Tensor, Tensor, Any]]:
+    """Texts in batches of similar length: (their indices, tokens, bool mask, cache)."""
+    tokens, mask = _adapters.tokenize(model, list(texts), encoder=not spec.causal)
+    if tokens.shape[1] > spec.n_ctx:
+        raise ValueError(
+            f"a text has {tokens.shape[1]} tokens; the model's context is {spec.n_ctx}"
+        )
+    lengths = mask.sum(-1)
+    device = _adapters.model_device(model)
+    for index in lengths.argsort(stable=True).split(batch_size):
+        width = int(lengths[index].max())
+        t, m = tokens[index, :width].to(device), mask[index, :width].to(device)
+        yield (
+            index,
+            t,
+            m.bool(),
+            _adapters.run_with_cache(model, t, m, spec.names_filter(attention=True)),
+        )
+
+
+def _pearson(a: Tensor, b: Tensor, allowed: Tensor) -> Tensor:
+    w = allowed.to(a.dtype)
+    count = w.sum((-2, -1))
+    da = (a - (a * w).sum((-2, -1), keepdim=True) / count[..., None, None]) * w
+    db = (b - (b * w).sum((-2, -1), keepdim=True) / count[..., None, None]) * w
+    cov = (da * db).sum((-2, -1))
+    return cov / (da.square().sum((-2, -1)) * db.square().sum((-2, -1))).sqrt()
+
+
+def _categories(model: Any, spec: ModelSpec) -> tuple[tuple[str, ...], dict[int, int]]:
+    tok = model.tokenizer
+    if tok is None:
+        raise ValueError("the model has no tokenizer: token categories need one")
+    named = (
+        [("BOS", tok.bos_token_id)]
+        if spec.causal
+        else [("[CLS]", tok.cls_token_id), ("[SEP]", tok.sep_token_id)]
+    )
+    named = [(name, i) for name, i in named if i is not None]
+    names = (*(name for name, _ in named), "punctuation", "other")
+    return names, {i: c for c, (_, i) in enumerate(named)}
+
+
+def _categorise(model: Any, tokens: Tensor, special: dict[int, int], n: int) -> Tensor:
+    """Category index per token: a special token, punctuation (n - 2) or other (n - 1)."""
+    kind = {}
+    for i in tokens.unique().tolist():
+        text = model.tokenizer.decode([i]).strip()
+        punct = bool(text) and all(unicodedata.category(ch).startswith("P") for ch in text)
+        kind[i] = special.get(i, n - 2 if punct else n - 1)
+    return tokens.cpu().apply_(kind.__getitem__).to(tokens.device)
+
+
+# -- the projection ---------------------------------------------------------------------------
+def _layer(cache: Any, spec: ModelSpec, L: int, mask_arg: Tensor | None, opts: _Options) -> Tensor:
+    a = cache[spec.blocks[L].pattern].to(opts.dtype)
+    mask = _mask(a, mask_arg)
+    u = _values(cache, spec, L, mask, opts)  # masked keys are zero rows: outside every span
+    allowed = _allowed(mask, spec.causal)
+    a = a * allowed
+    with serial():
+        if spec.causal:  # row t's tolerance counts the valid keys it sees
+            rtol = _rtol(opts, spec, mask.cumsum(-1))[:, None].expand(u.shape[:-1])
+            return causal(u, a, mask, rtol).mul_(allowed)
+        f, exact, _ = full_projection(u, mask, _rtol(opts, spec, mask.sum(-1)))
+        q = u @ f  # orthonormal basis of col(U): P = q q^T
+        return torch.where(exact[..., None, None], a, ((a @ q) @ q.mT).mul_(allowed))
+
+
+# -- inputs -----------------------------------------------------------------------------------
+def _values(cache: Any, spec: ModelSpec, L: int, mask: Tensor, opts: _Options) -> Tensor:
+    """U with ``U U'^T = T T'^T`` for ``T = V W_O``: the same column space and singular
+    values in ``min(d_head, d_model)`` columns (``W_O = F Q^T`` with Q orthonormal)."""
+    blk = spec.blocks[L]
+    v = cache[blk.v].to(opts.dtype)
+    if v.shape[2] != spec.n_heads:  # grouped-query attention: each query head's KV head
+        v = v[:, :, list(spec.kv_head)]
+    if not opts.value_bias and blk.b_V is not None:
+        v = v - blk.b_V.to(v)
+    f = torch.linalg.qr(blk.W_O.to(v).mT, mode="r").R.mT
+    u = einops.einsum(v, f, "b p h dh, h dh k -> b h p k")
+    if opts.preserve_row_sums:
+        u = torch.cat([u, torch.ones_like(u[..., :1])], dim=-1)
+    return u * mask[:, None, :, None]
+
+
+def _rtol(opts: _Options, spec: ModelSpec, keys: Tensor) -> Tensor:
+    """The relative rank tolerance for a T of `keys` rows."""
+    if opts.rtol is not None:
+        return torch.full(keys.shape, float(opts.rtol), dtype=opts.dtype, device=keys.device)
+    width = spec.d_model + opts.preserve_row_sums
+    return torch.finfo(opts.dtype).eps * keys.clamp_min(width).to(opts.dtype)
+
+
+def _allowed(mask: Tensor, causal: bool) -> Tensor:
+    """``[batch 1 query key]``: the entries a query may attend to."""
+    allowed = mask[:, None, :, None] & mask[:, None, None, :]
+    return allowed.tril() if causal else allowed
+
+
+def _mask(a: Tensor, mask: Tensor | None) -> Tensor:
+    B, _, n, _ = a.shape
+    if mask is not None:
+        if tuple(mask.shape) != (B, n):
+            raise ValueError(
+                f"attention_mask has shape {tuple(mask.shape)}; the pattern needs "
+                f"[batch pos] = {[B, n]}"
+            )
+        return mask.to(a.device).bool()
+    unseen = (a == 0).all(1).all(1)
+    if unseen.any():
+        b, p = unseen.nonzero()[0].tolist()
+        raise ValueError(
+            f"key {p} of example {b} gets no attention from any query or head: "
+            "the batch looks padded; pass the attention_mask it ran with"
+        )
+    return torch.ones(B, n, dtype=torch.bool, device=a.device)
+
+
+def _source(cache: Any, model: Any) -> tuple[Any, ModelSpec]:
+    source = _adapters.cache_model(cache)
+    if model is None and source is None:
+        raise ValueError("this cache does not record the model it came from: pass model=")
+    if model is not None and source is not None and model is not source:
+        raise ValueError("this cache comes from another model than the one passed")
+    model = source if model is None else model
+    return model, _adapters.model_spec(model)
+
+
+def _layer_index(spec: ModelSpec, layer: int) -> int:
+    if not -spec.n_layers <= layer < spec.n_layers:
+        raise ValueError(f"layer {layer} out of range: the model has {spec.n_layers} blocks")
+    return layer % spec.n_layers
+
+
+def _layers(spec: ModelSpec, layers: Sequence[int] | None) -> list[int]:
+    return [_layer_index(spec, L) for L in (range(spec.n_layers) if layers is None else layers)]
+
+
+def _spec_layers(model: Any, layers: Sequence[int] | None) -> tuple[ModelSpec, list[int]]:
+    spec = _adapters.model_spec(model)
+    return spec, _layers(spec, layers)
+
+
+def _check_cache(cache: Any, spec: ModelSpec, layers: Sequence[int]) -> None:
+    keys = set(cache.keys())
+    missing = [h for h in spec.hooks(layers, attention=True) if h not in keys]
+    if missing:
+        raise ValueError(
+            f"the cache lacks {missing[:4]}{' ...' if len(missing) > 4 else ''}, which "
+            "effective attention reads; cache them with model.run_with_cache(tokens, "
+            "names_filter=tl_decomp.model_spec(model).names_filter(attention=True))"
+        )
+
+
+__all__ = [
+    "AttentionCorrelation",
+    "NullSpace",
+    "SpecialTokenAttention",
+    "attention_correlation",
+    "attention_null_space",
+    "effective_attention",
+    "effective_attention_layers",
+    "special_token_attention",
+]
