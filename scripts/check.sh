@@ -26,6 +26,22 @@ pytest_line() {  # $1: venv directory; pytest's exit code 5 (nothing collected) 
   return "$rc"
 }
 
+# --- headless Chromium for the report's browser tests (tests/test_report.py) -------------
+# Debian's package; installed when missing (root, or password-less sudo). With
+# TL_DECOMP_REQUIRE_BROWSER=1 the browser tests fail, not skip, if Chromium is absent.
+if ! command -v chromium >/dev/null 2>&1; then
+  SUDO=""; [ "$(id -u)" -eq 0 ] || SUDO="sudo -n"
+  if command -v apt-get >/dev/null 2>&1 && { [ -z "$SUDO" ] || sudo -n true 2>/dev/null; }; then
+    echo "== installing chromium (apt-get)"
+    $SUDO env DEBIAN_FRONTEND=noninteractive apt-get update -q
+    $SUDO env DEBIAN_FRONTEND=noninteractive apt-get install -y -q --no-install-recommends \
+      chromium fonts-dejavu-core
+  fi
+fi
+command -v chromium >/dev/null 2>&1 || { echo "check: cannot install chromium" >&2; exit 1; }
+export TL_DECOMP_REQUIRE_BROWSER=1
+# ------------------------------------------------------------------------------------------
+
 first=""
 for tl in $LINES; do
   venv=".venv-tl${tl%%.*}"

