@@ -1,0 +1,254 @@
+"""Probing subsets of factors [M §4-6]: features, splits, probes, tables, the shipped data."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+from conftest import KINDS, cached_model
+from helpers import NoHooksLeft, assert_close
+
+from tl_decomp import corpus, decompose
+from tl_decomp._probes import split
+from tl_decomp.datasets import UNIVERSAL, LabelledWords, as_labelled, load_pos
+from tl_decomp.masked import masked_prediction
+from tl_decomp.probing import SUBSETS, WordFactors, probe_factors, probe_subsets, word_factors
+
+TERMS = ("i", "h", "f", "c")
+WORDS = [["the", "cat", "sat", "on", "the", "mat"], ["a", "dog", "ran", "."]] * 3
+LABELS = [["D", "N", "V", "P", "D", "N"], ["D", "N", "V", "."]] * 3
+
+
+@pytest.fixture(autouse=True, scope="module")
+def one_thread():
+    """Small batched matmuls: one thread avoids OpenMP contention on a shared 2-core box."""
+    before = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(before)
+
+
+def constructed(carrier: str, n: int = 600, d: int = 16, seed: int = 0) -> WordFactors:
+    """Noise in every factor; only `carrier` adds a class-dependent mean (3 balanced classes)."""
+    g = torch.Generator().manual_seed(seed)
+    y = torch.arange(n) % 3
+    x = torch.randn(4, n, d, generator=g)
+    x[TERMS.index(carrier), :, :3] += 3 * torch.nn.functional.one_hot(y, 3)
+    return WordFactors(x, y, ("a", "b", "c"), None, 0.0)
+
+
+# -- probes on constructed data -----------------------------------------------------------
+
+
+@pytest.mark.parametrize(
+    "carrier, probe",
+    [("i", "linear"), ("h", "linear"), ("f", "linear"), ("c", "linear")]
+    + [("h", "mlp"), ("f", "knn")],
+)
+def test_only_subsets_with_the_carrying_factor_beat_chance(carrier, probe):
+    table = probe_factors(constructed(carrier), probe=probe, seeds=3, progress=False)
+    assert table.subsets == SUBSETS and table.chance == pytest.approx(1 / 3)
+    for name, acc, f1 in zip(table.subsets, table.mean(), table.mean("macro_f1"), strict=True):
+        if carrier in name.split("+"):
+            assert acc > 0.6 and f1 > 0.6, name
+        else:
+            assert acc < 0.45 and f1 < 0.45, name
+
+
+@pytest.mark.parametrize("probe", ["linear", "mlp", "knn"])
+def test_same_seed_same_table_and_seeds_are_independent(probe):
+    wf = constructed("h", n=200)
+    kw = dict(probe=probe, subsets=["h", "i+f", "i+h+f+c"], progress=False, max_epochs=5)
+    a = probe_factors(wf, seeds=[3, 4], **kw)
+    b = probe_factors(wf, seeds=[3, 4], **kw)
+    c = probe_factors(wf, seeds=[3], **kw)
+    assert str(a) == str(b)
+    for field in ("accuracy", "macro_f1", "pairwise_agreement"):
+        assert torch.equal(getattr(a, field), getattr(b, field)), field
+    assert torch.equal(a.accuracy[:, :1], c.accuracy)
+    assert a.seeds == (3, 4) and a.accuracy.shape == (3, 2)
+
+
+def test_agreement_matrix():
+    t = probe_factors(constructed("f", n=200), probe="knn", seeds=2, progress=False)
+    m = t.agreement()
+    assert m.shape == (15, 15)
+    assert torch.equal(m.diagonal(), torch.ones(15))
+    assert torch.equal(m, m.T) and bool(((m >= 0) & (m <= 1)).all())
+    # probes that both reach 100% agree everywhere; a chance-level probe cannot.
+    assert m[SUBSETS.index("f"), SUBSETS.index("i")] < 0.6
+
+
+def test_splits_are_80_10_10_by_occurrence_and_follow_the_seed():
+    for n in (10, 11, 257):
+        tr, va, te = split(n, seed=1)
+        assert (len(tr), len(va)) == (round(0.8 * n), round(0.1 * n)) and len(te) >= 1
+        assert sorted(torch.cat([tr, va, te]).tolist()) == list(range(n))
+    assert torch.equal(torch.cat(split(50, 7)), torch.cat(split(50, 7)))
+    assert not torch.equal(torch.cat(split(50, 7)), torch.cat(split(50, 8)))
+
+
+def test_table_renders_mean_and_std_and_plots():
+    t = probe_factors(constructed("h", n=100), probe="knn", seeds=3, progress=False)
+    text = str(t)
+    assert "knn probe, 3 seed(s), 100 words" in text and "chance" in text
+    row = next(line for line in text.splitlines() if line.startswith("h "))
+    mean, std = t.mean()[SUBSETS.index("h")] * 100, t.std()[SUBSETS.index("h")] * 100
+    assert f"{mean:.1f} ± {std:.1f}" in row
+    matplotlib = pytest.importorskip("matplotlib")
+    matplotlib.use("Agg")
+    assert len(t.plot().patches) == 15
+    assert t.plot_agreement().get_images()
+
+
+# -- features from a model ----------------------------------------------------------------
+
+
+@pytest.mark.parametrize("arch, kind", [("bert", k) for k in KINDS] + [("gpt2", "bridge")])
+def test_a_word_is_the_sum_of_its_pieces(arch, kind):
+    model = cached_model(arch, kind)
+    words, labels = [["the", "cat.", "sat"], ["a", "dog"]], [["D", "N", "V"], ["D", "N"]]
+    with NoHooksLeft(model):
+        wf = word_factors(model, (words, labels), progress=False)
+    assert wf.factors.shape == (4, 5, 32) and wf.labels.tolist() == [0, 1, 2, 0, 1]
+    assert wf.max_relative_error < 1e-9
+    d = decompose(model, ["the cat. sat", "a dog"])  # the same texts: words joined by spaces
+    first = 1 if arch == "bert" or model.cfg.default_prepend_bos else 0  # [CLS] / BOS
+    f = d.factors
+    expected = [f[:, 0, first], f[:, 0, first + 1] + f[:, 0, first + 2], f[:, 0, first + 3]]
+    expected += [f[:, 1, first], f[:, 1, first + 1]]
+    assert_close(wf.factors, torch.stack(expected, 1), torch.float64, "word sums")
+
+
+def test_layer_and_labelled_words_input():
+    model = cached_model("bert")
+    wf = word_factors(model, LabelledWords(((("the", "cat"),)), (("D", "N"),)), layer=0,
+                      progress=False)  # fmt: skip
+    d = decompose(model, "the cat", layer=0)
+    assert wf.layer == 0
+    assert_close(wf.factors, d.factors[:, 0, 1:3], torch.float64, "layer 0")
+
+
+def test_probe_subsets_end_to_end_on_a_tiny_model():
+    model = cached_model("bert")
+    with NoHooksLeft(model):
+        t = probe_subsets(model, (WORDS, LABELS), seeds=2, progress=False)
+    assert t.n_occurrences == 30 and t.classes == (".", "D", "N", "P", "V")
+    assert t.accuracy.shape == (15, 2) and t.layer == 2  # BERT: the last block's output
+    assert bool(((t.accuracy >= 0) & (t.accuracy <= 1)).all())
+    assert torch.equal(t.agreement().diagonal(), torch.ones(15))
+
+
+def test_a_word_the_tokenizer_drops_is_named():
+    with pytest.raises(ValueError, match="produced no token") as err:
+        word_factors(cached_model("bert"), ([["the", "\u200b"]], [["D", "X"]]), progress=False)
+    assert r"'\u200b'" in str(err.value)  # the word, named
+
+
+# -- bad input ----------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize(
+    "data, match",
+    [
+        (([["the", "cat"]], [["D"]]), "sentence 0 has 2 words but 1 labels"),
+        (([["a"], ["b"]], [["X"]]), "2 sentences of words but 1 of labels"),
+        (([["the", "cat"]], [["N", "N"]]), "single class"),
+        (([], []), "empty dataset"),
+        (([[]], [[]]), "sentence 0 is empty"),
+        ((["the cat"], [["D", "N"]]), "not a str"),
+        (([["the", " "]], [["D", "N"]]), "empty or non-string word"),
+        ("the cat", "pair"),
+    ],
+)
+def test_bad_datasets_are_refused_before_running_the_model(data, match):
+    model = cached_model("bert")
+    with pytest.raises(ValueError, match=match), NoHooksLeft(model):
+        probe_subsets(model, data, progress=False)
+
+
+def test_bad_options():
+    wf = constructed("h", n=50)
+    with pytest.raises((ValueError, TypeError), match="probe"):  # TypeError: runtime checks
+        probe_factors(wf, probe="svm", progress=False)  # type: ignore[arg-type]
+    with pytest.raises(ValueError, match="bad subset"):
+        probe_factors(wf, subsets=["h+x"], progress=False)
+    with pytest.raises(ValueError, match="no seeds"):
+        probe_factors(wf, seeds=0, progress=False)
+    small = WordFactors(wf.factors[:, :9], wf.labels[:9], wf.classes, None, 0.0)
+    with pytest.raises(ValueError, match="at least 10"):
+        probe_factors(small, progress=False)
+    t = probe_factors(wf, probe="knn", subsets=["h+i", "i+h", "c"], seeds=1, progress=False)
+    assert t.subsets == ("i+h", "c")
+
+
+# -- masked-token prediction --------------------------------------------------------------
+
+
+@pytest.mark.parametrize("kind", KINDS)
+def test_masked_prediction_from_all_factors_is_the_models_own(kind):
+    model = cached_model("bert", kind)
+    texts = ["the cat sat on the mat", "a dog ran .", "the big cat is on a mat"] * 3
+    with NoHooksLeft(model):
+        m = masked_prediction(model, texts, seed=1, batch_size=4, progress=False)
+    assert m.n_masked == 9 and m.subsets == SUBSETS
+    assert m.agreement[-1] == 1.0 and m.accuracy[-1] == m.model_accuracy
+    assert bool(((m.accuracy >= 0) & (m.accuracy <= 1)).all())
+    assert "agrees with model" in str(m)
+
+
+def test_mlm_head_matches_the_models_logits():
+    from tl_decomp import _adapters
+
+    model = cached_model("bert")
+    tokens, mask = _adapters.tokenize(model, ["the cat sat", "a dog"], encoder=True)
+    spec = _adapters.model_spec(model)
+    cache = _adapters.run_with_cache(model, tokens, mask, spec.names_filter())
+    with torch.no_grad():
+        logits = model(tokens, attention_mask=mask)
+    assert_close(_adapters.mlm_logits(model, cache[spec.final]), logits, torch.float64, "head")
+
+
+def test_masked_prediction_needs_an_mlm_head():
+    with pytest.raises(NotImplementedError, match="masked-LM"):
+        masked_prediction(cached_model("gpt2"), ["the cat sat"], progress=False)
+    with pytest.raises(ValueError, match="non-empty"):
+        masked_prediction(cached_model("bert"), [], progress=False)
+
+
+# -- the shipped data ---------------------------------------------------------------------
+
+
+def test_shipped_pos_data_is_the_shipped_corpus_tagged():
+    data = load_pos()
+    assert (len(data), data.n_words) == (2500, 61971)
+    lines = corpus.load_corpus()
+    for words, line in zip(data.words, lines, strict=True):  # words re-join to the line
+        assert "".join(words) == line.replace(" ", "")
+    assert set(data.classes) == set(UNIVERSAL.values())
+    ptb = load_pos(5, tagset="ptb")
+    assert len(ptb) == 5 and {"NNP", "VBD", "DT"} <= set(ptb.classes)
+    words, labels = load_pos(2)
+    assert words[1][:4] == ("It", "was", "Miss", "Taylor")
+    assert as_labelled((words, labels)) == load_pos(2)
+    with pytest.raises((ValueError, TypeError), match="tagset"):
+        load_pos(tagset="upos")  # type: ignore[arg-type]
+
+
+@pytest.mark.bundled
+def test_word_pieces_on_minilm_match_the_tokenizers_own_word_ids():
+    from tl_decomp import load_model
+
+    model = load_model("minilm")
+    data = load_pos(2)
+    wf = word_factors(model, data, progress=False)
+    start = 0
+    for words in data.words:
+        d = decompose(model, " ".join(words))
+        enc = model.tokenizer(list(words), is_split_into_words=True)
+        assert enc["input_ids"] == d.tokens[0].tolist()  # the same pieces, [CLS] ... [SEP]
+        ids = torch.tensor([-1 if w is None else w for w in enc.word_ids()])
+        assert (torch.bincount(ids[ids >= 0]) > 1).any()  # some words have several pieces
+        expected = torch.stack([d.factors[:, 0, ids == k].sum(1) for k in range(len(words))], 1)
+        assert_close(wf.factors[:, start : start + len(words)], expected, torch.float32, "minilm")
+        start += len(words)
+    assert wf.max_relative_error < 1e-4

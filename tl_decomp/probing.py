@@ -1,0 +1,350 @@
+"""Probing subsets of vector factors (Mickus et al., TACL 2022, sections 4-6).
+
+A word occurrence's feature for a subset of ``{i, h, f, c}`` is the sum of those factors,
+summed over the word's word-pieces (the paper's choice). Three probes (multinomial logistic
+regression, a one-hidden-layer MLP, k-NN with k=5 and cosine similarity) are trained on an
+80/10/10 split of the occurrences per seed; the 10% validation split picks the training epoch
+(early stopping), the last 10% is scored. The probes themselves live in `_probes`; masked-token
+prediction from subsets (section 4) in `tl_decomp.masked`.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Hashable, Sequence
+from dataclasses import dataclass
+from typing import Any, Literal
+
+import einops
+import torch
+from jaxtyping import Float, Int
+from torch import Tensor
+from tqdm.auto import tqdm
+
+from tl_decomp import _adapters
+from tl_decomp._probes import SUBSETS, fit_predict, macro_f1, selector, split, subset_names
+from tl_decomp.datasets import as_labelled
+from tl_decomp.decompose import DecompositionRecipe
+
+Probe = Literal["linear", "mlp", "knn"]
+
+
+@dataclass(frozen=True)
+class WordFactors:
+    """The four factors of each word occurrence, each summed over the word's pieces.
+
+    Attributes:
+        factors: ``[factor occurrence d_model]``, factors ``i, h, f, c`` in that order.
+        labels: class index of each occurrence into `classes`.
+        classes: the distinct labels, sorted.
+        layer: the block output decomposed (None: a decoder's final embedding).
+        max_relative_error: worst ``|sum of factors - activation|`` over the batches.
+    """
+
+    factors: Float[Tensor, "factor occurrence d_model"]
+    labels: Int[Tensor, " occurrence"]
+    classes: tuple[Hashable, ...]
+    layer: int | None
+    max_relative_error: float
+
+    def take(self, index: Tensor) -> WordFactors:
+        """The occurrences at `index` (integer indices or a boolean mask), same classes."""
+        return WordFactors(
+            self.factors[:, index], self.labels[index], self.classes, self.layer,
+            self.max_relative_error,
+        )  # fmt: skip
+
+
+def _spans(words: Sequence[str]) -> tuple[str, Tensor, Tensor]:
+    """The words joined by single spaces, and each word's [start, end) character span."""
+    starts, pos = [], 0
+    for w in words:
+        starts.append(pos)
+        pos += len(w) + 1
+    s = torch.tensor(starts)
+    return " ".join(words), s, s + torch.tensor([len(w) for w in words])
+
+
+def _owners(offsets: Int[Tensor, "batch pos 2"], spans: list[tuple[Tensor, Tensor]]) -> Tensor:
+    """Word index (counted over the batch) of each token; -1 for specials and padding."""
+    owner = torch.full(offsets.shape[:2], -1, dtype=torch.long)
+    base = 0
+    for b, (start, end) in enumerate(spans):
+        last = offsets[b, :, 1] - 1  # a piece's last character lies inside its word
+        k = torch.searchsorted(start, last, right=True) - 1
+        ok = (offsets[b, :, 1] > offsets[b, :, 0]) & (k >= 0) & (last < end[k.clamp_min(0)])
+        owner[b, ok] = k[ok] + base
+        base += len(start)
+    return owner
+
+
+def word_factors(
+    model: Any,
+    dataset: Any,
+    *,
+    layer: int | None = None,
+    batch_size: int = 16,
+    progress: bool = True,
+) -> WordFactors:
+    """Decompose every word occurrence of `dataset` into ``i, h, f, c``, in batches.
+
+    Each sentence is fed as its words joined by single spaces; a word split into several
+    word-pieces gets the sum of its pieces' factors. Memory: one batch's cache plus
+    ``4 * d_model`` numbers per occurrence (what a probe trains on).
+
+    Args:
+        model: a TransformerBridge, HookedTransformer or HookedEncoder with a fast tokenizer.
+        dataset: ``(words, labels)`` (lists of sentences of words / per-word labels) or a
+            `LabelledWords` such as `load_pos()`.
+        layer: block output to decompose (None: the final embedding).
+
+    Example:
+        >>> from tl_decomp.models import tiny_model
+        >>> wf = word_factors(tiny_model("bert"), ([["the", "cat."]], [["D", "N"]]),
+        ...                   progress=False)
+        >>> tuple(wf.factors.shape), wf.classes, wf.labels.tolist()
+        ((4, 2, 32), ('D', 'N'), [0, 1])
+    """
+    data = as_labelled(dataset)
+    recipe = DecompositionRecipe.for_model(model)
+    spec, dev = recipe.spec, _adapters.model_device(model)
+    index = {c: k for k, c in enumerate(data.classes)}
+    chunks, worst, site = [], 0.0, layer
+    starts = range(0, len(data), batch_size)
+    for start in tqdm(starts, desc="word factors", disable=not progress, unit="batch"):
+        sentences = data.words[start : start + batch_size]
+        texts, spans = zip(*[(t, (s, e)) for t, s, e in map(_spans, sentences)], strict=True)
+        tokens, mask, offsets = _adapters.tokenize_offsets(model, texts, encoder=not spec.causal)
+        if tokens.shape[1] > spec.n_ctx:
+            raise ValueError(f"a sentence has {tokens.shape[1]} tokens; context is {spec.n_ctx}")
+        cache = _adapters.run_with_cache(model, tokens.to(dev), mask.to(dev), recipe.names_filter)
+        d = recipe.decompose(cache, layer, tokens=tokens, attention_mask=mask)
+        owner = _owners(offsets, list(spans)).to(d.factors.device)
+        n = sum(len(s) for s in sentences)
+        pieces = torch.bincount(owner[owner >= 0], minlength=n)
+        if (pieces == 0).any():
+            k = int((pieces == 0).nonzero()[0])
+            flat = [w for s in sentences for w in s]
+            raise ValueError(f"word {flat[k]!r} produced no token with this tokenizer")
+        pooled = d.factors.new_zeros((4, n, spec.d_model))
+        chunks.append(pooled.index_add_(1, owner[owner >= 0], d.factors[:, owner >= 0]).cpu())
+        worst, site = max(worst, d.relative_error), d.layer
+        del cache, d
+    labels = torch.tensor([index[x] for s in data.labels for x in s])
+    return WordFactors(torch.cat(chunks, 1), labels, data.classes, site, worst)
+
+
+@dataclass(frozen=True)
+class ProbeTable:
+    """Test-split scores per subset and seed, and how often two subsets' probes agree.
+
+    Attributes:
+        probe: ``linear``, ``mlp`` or ``knn``.
+        subsets: names such as ``"h"`` or ``"i+h+f+c"``; row ``k`` of every tensor.
+        accuracy, macro_f1: ``[subset seed]``, fractions in [0, 1].
+        pairwise_agreement: ``[subset subset]``, the share of test occurrences on which two
+            subsets' probes predict the same label, averaged over seeds (diagonal: 1).
+        seeds: the seeds, one per column.
+        classes: the label set.
+        n_occurrences: word occurrences split into train / validation / test.
+        chance: the most frequent class's share of all occurrences.
+        layer: the block output probed (None: the final embedding).
+    """
+
+    probe: str
+    subsets: tuple[str, ...]
+    accuracy: Float[Tensor, "subset seed"]
+    macro_f1: Float[Tensor, "subset seed"]
+    pairwise_agreement: Float[Tensor, "subset subset"]
+    seeds: tuple[int, ...]
+    classes: tuple[Hashable, ...]
+    n_occurrences: int
+    chance: float
+    layer: int | None
+
+    def _metric(self, metric: str) -> Tensor:
+        if metric not in ("accuracy", "macro_f1"):
+            raise ValueError(f"metric must be 'accuracy' or 'macro_f1', not {metric!r}")
+        return getattr(self, metric)
+
+    def mean(self, metric: str = "accuracy") -> Float[Tensor, " subset"]:
+        """Mean over seeds of ``accuracy`` or ``macro_f1``."""
+        return self._metric(metric).mean(1)
+
+    def std(self, metric: str = "accuracy") -> Float[Tensor, " subset"]:
+        """Sample standard deviation over seeds (0 for a single seed)."""
+        m = self._metric(metric)
+        return m.std(1) if m.shape[1] > 1 else torch.zeros(m.shape[0])
+
+    def agreement(self) -> Float[Tensor, "subset subset"]:
+        """Pairwise prediction agreement between subsets (rows and columns: `subsets`)."""
+        return self.pairwise_agreement
+
+    def table(self, digits: int = 1) -> str:
+        """Mean ± std over seeds per subset, in percent."""
+        head = f"{'subset':<9}{'accuracy %':>16}{'macro-F1 %':>16}"
+        rows = [f"{self.probe} probe, {len(self.seeds)} seed(s), {self.n_occurrences} words", head]
+        cols = [(self.mean(m) * 100, self.std(m) * 100) for m in ("accuracy", "macro_f1")]
+        for k, s in enumerate(self.subsets):
+            cells = "".join(f"{f'{m[k]:.{digits}f} ± {sd[k]:.{digits}f}':>16}" for m, sd in cols)
+            rows.append(f"{s:<9}{cells}")
+        rows.append(f"{'chance':<9}{self.chance * 100:>16.{digits}f}  (most frequent class)")
+        return "\n".join(rows)
+
+    def __str__(self) -> str:
+        return self.table()
+
+    def plot(self, ax: Any = None, metric: str = "accuracy") -> Any:
+        """Bars of mean ± std per subset with the chance level; returns the matplotlib axes."""
+        import matplotlib.pyplot as plt
+
+        ax = ax or plt.subplots(figsize=(8, 3))[1]
+        x = range(len(self.subsets))
+        ax.bar(x, self.mean(metric) * 100, yerr=self.std(metric) * 100, capsize=2)
+        ax.axhline(self.chance * 100, color="grey", ls="--", lw=1, label="most frequent class")
+        ax.set_xticks(list(x), self.subsets, rotation=60)
+        ax.set_ylabel(f"{metric.replace('_', '-')} %")
+        ax.set_title(f"{self.probe} probe per subset of factors")
+        ax.legend(loc="lower right")
+        return ax
+
+    def plot_agreement(self, ax: Any = None) -> Any:
+        """Heat map of `agreement()`; returns the matplotlib axes."""
+        import matplotlib.pyplot as plt
+
+        ax = ax or plt.subplots(figsize=(5.5, 4.5))[1]
+        im = ax.imshow(self.pairwise_agreement, vmin=0, vmax=1, cmap="viridis")
+        ticks = list(range(len(self.subsets)))
+        ax.set_xticks(ticks, self.subsets, rotation=90)
+        ax.set_yticks(ticks, self.subsets)
+        ax.figure.colorbar(im, ax=ax, label="prediction agreement")
+        return ax
+
+
+def probe_factors(
+    wf: WordFactors,
+    *,
+    probe: Probe = "linear",
+    seeds: int | Sequence[int] = 5,
+    subsets: str | Sequence[str] = "all",
+    hidden: int = 128,
+    lr: float | None = None,
+    weight_decay: float = 1e-4,
+    minibatch: int = 256,
+    max_epochs: int = 100,
+    patience: int = 3,
+    progress: bool = True,
+) -> ProbeTable:
+    """Train one probe per subset and seed on precomputed `WordFactors`.
+
+    Per seed: shuffle the occurrences, split 80/10/10; linear and MLP probes train with Adam
+    on standardised features in shuffled minibatches, keep each subset's parameters from the
+    epoch with the lowest validation cross-entropy, and stop after `patience` epochs without
+    improvement; k-NN (k=5, cosine, raw features) votes among the training occurrences. The
+    same seed gives the same table.
+
+    Args:
+        probe: ``linear`` (logistic regression), ``mlp`` (one hidden layer of `hidden` ReLU
+            units) or ``knn``.
+        seeds: a number of seeds (``0 .. n-1``) or the seeds themselves.
+        subsets: ``"all"`` (the 15 non-empty subsets) or names such as ``["h", "i+h"]``.
+        hidden: the MLP's hidden units.
+        lr: Adam's learning rate (default: 1e-2 linear, 3e-3 MLP).
+        weight_decay: L2 penalty (Adam's ``weight_decay``).
+        minibatch: training occurrences per Adam step.
+        max_epochs, patience: passes over the training split at most, and epochs without a
+            0.1% drop of any subset's validation loss before stopping.
+        progress: a progress bar over seeds.
+
+    Example:
+        >>> g = torch.Generator().manual_seed(0)
+        >>> y = torch.arange(400) % 2
+        >>> x = torch.randn(4, 400, 8, generator=g)
+        >>> x[1, :, 0] += 4 * y  # only h carries the label
+        >>> t = probe_factors(WordFactors(x, y, ("a", "b"), None, 0.0), probe="knn",
+        ...                   seeds=2, subsets=["i", "h"], progress=False)
+        >>> [a > 0.8 for a in t.mean().tolist()]  # accuracy: i at chance, h far above
+        [False, True]
+    """
+    subsets = subset_names(subsets)
+    seeds = tuple(range(seeds)) if isinstance(seeds, int) else tuple(seeds)
+    if not seeds:
+        raise ValueError("no seeds")
+    if probe not in ("linear", "mlp", "knn"):
+        raise ValueError(f"probe must be 'linear', 'mlp' or 'knn', not {probe!r}")
+    n, n_classes = wf.labels.shape[0], len(wf.classes)
+    if n < 10:
+        raise ValueError(f"{n} word occurrences: an 80/10/10 split needs at least 10")
+    lr = lr if lr is not None else 1e-2 if probe == "linear" else 3e-3
+    opts = dict(hidden=hidden, lr=lr, weight_decay=weight_decay, minibatch=minibatch)
+    opts |= dict(max_epochs=max_epochs, patience=patience)
+    sel, x = selector(subsets), wf.factors.float()
+    acc, f1, agree = [], [], torch.zeros(len(subsets), len(subsets))
+    for seed in tqdm(seeds, desc=f"{probe} probes", disable=not progress, unit="seed"):
+        parts = [einops.einsum(sel, x[:, idx], "s f, f n d -> s n d") for idx in split(n, seed)]
+        y_tr, y_va, y_te = (wf.labels[idx] for idx in split(n, seed))
+        pred = fit_predict(probe, parts[0], y_tr, parts[1], y_va, parts[2], n_classes, seed, opts)
+        acc.append((pred == y_te).float().mean(1))
+        f1.append(macro_f1(pred, y_te, n_classes))
+        agree += (pred[:, None] == pred[None]).float().mean(-1) / len(seeds)
+    counts = torch.bincount(wf.labels, minlength=n_classes)
+    return ProbeTable(
+        probe=probe,
+        subsets=subsets,
+        accuracy=torch.stack(acc, 1),
+        macro_f1=torch.stack(f1, 1).float(),
+        pairwise_agreement=agree,
+        seeds=seeds,
+        classes=wf.classes,
+        n_occurrences=n,
+        chance=float(counts.max() / n),
+        layer=wf.layer,
+    )
+
+
+def probe_subsets(
+    model: Any,
+    dataset: Any,
+    *,
+    probe: Probe = "linear",
+    layer: int | None = None,
+    seeds: int | Sequence[int] = 5,
+    subsets: str | Sequence[str] = "all",
+    batch_size: int = 16,
+    progress: bool = True,
+    **options: Any,
+) -> ProbeTable:
+    """Probe each subset of ``{i, h, f, c}`` for the word labels of `dataset` [M §4-6].
+
+    `word_factors` then `probe_factors` (whose keyword `options` pass through: `hidden`,
+    `lr`, `weight_decay`, `minibatch`, `max_epochs`, `patience`). To compare probes on the same
+    occurrences, compute `word_factors` once and call `probe_factors` per probe.
+
+    Args:
+        model: any model `decompose` supports, with a fast tokenizer.
+        dataset: ``(words, labels)``: a list of sentences, each a list of words, and a
+            parallel list of per-word labels; or `load_pos()`.
+        probe: ``linear``, ``mlp`` or ``knn``.
+        layer: block output to probe (None: the final embedding).
+        seeds: a number of seeds or the seeds themselves.
+        subsets: ``"all"`` or names such as ``["h", "i+h+f+c"]``.
+
+    Raises:
+        ValueError: an empty dataset, labels not aligned with words, a single class, fewer
+            than 10 occurrences, a word the tokenizer drops.
+
+    Example:
+        >>> from tl_decomp.models import tiny_model
+        >>> words = [["the", "cat", "sat"], ["a", "dog", "ran", "."]] * 4
+        >>> labels = [["D", "N", "V"], ["D", "N", "V", "P"]] * 4
+        >>> t = probe_subsets(tiny_model("bert"), (words, labels), probe="knn", seeds=1,
+        ...                   progress=False)
+        >>> len(t.subsets), t.subsets[-1], t.agreement().diagonal().tolist() == [1.0] * 15
+        (15, 'i+h+f+c', True)
+    """
+    wf = word_factors(model, dataset, layer=layer, batch_size=batch_size, progress=progress)
+    return probe_factors(
+        wf, probe=probe, seeds=seeds, subsets=subsets, progress=progress, **options
+    )
+
+
+__all__ = ["SUBSETS", "ProbeTable", "WordFactors", "probe_factors", "probe_subsets", "word_factors"]
