@@ -29,24 +29,35 @@ def _parser() -> argparse.ArgumentParser:
         description="Decomposition, raw vs effective attention, identifiability and Hidden "
         "Token Attribution of one text, as one HTML page that needs no network.",
     )
-    r.add_argument("text")
-    r.add_argument("-o", "--output", default="report.html", help="default report.html")
+    r.add_argument("text", help="one short text; longer than d_head tokens to see A_eff != A")
     r.add_argument(
-        "--attention-layers", type=_layers, default=None, help="blocks to show, e.g. 0,5 (all)"
+        "-o",
+        "--output",
+        default="report.html",
+        metavar="PATH",
+        help="where to write the page (report.html)",
+    )
+    r.add_argument(
+        "--attention-layers", type=_layers, metavar="L,L", help="blocks to show, e.g. 0,5 (all)"
     )
     r.add_argument(
         "--attribution-layers",
         type=_layers,
         default=(1, 2, 3),
+        metavar="L,L",
         help="hidden-state layers (0 = input) for attribution, e.g. 1,6; '' skips it (1,2,3)",
     )
     r.add_argument("--exact", action="store_true", help="exact attribution (slow) not estimate")
-    r.add_argument("--probes", type=int, default=8, help="probes per token to estimate (8)")
-    r.add_argument("--query", type=int, default=None, help="token whose attribution to show")
+    r.add_argument("--probes", type=int, default=8, metavar="N", help="probes per token (8)")
+    r.add_argument("--query", type=int, metavar="POS", help="token whose attribution to show")
     r.add_argument(
-        "--corpus", type=int, default=0, help="also fit identifiability on N corpus sentences"
+        "--corpus",
+        type=int,
+        default=0,
+        metavar="N",
+        help="also fit a linear identifiability map on N sentences of the shipped corpus (0)",
     )
-    r.add_argument("--max-tokens", type=int, default=48, help="refuse longer texts (48)")
+    r.add_argument("--max-tokens", type=int, default=48, metavar="N", help="refuse longer (48)")
     r.add_argument("--no-progress", action="store_true", help="no progress bar")
     for q in (d, s, r):
         q.add_argument(
