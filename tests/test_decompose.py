@@ -78,10 +78,10 @@ def test_labels_follow_transformer_lens():
         "1_mlp_out",
         "2_attn_out",
         "2_mlp_out",
-        "attn_bias",
-        "mlp_bias",
         "ln_center",
         "ln_bias",
+        "attn_bias",
+        "mlp_bias",
     )
     coarse = d.coarse()
     assert coarse.labels == ("i", "h", "f", "c")

@@ -92,38 +92,57 @@ class Decomposition:
 
 
 class _Stack:
-    """Factor rows in one buffer, assigned on first use so the live rows are a prefix."""
+    """Factor rows at fixed places in one buffer, in TransformerLens's order.
+
+    Terms enter in layout order, so the live non-correction rows are a growing prefix;
+    correction rows sit at the end. A finished stack is already ordered and needs no copy.
+    """
 
     def __init__(self, kinds: dict[str, str], like: Tensor, dtype: torch.dtype):
         self.kinds = kinds
-        # Coarse stacks always hold i, h, f, c (c zero on a bias-free RMSNorm model).
-        self.row: dict[str, int] = (
-            {k: j for j, k in enumerate(KINDS)} if list(kinds) == list(KINDS) else {}
-        )
-        self.buf = like.new_zeros((len(kinds), *like.shape), dtype=dtype)
-
-    @property
-    def active(self) -> int:
-        return len(self.row)
+        self.slot = {label: k for k, label in enumerate(kinds)}  # _layout puts c rows last
+        self.n_terms = sum(kind != "c" for kind in kinds.values())
+        self.buf = like.new_empty((len(kinds), *like.shape), dtype=dtype)
+        self.touched: set[str] = set()
+        self.end = 0  # rows [0, end) hold live non-correction terms
+        if list(kinds) == list(KINDS):  # coarse stacks always hold i, h, f, c
+            self.buf.zero_()
+            self.touched, self.end = set(KINDS), 3
 
     def add(self, label: str, value: Tensor) -> None:
-        self.buf[self.row.setdefault(label, len(self.row))] += value
+        k = self.slot[label]
+        if label in self.touched:
+            self.buf[k] += value
+        else:  # first write: the row holds uninitialised memory
+            self.buf[k].copy_(value)
+            self.touched.add(label)
+        if self.kinds[label] != "c":
+            self.end = max(self.end, k + 1)
 
     def put(self, labels: Sequence[str], values: Tensor) -> None:
-        """Write new rows (head outputs), one per label."""
-        k = len(self.row)
-        self.row.update({label: k + j for j, label in enumerate(labels)})
+        """Write new consecutive rows (head outputs), one per label."""
+        k = self.slot[labels[0]]
         self.buf[k : k + len(labels)] = values
+        self.touched.update(labels)
+        self.end = max(self.end, k + len(labels))
 
-    def live(self) -> Tensor:
-        return self.buf[: self.active]
+    def live(self) -> list[Tensor]:
+        """Views of every live row block, for in-place norm maps."""
+        c_rows = sorted(self.slot[label] for label in self.touched if self.kinds[label] == "c")
+        return [self.buf[: self.end], *(self.buf[k] for k in c_rows)]
 
-    def snapshot(self) -> tuple[Tensor, tuple[str, ...], tuple[str, ...]]:
-        """A copy of the live rows, correction rows last (TransformerLens's order)."""
-        order = sorted(self.row, key=lambda label: (self.kinds[label] == "c", self.row[label]))
-        index = torch.tensor([self.row[label] for label in order], device=self.buf.device)
-        factors = self.buf.index_select(0, index)
-        return factors, tuple(order), tuple(self.kinds[label] for label in order)
+    def snapshot(self, copy: bool) -> tuple[Tensor, tuple[str, ...], tuple[str, ...]]:
+        """The live rows in order; a view of the buffer when `copy` is False and it can be."""
+        c_rows = sorted(self.slot[label] for label in self.touched if self.kinds[label] == "c")
+        rows = [*range(self.end), *c_rows]
+        labels = list(self.kinds)
+        if rows == list(range(len(rows))) and (self.end == self.n_terms or not c_rows):
+            factors = self.buf[: len(rows)]
+            factors = factors.clone() if copy else factors
+        else:
+            factors = self.buf.index_select(0, torch.tensor(rows, device=self.buf.device))
+        picked = tuple(labels[k] for k in rows)
+        return factors, picked, tuple(self.kinds[label] for label in picked)
 
 
 @dataclass(frozen=True)
@@ -207,10 +226,10 @@ class DecompositionRecipe:
         """Apply a norm with the forward pass's own mu and sigma to every live term."""
         scale = cache[norm.scale].to(dt)
         gain = (1.0 / scale) if norm.w is None else norm.w.to(dt) / scale
-        live = st.live()
-        if not norm.rms and self.centering == "terms":
-            live.sub_(live.mean(-1, keepdim=True))
-        live.mul_(gain)
+        for live in st.live():
+            if not norm.rms and self.centering == "terms":
+                live.sub_(live.mean(-1, keepdim=True))
+            live.mul_(gain)
         if not norm.rms and self.centering == "correction":
             mu = sum(cache[h].to(dt) for h in norm.inputs).mean(-1, keepdim=True)
             st.add(self._label("c", "ln_center"), -mu * gain)
@@ -285,6 +304,8 @@ class DecompositionRecipe:
         if spec.embed_ln is not None:
             self._norm(st, spec.embed_ln, cache, dt)
         last = spec.n_layers - 1 if final else max(wanted, default=-1)
+        separate_final = final and spec.final != spec.blocks[-1].out
+        final_yield = None if separate_final else max(wanted, default=None)
         for L in range(last + 1):
             blk = spec.blocks[L]
             self._attention(st, L, cache, dt)
@@ -294,11 +315,12 @@ class DecompositionRecipe:
             if blk.ln2 is not None:
                 self._norm(st, blk.ln2, cache, dt)
             if L in wanted:
-                yield self._result(st, cache, blk.out, L, tokens, attention_mask)
-        if final and spec.final != spec.blocks[-1].out:
+                copy = L != final_yield  # later layers keep writing into the buffer
+                yield self._result(st, cache, blk.out, L, tokens, attention_mask, copy)
+        if separate_final:
             if spec.ln_final is not None:
                 self._norm(st, spec.ln_final, cache, dt)
-            yield self._result(st, cache, spec.final, None, tokens, attention_mask)
+            yield self._result(st, cache, spec.final, None, tokens, attention_mask, False)
 
     def decompose(
         self,
@@ -320,8 +342,8 @@ class DecompositionRecipe:
         )
         return next(iter(it))
 
-    def _result(self, st: _Stack, cache, site: str, layer: int | None, tokens, mask):
-        factors, labels, kinds = st.snapshot()
+    def _result(self, st: _Stack, cache, site: str, layer: int | None, tokens, mask, copy):
+        factors, labels, kinds = st.snapshot(copy)
         target = cache[site]
         err = (factors.sum(0) - target.to(factors.dtype)).abs().max().item()
         if not math.isfinite(err):  # NaN or inf anywhere upstream reaches the sum
