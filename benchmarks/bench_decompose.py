@@ -3,7 +3,8 @@
 1. MiniLM, batch 16 x 128 tokens, CPU: `decompose_layers` (every layer, one forward pass)
    vs a plain `model.run_with_cache` on the same tokens. Targets: coarse <= 1.3x, head <= 2x.
 2. Peak memory of head granularity (one layer at a time via `iter_layers`) for several
-   `chunk_size`s: the transient beyond the output it returns, measured in a fresh process.
+   `chunk_size`s, measured in a fresh process as the RSS high-water mark above the loaded
+   model and cache, next to the size of the largest decomposition it returns.
 3. Pre-LN (SmolLM2, batch 4 x 128): head-granularity decomposition of the last layer vs
    TransformerLens's `get_full_resid_decomposition`, both from the same cache. Target <= 1.0x.
 
@@ -72,17 +73,21 @@ def _peak_child(chunk: int, cache_file: str) -> dict:
     # A fresh process loads the model and a saved cache first, so the RSS high-water mark
     # it then reports is the decomposition's own, not the forward pass's.
     code = f"""
-import json, resource, torch
+import json, torch
 from tl_decomp import DecompositionRecipe, load_model
 model = load_model("minilm")
 cache = torch.load({cache_file!r})
 recipe = DecompositionRecipe.for_model(model, granularity="head", chunk_size={chunk})
-before = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
+def rss(field):
+    line = next(l for l in open("/proc/self/status") if l.startswith(field))
+    return int(line.split()[1])
+open("/proc/self/clear_refs", "w").write("5")  # reset the RSS high-water mark (Linux)
+before = rss("VmRSS:")
 largest = 0
 for d in recipe.iter_layers(cache):
     largest = max(largest, d.factors.numel() * d.factors.element_size())
     del d
-peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
+peak = rss("VmHWM:")
 print(json.dumps({{"rss_before_kb": before, "rss_peak_kb": peak, "largest_output_b": largest}}))
 """
     res = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True)

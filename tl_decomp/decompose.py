@@ -119,12 +119,12 @@ class _Stack:
         if self.kinds[label] != "c":
             self.end = max(self.end, k + 1)
 
-    def put(self, labels: Sequence[str], values: Tensor) -> None:
-        """Write new consecutive rows (head outputs), one per label."""
+    def claim(self, labels: Sequence[str]) -> Tensor:
+        """The buffer rows of new consecutive labels (head outputs), to be written in place."""
         k = self.slot[labels[0]]
-        self.buf[k : k + len(labels)] = values
         self.touched.update(labels)
         self.end = max(self.end, k + len(labels))
+        return self.buf[k : k + len(labels)]
 
     def live(self) -> list[Tensor]:
         """Views of every live row block, for in-place norm maps."""
@@ -252,7 +252,10 @@ class DecompositionRecipe:
             for start in range(0, self.spec.n_heads, self.chunk_size):
                 sl = slice(start, start + self.chunk_size)
                 heads = [f"L{L}H{h}" for h in range(self.spec.n_heads)[sl]]
-                st.put(heads, einops.einsum(z[:, :, sl], W_O[sl], "b q h dh, h dh m -> h b q m"))
+                rows = st.claim(heads)
+                # Straight into the buffer: no head-sized temporary, no second copy.
+                zh = einops.rearrange(z[:, :, sl], "b q h dh -> h (b q) dh")
+                torch.bmm(zh, W_O[sl], out=einops.rearrange(rows, "h b q m -> h (b q) m"))
         else:
             st.add(
                 self._label("h", f"{L}_attn_out"),
@@ -315,7 +318,7 @@ class DecompositionRecipe:
             if blk.ln2 is not None:
                 self._norm(st, blk.ln2, cache, dt)
             if L in wanted:
-                copy = L != final_yield  # later layers keep writing into the buffer
+                copy = final_yield != L  # later layers keep writing into the buffer
                 yield self._result(st, cache, blk.out, L, tokens, attention_mask, copy)
         if separate_final:
             if spec.ln_final is not None:
