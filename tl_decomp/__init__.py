@@ -4,15 +4,43 @@ Exact vector-factor decompositions (Mickus et al., TACL 2022) and identifiabilit
 (Brunner et al., ICLR 2020) for TransformerLens models. Importing defines things only.
 """
 
+from tl_decomp import views
 from tl_decomp._adapters import ModelSpec, model_spec
+from tl_decomp.attention import (
+    AttentionCorrelation,
+    NullSpace,
+    SpecialTokenAttention,
+    attention_correlation,
+    attention_null_space,
+    effective_attention,
+    effective_attention_layers,
+    special_token_attention,
+)
+from tl_decomp.attribution import AttributionResult, hidden_token_attribution
 from tl_decomp.corpus import load_corpus
+from tl_decomp.datasets import LabelledWords, load_pos
 from tl_decomp.decompose import (
     Decomposition,
     DecompositionRecipe,
     decompose,
     decompose_layers,
 )
+from tl_decomp.identifiability import (
+    IdentifiabilityResult,
+    identifiability_from_states,
+    token_identifiability,
+)
+from tl_decomp.masked import MaskedPrediction, masked_prediction
 from tl_decomp.models import load_model, tiny_model
+from tl_decomp.probing import (
+    SUBSETS,
+    ProbeTable,
+    WordFactors,
+    probe_factors,
+    probe_subsets,
+    word_factors,
+)
+from tl_decomp.report import Report, report
 from tl_decomp.stats import (
     CheckpointComparison,
     FFLinearity,
@@ -24,20 +52,46 @@ from tl_decomp.stats import (
 )
 
 __all__ = [
+    "SUBSETS",
+    "AttentionCorrelation",
+    "AttributionResult",
     "CheckpointComparison",
     "Decomposition",
     "DecompositionRecipe",
     "FFLinearity",
+    "IdentifiabilityResult",
+    "LabelledWords",
     "LayerStats",
+    "MaskedPrediction",
     "ModelSpec",
+    "NullSpace",
+    "ProbeTable",
+    "Report",
+    "SpecialTokenAttention",
+    "WordFactors",
     "anisotropy",
+    "attention_correlation",
+    "attention_null_space",
     "compare_checkpoints",
     "corpus_statistics",
     "decompose",
     "decompose_layers",
+    "effective_attention",
+    "effective_attention_layers",
     "ff_linearity",
+    "hidden_token_attribution",
+    "identifiability_from_states",
     "load_corpus",
     "load_model",
+    "load_pos",
+    "masked_prediction",
     "model_spec",
+    "probe_factors",
+    "probe_subsets",
+    "report",
+    "special_token_attention",
     "tiny_model",
+    "token_identifiability",
+    "views",
+    "word_factors",
 ]
