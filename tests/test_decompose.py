@@ -265,5 +265,6 @@ def test_shapes_are_checked_at_runtime(request):
 
     good = torch.zeros(2, 1, 3, 4)
     with pytest.raises(TypeError):  # target's d_model disagrees with factors'
-        Decomposition(good, ("a", "b"), ("i", "c"), torch.zeros(1, 3, 5), "site", 0, None, None,
-                      0.0)
+        Decomposition(
+            good, ("a", "b"), ("i", "c"), torch.zeros(1, 3, 5), "site", 0, None, None, 0.0
+        )
