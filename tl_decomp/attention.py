@@ -63,7 +63,8 @@ def effective_attention(
         model: the model the cache came from; read from the cache when it records it.
         attention_mask: the 1/0 mask the model ran with; None means no padding.
         value_bias: ``T`` from ``hook_v`` as the model computed it (with ``b_V``); False uses
-            ``V - b_V``, the paper's bias-free ``X W_V W_O``.
+            ``V - b_V``, the paper's bias-free ``X W_V W_O``. On processed weights (compatibility
+            mode folds ``b_V`` into ``b_O``) ``T`` is whatever the model holds.
         preserve_row_sums: project onto the column space of ``[T, 1]``: rows still sum to 1
             and the head's output including ``b_V`` is preserved.
         rtol: singular values of ``T`` at most ``rtol * sigma_max`` count as zero. Default
@@ -474,6 +475,8 @@ def _layer_index(spec: ModelSpec, layer: int) -> int:
 
 
 def _layers(spec: ModelSpec, layers: Sequence[int] | None) -> list[int]:
+    if layers is not None and not len(layers):
+        raise ValueError("no layers asked for")
     return [_layer_index(spec, L) for L in (range(spec.n_layers) if layers is None else layers)]
 
 
