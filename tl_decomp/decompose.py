@@ -406,12 +406,14 @@ def _as_tokens(model: Any, spec: ModelSpec, input: Any, attention_mask: Tensor |
     return tokens, mask
 
 
-def _run(model: Any, recipe: DecompositionRecipe, input: Any, attention_mask: Tensor | None):
+def _run(model: Any, options: dict[str, Any], input: Any, attention_mask: Tensor | None):
+    """Build the recipe, tokenise, and cache exactly what it reads: one forward pass."""
+    recipe = DecompositionRecipe.for_model(model, **options)
     tokens, mask = _as_tokens(model, recipe.spec, input, attention_mask)
     device = _adapters.model_device(model)
     tokens, mask = tokens.to(device), mask.to(device)
     cache = _adapters.run_with_cache(model, tokens, mask, recipe.names_filter)
-    return cache, tokens, mask
+    return recipe, cache, tokens, mask
 
 
 def decompose(
@@ -457,15 +459,14 @@ def decompose(
         >>> bool(torch.allclose(d.shares().sum(0), torch.ones(1, 8, dtype=torch.float64)))
         True
     """
-    recipe = DecompositionRecipe.for_model(
-        model,
+    options = dict(
         granularity=granularity,
         centering=centering,
         split_input=split_input,
         split_correction=split_correction,
         dtype=dtype,
     )
-    cache, tokens, mask = _run(model, recipe, input, attention_mask)
+    recipe, cache, tokens, mask = _run(model, options, input, attention_mask)
     return recipe.decompose(cache, layer, tokens=tokens, attention_mask=mask)
 
 
@@ -496,15 +497,14 @@ def decompose_layers(
         >>> max(d.relative_error for d in ds) < 1e-4
         True
     """
-    recipe = DecompositionRecipe.for_model(
-        model,
+    options = dict(
         granularity=granularity,
         centering=centering,
         split_input=split_input,
         split_correction=split_correction,
         dtype=dtype,
     )
-    cache, tokens, mask = _run(model, recipe, input, attention_mask)
+    recipe, cache, tokens, mask = _run(model, options, input, attention_mask)
     return list(recipe.iter_layers(cache, layers, final=final, tokens=tokens, attention_mask=mask))
 
 

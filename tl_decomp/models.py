@@ -238,14 +238,6 @@ def _tiny_hooked(arch: str, dtype: torch.dtype, processed: bool) -> Any:
             gated_mlp=True,
             final_rms=True,
         ),
-        "qwen2": dict(
-            act_fn="silu",
-            normalization_type="RMS",
-            positional_embedding_type="rotary",
-            n_key_value_heads=2,
-            gated_mlp=True,
-            final_rms=True,
-        ),
         "neox": dict(
             act_fn="gelu",
             normalization_type="LN",
@@ -254,6 +246,7 @@ def _tiny_hooked(arch: str, dtype: torch.dtype, processed: bool) -> Any:
             parallel_attn_mlp=True,
         ),
     }
+    per_arch["qwen2"] = per_arch["llama"]  # HookedTransformer's Qwen2 differs only in biases
     cfg = HookedTransformerConfig(**base, **per_arch[arch])
     cls: Any = HookedEncoder if arch == "bert" else HookedTransformer
     from transformers import AutoTokenizer
