@@ -52,7 +52,7 @@ for tl in $LINES; do
     first=$venv
     echo "== ruff";    "$venv/bin/ruff" check tl_decomp tests benchmarks scripts
     "$venv/bin/ruff" format --check tl_decomp tests benchmarks scripts
-    echo "== pyright"; "$venv/bin/pyright" tl_decomp
+    echo "== pyright"; "$venv/bin/pyright" --pythonpath "$venv/bin/python" tl_decomp
   fi
   echo "== pytest (TransformerLens $tl)"
   pytest_line "$venv"
