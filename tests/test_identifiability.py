@@ -11,6 +11,7 @@ from conftest import KINDS, cached_model
 from helpers import NoHooksLeft
 
 from tl_decomp import model_spec
+from tl_decomp._maps import LinearFit
 from tl_decomp.identifiability import (
     StateBatch,
     Vocab,
@@ -72,6 +73,28 @@ def test_linear_map_recovers_tokens_through_an_invertible_linear_layer():
     assert naive.rate(0) == 1.0 and naive.rate(1) < 0.5
     W = lin.maps[1].weight.T  # the fitted map inverts the layer
     assert torch.allclose(W, torch.linalg.inv(A), atol=1e-8)
+
+
+def test_linear_fit_is_least_squares_on_rank_deficient_badly_scaled_states():
+    """Real hidden states are rank-deficient with outlier dimensions (MiniLM's last layer:
+    condition ~1e22). The streamed fit must give pinv's predictions, batch split or not."""
+    gen = torch.Generator().manual_seed(3)
+    B = torch.randn(6, 24, generator=gen, dtype=torch.float64)
+    B[:, 0] *= 1e3  # an outlier dimension
+    C = torch.randn(6, 24, generator=gen, dtype=torch.float64)
+    Z, Z_new = torch.randn(700, 6, generator=gen, dtype=torch.float64).split([600, 100])
+    X, Y, X_new = (Z @ B + 7).float(), (Z @ C - 2).float(), (Z_new @ B + 7).float()
+    rows = torch.cat([X.double() - X[:100].double().mean(0), torch.ones(600, 1)], 1)
+    rtol = max(rows.shape) * torch.finfo(torch.float32).eps
+    W = torch.linalg.pinv(rows, rtol=rtol) @ Y.double()  # brute force: one SVD of all rows
+    want = (X_new.double() - X[:100].double().mean(0)) @ W[:-1] + W[-1]
+    for size in (100, 600):
+        fit = LinearFit()
+        for xb, yb in zip(X.split(size), Y.split(size), strict=True):
+            fit.add(xb, yb)
+        got = fit.fit()(X_new).double()
+        assert (got - want).abs().max() / want.abs().max() < 1e-4
+        assert (got - (Z_new @ C - 2)).abs().max() < 1e-3  # and recovers the true relation
 
 
 def test_cosine_ignores_scale_l2_does_not():
@@ -208,3 +231,27 @@ def test_minilm_linear_identifiability():
     res = token_identifiability(model, load_corpus(60), layers=[0, 6], progress=False)
     assert res.rate(0) == 1.0
     assert 0.5 < res.rate(6) <= 1.0
+
+
+@pytest.mark.bundled
+def test_minilm_linear_map_is_the_least_squares_fit():
+    """MiniLM's post-LN states are rank-deficient (condition ~1e22); ``lstsq`` on the normal
+    equations missed the least-squares optimum there by 80% in residual. The map must reach
+    pinv's residual."""
+    from tqdm import tqdm
+
+    from tl_decomp import load_corpus, load_model
+    from tl_decomp._maps import fit_maps
+    from tl_decomp.identifiability import _gather
+
+    model = load_model("minilm")
+    corpus = load_corpus(60)
+    batches = list(_gather(model, model_spec(model), corpus, range(60), [6], 16, False, tqdm()))
+    (g,) = fit_maps(batches, 1, "linear", "cosine", 0, 0)
+    X = torch.cat([b.states[0][b.mask.bool()] for b in batches]).double()
+    Y = torch.cat([b.e0[b.mask.bool()] for b in batches]).double()
+    rows = torch.cat([X, torch.ones_like(X[:, :1])], 1)
+    W = torch.linalg.pinv(rows, rtol=rows.shape[1] * torch.finfo(torch.float32).eps) @ Y
+    best = (rows @ W - Y).pow(2).mean()
+    got = (g(X.float()).double() - Y).pow(2).mean()
+    assert abs(got / best - 1) < 1e-6
