@@ -8,7 +8,7 @@ import pytest
 import torch
 from conftest import KINDS, cached_model
 
-from tl_decomp import _bundled, load_model, model_spec, tiny_model
+from tl_decomp import _adapters, _bundled, load_model, model_spec, tiny_model
 
 # arch -> (placement, norm, parallel, positional, token_types, causal, n_kv_heads, biases)
 FACTS = {
@@ -58,6 +58,7 @@ def test_facts(arch, kind):
         assert spec.biases == FACTS[arch][7]
     assert spec.kv_head == tuple(h // (spec.n_heads // spec.n_kv_heads) for h in range(4))
     assert (spec.n_layers, spec.d_model, spec.n_heads) == (3, 32, 4)
+    assert spec.d_vocab == model.cfg.d_vocab > 0
     for blk in spec.blocks:
         assert blk.W_O.shape == (spec.n_heads, spec.d_head, spec.d_model)
         assert blk.b_V is None or blk.b_V.shape == (spec.n_heads, spec.d_head)
@@ -111,3 +112,38 @@ def test_tiny_model_rejects_unknown_arch():
     # TypeError where runtime type checking is on (the Literal), else our ValueError.
     with pytest.raises((ValueError, TypeError), match="mamba"):
         tiny_model("mamba")  # type: ignore[arg-type]
+
+
+@pytest.mark.parametrize(
+    ("input", "mask", "message"),
+    [
+        (torch.tensor([[1, 10**6]]), None, "outside the vocabulary"),
+        (torch.tensor([[-1, 2]]), None, "outside the vocabulary"),
+        (torch.tensor([[1.0, 2.0]]), None, "must be integers"),
+        (torch.ones((1, 2, 2), dtype=torch.long), None, "must be integers"),
+        (torch.zeros((2, 0), dtype=torch.long), None, "empty"),
+        (torch.tensor([[1, 2]]), torch.tensor([[1, 2]]), "only 1"),
+        (torch.tensor([[1, 2]]), torch.tensor([1, 1]), "shape"),
+        (torch.tensor([[1, 2], [3, 4]]), torch.tensor([[1, 1], [0, 0]]), "no real token"),
+        (torch.ones((1, 65), dtype=torch.long), None, "context"),
+        ("the cat", torch.tensor([[1, 1]]), "only accepted with token ids"),
+        (["the cat", " "], None, "empty"),
+    ],
+)
+def test_input_is_checked_before_any_forward_pass(input, mask, message):
+    model = cached_model("gpt2", "bridge")
+    with pytest.raises(ValueError, match=message):
+        _adapters.as_tokens(model, model_spec(model), input, mask)
+
+
+def test_checked_input_passes_through():
+    model = cached_model("bert", "bridge")
+    spec = model_spec(model)
+    tokens, mask = _adapters.as_tokens(model, spec, torch.tensor([2, 5, 3]))
+    assert tokens.tolist() == [[2, 5, 3]] and mask.tolist() == [[1, 1, 1]]
+    _, mask = _adapters.as_tokens(
+        model, spec, torch.tensor([[2, 5]]), torch.tensor([[True, False]])
+    )
+    assert mask.dtype == torch.long and mask.tolist() == [[1, 0]]
+    tokens, mask = _adapters.as_tokens(model, spec, ["the cat sat", "a dog"])
+    assert tokens.shape == mask.shape and mask.sum(-1).tolist()[0] > mask.sum(-1).tolist()[1]

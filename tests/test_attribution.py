@@ -177,8 +177,19 @@ def test_bad_input_raises_clearly_and_leaves_no_hook():
         hidden_token_attribution(model, tokens, attention_mask=torch.tensor([[0, 1, 1]]))
     with pytest.raises(ValueError, match="empty"):
         hidden_token_attribution(model, torch.zeros(1, 0, dtype=torch.long))
-    with NoHooksLeft(model), pytest.raises(IndexError):  # fails inside the hooked run
+    with NoHooksLeft(model), pytest.raises(ValueError, match="outside the vocabulary"):
         hidden_token_attribution(model, torch.tensor([[1, 500]]))
+
+
+def test_a_failure_inside_the_hooked_run_leaves_no_hook(monkeypatch):
+    model = cached_model("gpt2", "bridge", torch.float64)
+
+    def broken(*args, **kwargs):
+        raise RuntimeError("boom")
+
+    monkeypatch.setattr("tl_decomp.attribution._capture", broken)
+    with NoHooksLeft(model), pytest.raises(RuntimeError, match="boom"):
+        hidden_token_attribution(model, "the cat")
 
 
 @pytest.mark.bundled

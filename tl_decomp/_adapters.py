@@ -82,6 +82,7 @@ class ModelSpec:
     d_model: int
     d_head: int
     n_ctx: int
+    d_vocab: int
     biases: frozenset[str]
     embeds: tuple[tuple[str, str], ...]  # (label, hook), summed into the input term
     embed_ln: Norm | None
@@ -213,6 +214,7 @@ def _common(model: Any, kind: str, placement: Literal["pre", "post"]) -> dict[st
         d_model=cfg.d_model,
         d_head=cfg.d_head,
         n_ctx=cfg.n_ctx,
+        d_vocab=cfg.d_vocab,
         biases=frozenset(biases),
         dtype=next(model.parameters()).dtype,
     )
@@ -487,6 +489,49 @@ def tokenize(model: Any, texts: str | Sequence[str], *, encoder: bool) -> tuple[
     pad = tok.pad_token_id if tok.pad_token_id is not None else 0
     tokens = torch.tensor([i + [pad] * (width - len(i)) for i in ids])
     mask = torch.tensor([[1] * len(i) + [0] * (width - len(i)) for i in ids])
+    return tokens, mask
+
+
+def as_tokens(
+    model: Any, spec: ModelSpec, input: Any, attention_mask: Tensor | None = None
+) -> tuple[Tensor, Tensor]:
+    """Text, texts or token ids -> checked ``(tokens, mask)`` [batch pos], mask 1/0 long.
+
+    Token ids must lie in the vocabulary and every example needs one real token: both would
+    otherwise fail deep inside a hooked forward pass.
+    """
+    if isinstance(input, Tensor):
+        tokens = input if input.ndim == 2 else input.unsqueeze(0)
+        if tokens.numel() == 0:
+            raise ValueError("empty input: no tokens")
+        if tokens.is_floating_point() or tokens.is_complex() or tokens.ndim != 2:
+            raise ValueError(
+                f"token ids must be integers [batch pos], not {tokens.dtype} "
+                f"of shape {tuple(input.shape)}"
+            )
+        mask = torch.ones_like(tokens) if attention_mask is None else attention_mask
+        if mask.shape != tokens.shape:
+            raise ValueError(
+                f"attention_mask shape {tuple(mask.shape)} != tokens {tuple(tokens.shape)}"
+            )
+        mask = mask.to(device=tokens.device, dtype=torch.long)
+        if not ((mask == 0) | (mask == 1)).all():
+            raise ValueError("attention_mask must hold only 1 (real token) and 0 (padding)")
+        bad = tokens[(tokens < 0) | (tokens >= spec.d_vocab)] if spec.d_vocab > 0 else tokens[:0]
+        if bad.numel():
+            raise ValueError(
+                f"token id {int(bad[0])} is outside the vocabulary (0..{spec.d_vocab - 1})"
+            )
+    else:
+        if attention_mask is not None:
+            raise ValueError(
+                "attention_mask is only accepted with token ids; text is padded for you"
+            )
+        tokens, mask = tokenize(model, input, encoder=not spec.causal)
+    if (mask.sum(-1) == 0).any():
+        raise ValueError("an example has no real token: its attention_mask row is all 0")
+    if tokens.shape[1] > spec.n_ctx:
+        raise ValueError(f"input has {tokens.shape[1]} tokens; the model's context is {spec.n_ctx}")
     return tokens, mask
 
 

@@ -236,25 +236,6 @@ def _check(
     return layers
 
 
-def _as_tokens(model: Any, spec: ModelSpec, input: Any, attention_mask: Tensor | None):
-    if isinstance(input, Tensor):
-        tokens = input if input.ndim == 2 else input.unsqueeze(0)
-        mask = torch.ones_like(tokens) if attention_mask is None else attention_mask.to(tokens)
-    else:
-        if attention_mask is not None:
-            raise ValueError(
-                "attention_mask is only accepted with token ids; text is padded for you"
-            )
-        tokens, mask = _adapters.tokenize(model, input, encoder=not spec.causal)
-    if tokens.numel() == 0 or mask.shape != tokens.shape or (mask.sum(-1) == 0).any():
-        raise ValueError("empty input, or an attention_mask that does not match the tokens")
-    if (mask.cummin(-1).values != mask).any():
-        raise ValueError("only right padding is supported: each mask row must be 1...1 0...0")
-    if tokens.shape[1] > spec.n_ctx:
-        raise ValueError(f"input has {tokens.shape[1]} tokens; the model's context is {spec.n_ctx}")
-    return tokens, mask
-
-
 def hidden_token_attribution(
     model: Any,
     input: str | Sequence[str] | Tensor,
@@ -304,7 +285,9 @@ def hidden_token_attribution(
     """
     spec = _adapters.model_spec(model)
     layers = _check(spec, layers, method, wrt, n_probes, chunk_size)
-    tokens, mask = _as_tokens(model, spec, input, attention_mask)
+    tokens, mask = _adapters.as_tokens(model, spec, input, attention_mask)
+    if (mask.cummin(-1).values != mask).any():
+        raise ValueError("only right padding is supported: each mask row must be 1...1 0...0")
     device = _adapters.model_device(model)
     tokens, mask = tokens.to(device), mask.to(device)
     source = spec.layer0 if wrt == "layer0" else spec.embeds[0][1]

@@ -385,31 +385,10 @@ class DecompositionRecipe:
         return next((h for h in self.hooks if not torch.isfinite(cache[h]).all()), "unknown")
 
 
-def _as_tokens(model: Any, spec: ModelSpec, input: Any, attention_mask: Tensor | None):
-    if isinstance(input, Tensor):
-        tokens = input if input.ndim == 2 else input.unsqueeze(0)
-        if tokens.numel() == 0:
-            raise ValueError("empty input: no tokens")
-        mask = torch.ones_like(tokens) if attention_mask is None else attention_mask
-        if mask.shape != tokens.shape:
-            raise ValueError(
-                f"attention_mask shape {tuple(mask.shape)} != tokens {tuple(tokens.shape)}"
-            )
-    else:
-        if attention_mask is not None:
-            raise ValueError(
-                "attention_mask is only accepted with token ids; text is padded for you"
-            )
-        tokens, mask = _adapters.tokenize(model, input, encoder=not spec.causal)
-    if tokens.shape[1] > spec.n_ctx:
-        raise ValueError(f"input has {tokens.shape[1]} tokens; the model's context is {spec.n_ctx}")
-    return tokens, mask
-
-
 def _run(model: Any, options: dict[str, Any], input: Any, attention_mask: Tensor | None):
     """Build the recipe, tokenise, and cache exactly what it reads: one forward pass."""
     recipe = DecompositionRecipe.for_model(model, **options)
-    tokens, mask = _as_tokens(model, recipe.spec, input, attention_mask)
+    tokens, mask = _adapters.as_tokens(model, recipe.spec, input, attention_mask)
     device = _adapters.model_device(model)
     tokens, mask = tokens.to(device), mask.to(device)
     cache = _adapters.run_with_cache(model, tokens, mask, recipe.names_filter)
