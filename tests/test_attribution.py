@@ -205,3 +205,13 @@ def test_minilm_estimate_tracks_exact():
     rel = (est.contributions / exact.contributions - 1).abs()
     assert rel.median() < 0.1
     assert 0 < exact.own_token().item() < 1
+
+
+def test_half_precision_model_warns_and_stays_close_to_float32():
+    half, full = cached_model("gpt2", dtype=torch.bfloat16), cached_model("gpt2")
+    with pytest.warns(UserWarning, match="bfloat16"):
+        got = hidden_token_attribution(half, "the cat sat on the mat")
+    want = hidden_token_attribution(full, "the cat sat on the mat")
+    assert got.contributions.dtype == torch.float32
+    assert torch.allclose(got.contributions.sum(-1), torch.ones(3, 1, 7))
+    assert (got.contributions - want.contributions).abs().max() < 0.05

@@ -255,3 +255,17 @@ def test_minilm_linear_map_is_the_least_squares_fit():
     best = (rows @ W - Y).pow(2).mean()
     got = (g(X.float()).double() - Y).pow(2).mean()
     assert abs(got / best - 1) < 1e-6
+
+
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
+def test_half_precision_states_are_fitted_in_float32(dtype):
+    """A least-squares fit in bf16 (tolerance eps(bf16) * d) kept no direction: rates ~0.1."""
+    half, full = cached_model("gpt2", dtype=dtype), cached_model("gpt2", dtype=torch.float32)
+    corpus = _corpus()
+    for mapping in ("linear", "mlp"):
+        with pytest.warns(UserWarning, match="float32"):
+            res = token_identifiability(half, corpus, mapping=mapping, progress=False)
+        ref = token_identifiability(full, corpus, mapping=mapping, progress=False)
+        if mapping == "linear":
+            assert res.maps[-1].weight.dtype == torch.float32
+        assert (res.rates - ref.rates).abs().max() < 0.05

@@ -22,6 +22,7 @@ output is exactly the model's. The hook lives only for the call, even when it ra
 from __future__ import annotations
 
 import functools
+import warnings
 from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass
 from typing import Any, Literal
@@ -286,6 +287,12 @@ def hidden_token_attribution(
     spec = _adapters.model_spec(model)
     layers = _check(spec, layers, method, wrt, n_probes, chunk_size)
     tokens, mask = _adapters.as_tokens(model, spec, input, attention_mask)
+    if spec.dtype in (torch.float16, torch.bfloat16):
+        warnings.warn(
+            f"model is {spec.dtype}: its Jacobian-vector products run in that precision (about "
+            "3 significant digits); norms are accumulated in float64, returned in float32",
+            stacklevel=2,
+        )
     if (mask.cummin(-1).values != mask).any():
         raise ValueError("only right padding is supported: each mask row must be 1...1 0...0")
     device = _adapters.model_device(model)

@@ -14,6 +14,7 @@ as it streams past. The MLP map trains on at most `max_mlp_tokens` stored traini
 from __future__ import annotations
 
 import functools
+import warnings
 from collections.abc import Iterable, Iterator, Sequence
 from dataclasses import dataclass, replace
 from typing import Any, Literal, NamedTuple
@@ -169,6 +170,26 @@ def _score(
     return torch.stack(out)
 
 
+def _at_least_float32(batches: Iterable[StateBatch]) -> Iterator[StateBatch]:
+    """Half-precision states are fitted and scored in float32 (a bf16 least-squares fit is
+    meaningless), with one warning."""
+    warned = False
+    for batch in batches:
+        if batch.states.dtype in (torch.float16, torch.bfloat16):
+            if not warned:
+                warnings.warn(
+                    f"hidden states are {batch.states.dtype}; tl_decomp fits and scores "
+                    "identifiability in float32",
+                    stacklevel=4,
+                )
+                warned = True
+            up = {"e0": batch.e0.float(), "states": batch.states.float()}
+            if batch.offsets is not None:
+                up["offsets"] = batch.offsets.float()
+            batch = batch._replace(**up)
+        yield batch
+
+
 def identifiability_from_states(
     train: Iterable[StateBatch],
     test: Iterable[StateBatch],
@@ -186,6 +207,7 @@ def identifiability_from_states(
     For hidden states gathered elsewhere; `token_identifiability` gathers them from a model.
     Each iterable is read once. `vocab` switches to the vocabulary lookup.
     """
+    train, test = _at_least_float32(train), _at_least_float32(test)
     maps = fit_maps(train, len(layers), mapping, distance, seed, max_mlp_tokens)
     correct, ids, pos, seqs, cross = [], [], [], [], None
     for batch in test:
