@@ -34,7 +34,6 @@ class LinearFit:
         self.gram: Tensor | None = None
 
     def add(self, x: Float[Tensor, "n d_model"], y: Float[Tensor, "n d_model"]) -> None:
-        x = x.to(torch.promote_types(x.dtype, torch.float32))  # eps(bf16) would drop everything
         if self.gram is None:  # centring on the first batch keeps the bias column well scaled
             self.shift = x.mean(0, keepdim=True)
             self.gram = x.new_zeros((x.shape[1] + 1,) * 2, dtype=torch.float64)

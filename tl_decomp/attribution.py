@@ -287,14 +287,14 @@ def hidden_token_attribution(
     spec = _adapters.model_spec(model)
     layers = _check(spec, layers, method, wrt, n_probes, chunk_size)
     tokens, mask = _adapters.as_tokens(model, spec, input, attention_mask)
+    if (mask.cummin(-1).values != mask).any():
+        raise ValueError("only right padding is supported: each mask row must be 1...1 0...0")
     if spec.dtype in (torch.float16, torch.bfloat16):
         warnings.warn(
             f"model is {spec.dtype}: its Jacobian-vector products run in that precision (about "
             "3 significant digits); norms are accumulated in float64, returned in float32",
             stacklevel=2,
         )
-    if (mask.cummin(-1).values != mask).any():
-        raise ValueError("only right padding is supported: each mask row must be 1...1 0...0")
     device = _adapters.model_device(model)
     tokens, mask = tokens.to(device), mask.to(device)
     source = spec.layer0 if wrt == "layer0" else spec.embeds[0][1]
