@@ -230,28 +230,12 @@ def test_unsupported_feature_raises_naming_it():
         pytest.skip("HookedTransformer configs with these features need TransformerLens 3.x")
     from transformer_lens import HookedTransformer, HookedTransformerConfig
 
-    cfg = HookedTransformerConfig(
-        n_layers=1,
-        d_model=8,
-        n_heads=2,
-        d_head=4,
-        n_ctx=8,
-        d_vocab=10,
-        act_fn="gelu",
-        positional_embedding_type="alibi",
-    )
+    small = dict(n_layers=1, d_model=8, n_heads=2, d_head=4, n_ctx=8, d_vocab=10, act_fn="gelu")
+    cfg = HookedTransformerConfig(**small, positional_embedding_type="alibi")
     with pytest.raises(NotImplementedError, match="alibi.*HookedTransformer"):
         model_spec(HookedTransformer(cfg))
     cfg = HookedTransformerConfig(
-        n_layers=1,
-        d_model=8,
-        n_heads=2,
-        d_head=4,
-        n_ctx=8,
-        d_vocab=10,
-        act_fn="gelu",
-        normalization_type="RMS",
-        use_normalization_before_and_after=True,
+        **small, normalization_type="RMS", use_normalization_before_and_after=True
     )
     with pytest.raises(NotImplementedError, match="post-sublayer"):
         decompose(HookedTransformer(cfg), torch.tensor([[1, 2, 3]]))
