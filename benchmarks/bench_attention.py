@@ -57,7 +57,7 @@ def _stratified(n: int, samples: int, seed: int) -> list[int]:
 
 
 def bench_causal(quick: bool) -> dict:
-    from tl_decomp import _adapters, load_corpus, load_model, model_spec
+    from tl_decomp import _running, load_corpus, load_model, model_spec
     from tl_decomp.attention import effective_attention
 
     model = load_model("smollm2")
@@ -68,7 +68,7 @@ def bench_causal(quick: bool) -> dict:
     res = {}
     for n in (128, 256) if quick else (128, 512, 1024):
         tokens = torch.tensor([[model.tokenizer.bos_token_id, *ids[: n - 1]]])
-        cache = _adapters.run_with_cache(model, tokens, None, names)
+        cache = _running.run_with_cache(model, tokens, None, names)
         full = n <= 128
         rows = list(range(n)) if full else _stratified(n, 16 if quick else 32, seed=n)
         for layer in layers:
@@ -87,7 +87,7 @@ def bench_causal(quick: bool) -> dict:
 
 
 def bench_minilm(quick: bool) -> dict:
-    from tl_decomp import _adapters, load_corpus, load_model, model_spec
+    from tl_decomp import _running, load_corpus, load_model, model_spec
     from tl_decomp.attention import effective_attention_layers
 
     model = load_model("minilm")
@@ -100,7 +100,7 @@ def bench_minilm(quick: bool) -> dict:
     names = spec.names_filter(attention=True)
     fwd, eff = [], []
     for _ in range(3):
-        t_fwd, cache = _clock(lambda: _adapters.run_with_cache(model, tokens, mask, names))
+        t_fwd, cache = _clock(lambda: _running.run_with_cache(model, tokens, mask, names))
         t_eff, _ = _clock(lambda c=cache: effective_attention_layers(c, attention_mask=mask))
         fwd.append(t_fwd)
         eff.append(t_eff)

@@ -43,7 +43,7 @@ def _tokens(model, batch: int, pos: int) -> torch.Tensor:
 
 
 def bench_minilm(repeats: int) -> dict:
-    from tl_decomp import DecompositionRecipe, _adapters, load_model
+    from tl_decomp import DecompositionRecipe, _running, load_model
 
     model = load_model("minilm")
     tokens = _tokens(model, 16, 128)
@@ -59,7 +59,7 @@ def bench_minilm(repeats: int) -> dict:
         recipe = DecompositionRecipe.for_model(model, granularity=granularity)
 
         def ours(recipe=recipe):
-            cache = _adapters.run_with_cache(model, tokens, mask, recipe.names_filter)
+            cache = _running.run_with_cache(model, tokens, mask, recipe.names_filter)
             for d in recipe.iter_layers(cache):
                 del d
 
@@ -97,12 +97,12 @@ print(json.dumps({{"rss_before_kb": before, "rss_peak_kb": peak, "largest_output
 def bench_memory() -> dict:
     import tempfile
 
-    from tl_decomp import DecompositionRecipe, _adapters, load_model
+    from tl_decomp import DecompositionRecipe, _running, load_model
 
     model = load_model("minilm")
     tokens = _tokens(model, 16, 128)
     recipe = DecompositionRecipe.for_model(model, granularity="head")
-    cache = _adapters.run_with_cache(model, tokens, torch.ones_like(tokens), recipe.names_filter)
+    cache = _running.run_with_cache(model, tokens, torch.ones_like(tokens), recipe.names_filter)
     out = {}
     with tempfile.NamedTemporaryFile(suffix=".pt") as f:
         torch.save({k: v.clone() for k, v in cache.items()}, f.name)

@@ -50,12 +50,12 @@ def _naive_reverse(model, tokens, layers: list[int], sample: int | None, seed: i
 
 
 def bench_exact_vs_reverse(quick: bool) -> dict:
-    from tl_decomp import _adapters, load_model, tiny_model
+    from tl_decomp import _running, load_model, tiny_model
     from tl_decomp.attribution import hidden_token_attribution
 
     res = {}
     tiny = tiny_model("bert", dtype=torch.float32)
-    tokens, _ = _adapters.tokenize(tiny, "the cat sat on the mat and the dog ran", encoder=True)
+    tokens, _ = _running.tokenize(tiny, "the cat sat on the mat and the dog ran", encoder=True)
     t_ours, _ = _clock(lambda: hidden_token_attribution(tiny, tokens, layers=[1, 2, 3]))
     per, n = _naive_reverse(tiny, tokens, [1, 2, 3], None)
     res["tiny_bert"] = {"exact_s": t_ours, "naive_s": per * n, "passes": n,

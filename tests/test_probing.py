@@ -7,7 +7,7 @@ import torch
 from conftest import KINDS, cached_model
 from helpers import NoHooksLeft, assert_close
 
-from tl_decomp import corpus, decompose
+from tl_decomp import _mlm, _running, corpus, decompose
 from tl_decomp._probes import split
 from tl_decomp.datasets import UNIVERSAL, LabelledWords, as_labelled, load_pos
 from tl_decomp.masked import masked_prediction
@@ -200,12 +200,12 @@ def test_mlm_head_matches_the_models_logits():
     from tl_decomp import _adapters
 
     model = cached_model("bert")
-    tokens, mask = _adapters.tokenize(model, ["the cat sat", "a dog"], encoder=True)
+    tokens, mask = _running.tokenize(model, ["the cat sat", "a dog"], encoder=True)
     spec = _adapters.model_spec(model)
-    cache = _adapters.run_with_cache(model, tokens, mask, spec.names_filter())
+    cache = _running.run_with_cache(model, tokens, mask, spec.names_filter())
     with torch.no_grad():
         logits = model(tokens, attention_mask=mask)
-    assert_close(_adapters.mlm_logits(model, cache[spec.final]), logits, torch.float64, "head")
+    assert_close(_mlm.mlm_logits(model, cache[spec.final]), logits, torch.float64, "head")
 
 
 def test_masked_prediction_needs_an_mlm_head():

@@ -8,7 +8,7 @@ from conftest import cached_model
 from helpers import assert_close
 
 from tl_decomp import (
-    _adapters,
+    _running,
     anisotropy,
     compare_checkpoints,
     corpus_statistics,
@@ -70,7 +70,7 @@ def test_ff_linearity_matches_least_squares_on_held_out_sentences():
     spec = model_spec(model)
     held = set(result.held_out)
     assert 0 < len(held) < len(texts)
-    tokens, mask = _adapters.tokenize(model, texts, encoder=False)
+    tokens, mask = _running.tokenize(model, texts, encoder=False)
     _, cache = model.run_with_cache(tokens, attention_mask=mask)
     test = torch.tensor([i in held for i in range(len(texts))])[:, None] & mask.bool()
     train = ~torch.tensor([i in held for i in range(len(texts))])[:, None] & mask.bool()

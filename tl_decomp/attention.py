@@ -25,7 +25,7 @@ import torch
 from jaxtyping import Float, Int, Shaped
 from torch import Tensor
 
-from tl_decomp import _adapters
+from tl_decomp import _adapters, _running
 from tl_decomp._adapters import ModelSpec
 from tl_decomp._projection import causal, full_projection, serial
 
@@ -341,13 +341,13 @@ def _corpus(
     model: Any, spec: ModelSpec, texts: Sequence[str], batch_size: int
 ) -> Iterator[tuple[Tensor, Tensor, Tensor, Any]]:
     """Texts in batches of similar length: (their indices, tokens, bool mask, cache)."""
-    tokens, mask = _adapters.tokenize(model, list(texts), encoder=not spec.causal)
+    tokens, mask = _running.tokenize(model, list(texts), encoder=not spec.causal)
     if tokens.shape[1] > spec.n_ctx:
         raise ValueError(
             f"a text has {tokens.shape[1]} tokens; the model's context is {spec.n_ctx}"
         )
     lengths = mask.sum(-1)
-    device = _adapters.model_device(model)
+    device = _running.model_device(model)
     for index in lengths.argsort(stable=True).split(batch_size):
         width = int(lengths[index].max())
         t, m = tokens[index, :width].to(device), mask[index, :width].to(device)
@@ -355,7 +355,7 @@ def _corpus(
             index,
             t,
             m.bool(),
-            _adapters.run_with_cache(model, t, m, spec.names_filter(attention=True)),
+            _running.run_with_cache(model, t, m, spec.names_filter(attention=True)),
         )
 
 
@@ -459,7 +459,7 @@ def _mask(a: Tensor, mask: Tensor | None) -> Tensor:
 
 
 def _source(cache: Any, model: Any) -> tuple[Any, ModelSpec]:
-    source = _adapters.cache_model(cache)
+    source = _running.cache_model(cache)
     if model is None and source is None:
         raise ValueError("this cache does not record the model it came from: pass model=")
     if model is not None and source is not None and model is not source:

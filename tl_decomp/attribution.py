@@ -34,7 +34,7 @@ from torch import Tensor
 from torch.func import jvp, vmap
 from tqdm import tqdm
 
-from tl_decomp import _adapters
+from tl_decomp import _adapters, _running
 from tl_decomp._adapters import ModelSpec
 
 Method = Literal["exact", "estimate"]
@@ -139,7 +139,7 @@ def _runner(model: Any, spec: ModelSpec, tokens: Tensor, source: str, sites: lis
         got: dict[str, Tensor] = {}
         hooks = [(source, functools.partial(_replace, x))]
         hooks += [(s, functools.partial(_capture, got, s)) for s in dict.fromkeys(sites)]
-        _adapters.run_with_hooks(model, tokens, mask, hooks, stop_after=last)
+        _running.run_with_hooks(model, tokens, mask, hooks, stop_after=last)
         return torch.stack([got[s] for s in sites])
 
     return run
@@ -148,7 +148,7 @@ def _runner(model: Any, spec: ModelSpec, tokens: Tensor, source: str, sites: lis
 def _source_activation(model: Any, tokens: Tensor, source: str) -> Tensor:
     got: dict[str, Tensor] = {}
     with torch.no_grad():
-        _adapters.run_with_hooks(
+        _running.run_with_hooks(
             model,
             tokens,
             torch.ones_like(tokens),
@@ -286,7 +286,7 @@ def hidden_token_attribution(
     """
     spec = _adapters.model_spec(model)
     layers = _check(spec, layers, method, wrt, n_probes, chunk_size)
-    tokens, mask = _adapters.as_tokens(model, spec, input, attention_mask)
+    tokens, mask = _running.as_tokens(model, spec, input, attention_mask)
     if (mask.cummin(-1).values != mask).any():
         raise ValueError("only right padding is supported: each mask row must be 1...1 0...0")
     if spec.dtype in (torch.float16, torch.bfloat16):
@@ -295,7 +295,7 @@ def hidden_token_attribution(
             "3 significant digits); norms are accumulated in float64, returned in float32",
             stacklevel=2,
         )
-    device = _adapters.model_device(model)
+    device = _running.model_device(model)
     tokens, mask = tokens.to(device), mask.to(device)
     source = spec.layer0 if wrt == "layer0" else spec.embeds[0][1]
     sites = _layer_sites(spec, layers)

@@ -22,7 +22,7 @@ import torch
 from jaxtyping import Float, Int
 from torch import Tensor
 
-from tl_decomp import _adapters
+from tl_decomp import _adapters, _running
 from tl_decomp._adapters import ModelSpec, Norm
 
 Granularity = Literal["coarse", "layer", "head"]
@@ -366,7 +366,7 @@ class DecompositionRecipe:
         )
 
     def _check_cache(self, cache: Any) -> None:
-        source = _adapters.cache_model(cache)
+        source = _running.cache_model(cache)
         if source is not None and self.model is not None and source is not self.model:
             raise ValueError(
                 "this cache comes from another model than the recipe's; "
@@ -388,10 +388,10 @@ class DecompositionRecipe:
 def _run(model: Any, options: dict[str, Any], input: Any, attention_mask: Tensor | None):
     """Build the recipe, tokenise, and cache exactly what it reads: one forward pass."""
     recipe = DecompositionRecipe.for_model(model, **options)
-    tokens, mask = _adapters.as_tokens(model, recipe.spec, input, attention_mask)
-    device = _adapters.model_device(model)
+    tokens, mask = _running.as_tokens(model, recipe.spec, input, attention_mask)
+    device = _running.model_device(model)
     tokens, mask = tokens.to(device), mask.to(device)
-    cache = _adapters.run_with_cache(model, tokens, mask, recipe.names_filter)
+    cache = _running.run_with_cache(model, tokens, mask, recipe.names_filter)
     return recipe, cache, tokens, mask
 
 

@@ -24,7 +24,7 @@ from jaxtyping import Bool, Float, Int
 from torch import Tensor, nn
 from tqdm import tqdm
 
-from tl_decomp import _adapters
+from tl_decomp import _adapters, _running
 from tl_decomp._adapters import ModelSpec
 from tl_decomp._maps import Distance, Mapping, fit_maps
 
@@ -65,11 +65,11 @@ class Vocab:
         ln = spec.embed_ln
         norm = "none" if ln is None else ("RMS" if ln.rms else "LN")
         return cls(
-            _adapters.embedding_matrix(model),
+            _running.embedding_matrix(model),
             norm,
             ln and ln.w,
             ln and ln.b,
-            _adapters.norm_eps(model),
+            _running.norm_eps(model),
         )
 
     def scores(
@@ -267,11 +267,11 @@ def _gather(
     """Hidden states of `corpus[order]`, a batch at a time; the run stops at the deepest layer."""
     sites = [spec.layer0] + [spec.blocks[L - 1].out for L in layers if L > 0]
     embeds = [h for _, h in spec.embeds] if vocab else []
-    W_E = _adapters.embedding_matrix(model) if vocab else None
-    device = _adapters.model_device(model)
+    W_E = _running.embedding_matrix(model) if vocab else None
+    device = _running.model_device(model)
     for start in range(0, len(order), batch_size):
         idx = list(order[start : start + batch_size])
-        tokens, mask = _adapters.tokenize(model, [corpus[i] for i in idx], encoder=not spec.causal)
+        tokens, mask = _running.tokenize(model, [corpus[i] for i in idx], encoder=not spec.causal)
         if tokens.shape[1] > spec.n_ctx:
             raise ValueError(
                 f"a sequence has {tokens.shape[1]} tokens; the context is {spec.n_ctx}"
@@ -280,7 +280,7 @@ def _gather(
         got: dict[str, Tensor] = {}
         hooks = [(s, functools.partial(_capture, got, s)) for s in dict.fromkeys(sites + embeds)]
         with torch.no_grad():
-            _adapters.run_with_hooks(model, tokens, mask, hooks, stop_after=sites[-1])
+            _running.run_with_hooks(model, tokens, mask, hooks, stop_after=sites[-1])
         e0 = got[spec.layer0]
         states = torch.stack([e0 if L == 0 else got[spec.blocks[L - 1].out] for L in layers])
         offsets = None if W_E is None else sum(got[h] for h in embeds) - W_E[tokens]

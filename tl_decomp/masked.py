@@ -2,7 +2,7 @@
 
 Mask one token per text, decompose the final embedding into ``i, h, f, c``, and feed the sum
 of each subset at the masked position to the model's own masked-LM head
-(`_adapters.mlm_logits`). Only models with such a head qualify (BERT as ``BertForMaskedLM``,
+(`_mlm.mlm_logits`). Only models with such a head qualify (BERT as ``BertForMaskedLM``,
 HookedEncoder).
 """
 
@@ -18,7 +18,7 @@ from jaxtyping import Float
 from torch import Tensor
 from tqdm.auto import tqdm
 
-from tl_decomp import _adapters
+from tl_decomp import _mlm, _running
 from tl_decomp._probes import selector, subset_names
 from tl_decomp.decompose import DecompositionRecipe
 
@@ -90,21 +90,21 @@ def masked_prediction(
     recipe = DecompositionRecipe.for_model(model)
     if recipe.spec.causal:
         raise NotImplementedError("masked-token prediction needs a masked-LM (encoder) model")
-    tok, dev = model.tokenizer, _adapters.model_device(model)
+    tok, dev = model.tokenizer, _running.model_device(model)
     gen, sel = torch.Generator().manual_seed(seed), selector(subsets)
     hits, same, own, n = torch.zeros(len(subsets)), torch.zeros(len(subsets)), 0.0, 0
     starts = range(0, len(texts), batch_size)
     for start in tqdm(starts, desc="masked prediction", disable=not progress, unit="batch"):
-        tokens, mask = _adapters.tokenize(model, texts[start : start + batch_size], encoder=True)
+        tokens, mask = _running.tokenize(model, texts[start : start + batch_size], encoder=True)
         pos = _pick_positions(tokens, mask, set(tok.all_special_ids), gen)
         rows, original = torch.arange(len(pos)), tokens[torch.arange(len(pos)), pos]
         masked = tokens.clone()
         masked[rows, pos] = tok.mask_token_id
-        cache = _adapters.run_with_cache(model, masked.to(dev), mask.to(dev), recipe.names_filter)
+        cache = _running.run_with_cache(model, masked.to(dev), mask.to(dev), recipe.names_filter)
         d = recipe.decompose(cache, None)
         vecs = einops.einsum(sel.to(d.factors), d.factors[:, rows, pos], "s f, f b d -> s b d")
-        pred = _adapters.mlm_logits(model, vecs.to(d.target.dtype)).argmax(-1).cpu()
-        mine = _adapters.mlm_logits(model, d.target[rows, pos]).argmax(-1).cpu()
+        pred = _mlm.mlm_logits(model, vecs.to(d.target.dtype)).argmax(-1).cpu()
+        mine = _mlm.mlm_logits(model, d.target[rows, pos]).argmax(-1).cpu()
         hits += (pred == original).sum(1)
         same += (pred == mine).sum(1)
         own += float((mine == original).sum())

@@ -20,7 +20,7 @@ from jaxtyping import Float, Int
 from torch import Tensor
 from tqdm.auto import tqdm
 
-from tl_decomp import _adapters
+from tl_decomp import _mlm, _running
 from tl_decomp._probes import SUBSETS, fit_predict, macro_f1, selector, split, subset_names
 from tl_decomp.datasets import as_labelled
 from tl_decomp.decompose import DecompositionRecipe
@@ -106,17 +106,17 @@ def word_factors(
     """
     data = as_labelled(dataset)
     recipe = DecompositionRecipe.for_model(model)
-    spec, dev = recipe.spec, _adapters.model_device(model)
+    spec, dev = recipe.spec, _running.model_device(model)
     index = {c: k for k, c in enumerate(data.classes)}
     chunks, worst, site = [], 0.0, layer
     starts = range(0, len(data), batch_size)
     for start in tqdm(starts, desc="word factors", disable=not progress, unit="batch"):
         sentences = data.words[start : start + batch_size]
         texts, spans = zip(*[(t, (s, e)) for t, s, e in map(_spans, sentences)], strict=True)
-        tokens, mask, offsets = _adapters.tokenize_offsets(model, texts, encoder=not spec.causal)
+        tokens, mask, offsets = _mlm.tokenize_offsets(model, texts, encoder=not spec.causal)
         if tokens.shape[1] > spec.n_ctx:
             raise ValueError(f"a sentence has {tokens.shape[1]} tokens; context is {spec.n_ctx}")
-        cache = _adapters.run_with_cache(model, tokens.to(dev), mask.to(dev), recipe.names_filter)
+        cache = _running.run_with_cache(model, tokens.to(dev), mask.to(dev), recipe.names_filter)
         d = recipe.decompose(cache, layer, tokens=tokens, attention_mask=mask)
         owner = _owners(offsets, list(spans)).to(d.factors.device)
         n = sum(len(s) for s in sentences)

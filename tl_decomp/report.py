@@ -24,7 +24,7 @@ from jaxtyping import Float
 from torch import Tensor
 from tqdm.auto import tqdm
 
-from tl_decomp import _adapters, _page
+from tl_decomp import _adapters, _page, _running
 from tl_decomp.decompose import Decomposition, decompose_layers
 from tl_decomp.views import layer_name
 
@@ -166,7 +166,7 @@ def report(
         progress: a progress bar over the steps.
 
     Example:
-        >>> from tl_decomp import tiny_model
+        >>> from tl_decomp import _running, tiny_model
         >>> rep = report(tiny_model("bert"), "the cat sat on the mat", attribution_layers=[1],
         ...              progress=False)
         >>> rep.tokens
@@ -185,8 +185,8 @@ def report(
     spec = _adapters.model_spec(model)
     _check_options(spec.n_layers, attention_layers, attribution_layers, attribution_method,
                    n_probes)  # fmt: skip
-    ids, mask = _adapters.tokenize(model, text, encoder=not spec.causal)
-    ids, mask = ids.to(_adapters.model_device(model)), mask.to(_adapters.model_device(model))
+    ids, mask = _running.tokenize(model, text, encoder=not spec.causal)
+    ids, mask = ids.to(_running.model_device(model)), mask.to(_running.model_device(model))
     n = ids.shape[1]
     if n > max_tokens:
         raise ValueError(f"the text has {n} tokens; the limit is {max_tokens} (max_tokens)")
@@ -229,7 +229,7 @@ def _attention(model: Any, spec: Any, ids: Tensor, mask: Tensor, blocks: tuple[i
     from tl_decomp.attention import attention_null_space, effective_attention_layers
 
     names = spec.names_filter(layers=blocks, attention=True)
-    cache = _adapters.run_with_cache(model, ids, mask, names)
+    cache = _running.run_with_cache(model, ids, mask, names)
     eff = effective_attention_layers(cache, blocks, model=model)[:, 0]
     raw = torch.stack([cache[spec.blocks[L].pattern][0] for L in blocks]).to(eff.dtype)
     return raw, eff, attention_null_space(cache, blocks, model=model)

@@ -16,7 +16,7 @@ from jaxtyping import Float
 from torch import Tensor
 from tqdm.auto import tqdm
 
-from tl_decomp import _adapters
+from tl_decomp import _adapters, _running
 from tl_decomp.decompose import Decomposition, DecompositionRecipe, Granularity
 
 Statistic = Literal["shares", "norm_ratios", "cosines"]
@@ -120,11 +120,11 @@ def corpus_statistics(
     site_labels: dict[int | None, tuple[str, ...]] = {}
     worst = 0.0
     for batch in _batches(texts, batch_size, progress, f"decomposing ({statistic})"):
-        tokens, mask = _adapters.tokenize(model, batch, encoder=not recipe.spec.causal)
+        tokens, mask = _running.tokenize(model, batch, encoder=not recipe.spec.causal)
         if tokens.shape[1] > recipe.spec.n_ctx:
             raise ValueError(f"a text has {tokens.shape[1]} tokens; context is {recipe.spec.n_ctx}")
-        device = _adapters.model_device(model)
-        cache = _adapters.run_with_cache(
+        device = _running.model_device(model)
+        cache = _running.run_with_cache(
             model, tokens.to(device), mask.to(device), recipe.names_filter
         )
         for d in recipe.iter_layers(cache, tokens=tokens, attention_mask=mask):
@@ -195,8 +195,8 @@ def compare_checkpoints(
     if (sa.n_layers, sa.d_model) != (sb.n_layers, sb.d_model):
         raise ValueError("the checkpoints differ in shape: compare checkpoints of one model")
     probe = list(texts[: min(len(texts), 8)])
-    ta = _adapters.tokenize(model_a, probe, encoder=not sa.causal)[0]
-    tb = _adapters.tokenize(model_b, probe, encoder=not sb.causal)[0]
+    ta = _running.tokenize(model_a, probe, encoder=not sa.causal)[0]
+    tb = _running.tokenize(model_b, probe, encoder=not sb.causal)[0]
     if ta.shape != tb.shape or not torch.equal(ta, tb):
         raise ValueError("the checkpoints tokenize the corpus differently")
     return CheckpointComparison(
@@ -324,9 +324,9 @@ def ff_linearity(
     stats = [(_Suff(), _Suff()) for _ in spec.blocks]
     offset = 0
     for batch in _batches(texts, batch_size, progress, "FF linearity"):
-        tokens, mask = _adapters.tokenize(model, batch, encoder=not spec.causal)
-        dev = _adapters.model_device(model)
-        cache = _adapters.run_with_cache(model, tokens.to(dev), mask.to(dev), names.__contains__)
+        tokens, mask = _running.tokenize(model, batch, encoder=not spec.causal)
+        dev = _running.model_device(model)
+        cache = _running.run_with_cache(model, tokens.to(dev), mask.to(dev), names.__contains__)
         split = is_test[offset : offset + len(batch)]
         offset += len(batch)
         for L, blk in enumerate(spec.blocks):

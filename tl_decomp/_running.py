@@ -1,0 +1,163 @@
+"""Running a model: tokenising, checking input, caching, temporary hooks.
+
+One call signature for every model class `tl_decomp._adapters` describes; like that module,
+the only place that knows how TransformerBridge, HookedTransformer and HookedEncoder differ
+when they run.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Sequence
+from typing import Any
+
+import torch
+from torch import Tensor
+
+from tl_decomp._adapters import ModelSpec, _kind
+
+
+def run_with_cache(
+    model: Any,
+    tokens: Tensor,
+    attention_mask: Tensor | None,
+    names_filter: Callable[[str], bool],
+    token_type_ids: Tensor | None = None,
+) -> Any:
+    """Run `model` on token ids and cache what `names_filter` selects; no hook survives."""
+    kind = _kind(model)
+    kwargs: dict[str, Any] = {"names_filter": names_filter}
+    if kind == "HookedEncoder":
+        kwargs["one_zero_attention_mask"] = attention_mask
+        kwargs["token_type_ids"] = token_type_ids
+    else:
+        kwargs["attention_mask"] = attention_mask
+        if token_type_ids is not None and kind == "TransformerBridge":
+            kwargs["token_type_ids"] = token_type_ids
+    with torch.inference_mode():
+        _, cache = model.run_with_cache(tokens, **kwargs)
+    return cache
+
+
+def tokenize(model: Any, texts: str | Sequence[str], *, encoder: bool) -> tuple[Tensor, Tensor]:
+    """Token ids and a 1/0 attention mask, right-padded, with the model's special tokens.
+
+    Encoders get the tokenizer's own specials ([CLS] ... [SEP]); decoders get a BOS token
+    where TransformerLens would prepend one.
+    """
+    tok = model.tokenizer
+    if tok is None:
+        raise ValueError("the model has no tokenizer: pass token ids instead of text")
+    texts = [texts] if isinstance(texts, str) else list(texts)
+    if not texts or any(not t.strip() for t in texts):
+        raise ValueError("empty input: every text must contain at least one non-space character")
+    if encoder:
+        ids = [tok(t)["input_ids"] for t in texts]
+    else:
+        ids = [tok(t, add_special_tokens=False)["input_ids"] for t in texts]
+        bos = tok.bos_token_id
+        if getattr(model.cfg, "default_prepend_bos", True) and bos is not None:
+            ids = [[bos, *i] for i in ids]
+    width = max(len(i) for i in ids)
+    pad = tok.pad_token_id if tok.pad_token_id is not None else 0
+    tokens = torch.tensor([i + [pad] * (width - len(i)) for i in ids])
+    mask = torch.tensor([[1] * len(i) + [0] * (width - len(i)) for i in ids])
+    return tokens, mask
+
+
+def as_tokens(
+    model: Any, spec: ModelSpec, input: Any, attention_mask: Tensor | None = None
+) -> tuple[Tensor, Tensor]:
+    """Text, texts or token ids -> checked ``(tokens, mask)`` [batch pos], mask 1/0 long.
+
+    Token ids must lie in the vocabulary and every example needs one real token: both would
+    otherwise fail deep inside a hooked forward pass.
+    """
+    if isinstance(input, Tensor):
+        tokens = input if input.ndim == 2 else input.unsqueeze(0)
+        if tokens.numel() == 0:
+            raise ValueError("empty input: no tokens")
+        if tokens.is_floating_point() or tokens.is_complex() or tokens.ndim != 2:
+            raise ValueError(
+                f"token ids must be integers [batch pos], not {tokens.dtype} "
+                f"of shape {tuple(input.shape)}"
+            )
+        mask = torch.ones_like(tokens) if attention_mask is None else attention_mask
+        if mask.shape != tokens.shape:
+            raise ValueError(
+                f"attention_mask shape {tuple(mask.shape)} != tokens {tuple(tokens.shape)}"
+            )
+        mask = mask.to(device=tokens.device, dtype=torch.long)
+        if not ((mask == 0) | (mask == 1)).all():
+            raise ValueError("attention_mask must hold only 1 (real token) and 0 (padding)")
+        bad = tokens[(tokens < 0) | (tokens >= spec.d_vocab)] if spec.d_vocab > 0 else tokens[:0]
+        if bad.numel():
+            raise ValueError(
+                f"token id {int(bad[0])} is outside the vocabulary (0..{spec.d_vocab - 1})"
+            )
+    else:
+        if attention_mask is not None:
+            raise ValueError(
+                "attention_mask is only accepted with token ids; text is padded for you"
+            )
+        tokens, mask = tokenize(model, input, encoder=not spec.causal)
+    if (mask.sum(-1) == 0).any():
+        raise ValueError("an example has no real token: its attention_mask row is all 0")
+    if tokens.shape[1] > spec.n_ctx:
+        raise ValueError(f"input has {tokens.shape[1]} tokens; the model's context is {spec.n_ctx}")
+    return tokens, mask
+
+
+def model_device(model: Any) -> torch.device:
+    return next(model.parameters()).device
+
+
+def cache_model(cache: Any) -> Any:
+    """The model an `ActivationCache` came from (None for a plain dict)."""
+    return getattr(cache, "model", None)
+
+
+# -- Running a model with temporary hooks (identifiability, attribution) --------------------
+# Added for tl_decomp.identifiability / tl_decomp.attribution: one call signature for the
+# three model classes, and an early stop so nothing after the last hook needed runs (the
+# MLM head or unembedding would otherwise cost as much as a small encoder's blocks).
+
+
+class _StopRun(Exception):
+    """Raised by the hook a run stops after; caught by `run_with_hooks`."""
+
+
+def _stop(tensor: Tensor, *, hook: Any) -> None:
+    raise _StopRun
+
+
+def run_with_hooks(
+    model: Any,
+    tokens: Tensor,
+    attention_mask: Tensor | None,
+    fwd_hooks: Sequence[tuple[str, Callable[..., Any]]],
+    *,
+    stop_after: str | None = None,
+) -> None:
+    """Run `model` on token ids with temporary forward hooks, removed even if the run raises.
+
+    Hooks on one name run in the order given; a hook that returns a tensor replaces the
+    activation. With `stop_after`, the run ends once that hook's hooks have run.
+    """
+    hooks = list(fwd_hooks) + ([(stop_after, _stop)] if stop_after else [])
+    key = "one_zero_attention_mask" if _kind(model) == "HookedEncoder" else "attention_mask"
+    kwargs = {key: attention_mask}
+    try:
+        with model.hooks(fwd_hooks=hooks):
+            model(tokens, **kwargs)
+    except _StopRun:
+        pass
+
+
+def embedding_matrix(model: Any) -> Tensor:
+    """The token embedding matrix ``W_E`` [d_vocab d_model] that the embed hook reads from."""
+    return model.W_E.detach()
+
+
+def norm_eps(model: Any) -> float:
+    """The epsilon of the model's LayerNorms / RMSNorms (inside sigma, SPEC 1.1)."""
+    return float(model.cfg.eps)
