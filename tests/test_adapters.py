@@ -3,12 +3,22 @@
 from __future__ import annotations
 
 import importlib.util
+from dataclasses import replace
 
 import pytest
 import torch
 from conftest import KINDS, cached_model
 
-from tl_decomp import _bundled, _running, load_model, model_spec, tiny_model
+from tl_decomp import (
+    DecompositionRecipe,
+    InexactDecompositionError,
+    _bridge,
+    _bundled,
+    _running,
+    load_model,
+    model_spec,
+    tiny_model,
+)
 
 # arch -> (placement, norm, parallel, positional, token_types, causal, n_kv_heads, biases)
 FACTS = {
@@ -81,11 +91,23 @@ def test_unknown_model_class_is_named():
         model_spec(torch.nn.Linear(2, 2))
 
 
-def test_unverified_bridge_architecture_is_refused():
-    model = tiny_model("gpt2")  # a private copy: the cached one is read-only
-    model.cfg.architecture = "FancyNewForCausalLM"
-    with pytest.raises(NotImplementedError, match="FancyNewForCausalLM.*TransformerBridge"):
-        model_spec(model)
+def test_a_misread_layout_raises_instead_of_returning():
+    # A residual multiplier the spec did not derive (as Granite's would be): the measured
+    # error exceeds the tolerance, so the decomposition raises with the site and the error.
+    model = cached_model("llama", "bridge")
+    spec = model_spec(model)
+    wrong = replace(spec, blocks=(replace(spec.blocks[0], residual_scale=0.5), *spec.blocks[1:]))
+    recipe = replace(DecompositionRecipe.for_model(model), spec=wrong)
+    _, cache = model.run_with_cache(torch.tensor([[1, 5, 6, 7]]), names_filter=spec.names_filter())
+    with pytest.raises(InexactDecompositionError, match=r"blocks\.0\.hook_out by .*relative"):
+        recipe.decompose(cache, 0)
+
+
+def test_a_norm_that_is_not_the_formula_is_refused():
+    model = tiny_model("gpt2", dtype=torch.float64)  # a private copy: this one is edited
+    model.blocks[0].ln1.original_component.forward = lambda x: 2 * x  # not a LayerNorm
+    with pytest.raises(NotImplementedError, match="norm blocks.0.ln1 .*does not compute"):
+        _bridge._norm(model, "blocks.0.ln1")
 
 
 def test_unknown_and_empty_model_names():

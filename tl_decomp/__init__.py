@@ -6,6 +6,7 @@ Exact vector-factor decompositions (Mickus et al., TACL 2022) and identifiabilit
 
 from tl_decomp import views
 from tl_decomp._adapters import ModelSpec, model_spec
+from tl_decomp._spec import InexactDecompositionError
 from tl_decomp.attention import (
     AttentionCorrelation,
     NullSpace,
@@ -60,6 +61,7 @@ __all__ = [
     "DecompositionRecipe",
     "FFLinearity",
     "IdentifiabilityResult",
+    "InexactDecompositionError",
     "LabelledWords",
     "LayerStats",
     "MaskedPrediction",

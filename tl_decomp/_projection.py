@@ -16,11 +16,13 @@ import contextlib
 import math
 from collections.abc import Iterator
 
+import einops
 import torch
 from jaxtyping import Bool, Float, Int
 from torch import Tensor
 
 _CHUNK = 1024  # rows (or heads) decomposed per batched SVD on the fallback path
+_CHUNK_ELEMENTS = 2**24  # gathered sliding-window keys (U entries) held at once
 
 
 @contextlib.contextmanager
@@ -137,6 +139,59 @@ def causal(
     if w < n:
         eff[..., w:, :] = (_blocks(u, b, fro, valid, rtol, w) @ u.mT).tril(w)
     return eff
+
+
+def windowed(
+    u: Float[Tensor, "batch head pos k"],
+    a: Float[Tensor, "batch head pos pos"],
+    mask: Bool[Tensor, "batch pos"],
+    rtol: Float[Tensor, "batch head pos"],
+    window: int,
+) -> Float[Tensor, "batch head pos pos"]:
+    """Sliding window: row t is projected onto the column space of its own window
+    ``U[t-window+1 : t+1]`` (valid keys only; `a` must be zero outside the window).
+
+    Rows before `window` see a prefix: `causal` on the first `window` rows and keys. No two
+    later rows see the same keys, so their windows are gathered into a batch of small
+    bidirectional problems, each solved by `full_projection` (a Gram-matrix Cholesky where the
+    norm bounds certify it, the reference SVD elsewhere).
+    """
+    n = u.shape[-2]
+    w = min(window, n)
+    eff = torch.zeros_like(a)
+    eff[..., :w, :w] = causal(u[..., :w, :], a[..., :w, :w], mask[:, :w], rtol[..., :w])
+    queries = mask[:, w:].nonzero()  # padded queries see nothing: no window to solve
+    queries[:, 1] += w
+    heads = torch.arange(u.shape[1], device=u.device)[:, None]
+    span = torch.arange(window, device=u.device) - window + 1  # key offsets from the query
+    per_query = max(1, _CHUNK_ELEMENTS // (u.shape[1] * window * u.shape[-1]))
+    for bi, t in queries.split(per_query):
+        keys = (t[:, None] + span)[:, None]  # [chunk 1 window]
+        where = bi[:, None, None], heads, t[:, None, None], keys
+        rows = _window_rows(
+            u[bi[:, None, None], heads, keys], a[where], mask[bi[:, None], keys[:, 0]], rtol[bi, :, t]
+        )
+        eff[where] = rows
+    return eff
+
+
+def _window_rows(
+    u: Float[Tensor, "query head window k"],
+    a: Float[Tensor, "query head window"],
+    mask: Bool[Tensor, "query window"],
+    rtol: Float[Tensor, "query head"],
+) -> Float[Tensor, "query head window"]:
+    """Each query's row projected onto the column space of its own keys' ``U``."""
+    heads = u.shape[1]
+    f, exact, _ = full_projection(
+        einops.rearrange(u, "q h w k -> (q h) 1 w k"),
+        einops.repeat(mask, "q w -> (q h) w", h=heads),
+        einops.rearrange(rtol, "q h -> (q h)"),
+    )
+    f = einops.rearrange(f, "(q h) 1 k j -> q h k j", h=heads)
+    coords = ((a[..., None, :] @ u) @ f) @ f.mT  # the row's output, through (U^T U)^+
+    eff = (coords @ u.mT)[..., 0, :]
+    return torch.where(einops.rearrange(exact, "(q h) 1 -> q h 1", h=heads), a, eff)
 
 
 def _gram_schmidt(u: Tensor, theta: Tensor) -> tuple[Tensor, Tensor, Tensor]:

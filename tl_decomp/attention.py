@@ -5,9 +5,13 @@ than ``rank(T) <= d_head``, any ``A + N`` with the rows of ``N`` in the left nul
 ``T`` writes the same output, so only ``A_eff = A P`` is identifiable, ``P = T T^+`` being the
 projector onto the column space of ``T`` in key space (SPEC section 2).
 
-Each query row is projected onto the keys it may see: all valid keys of its example
-(bidirectional), or the valid keys up to itself (causal; the full ``T`` would leak future
-keys). Nothing is shared across examples, heads or rows: not a rank, not a tolerance.
+Each query row is projected onto exactly the keys it may see: all valid keys of its example
+(bidirectional), the valid keys up to itself (causal; the full ``T`` would leak future keys),
+or the last ``window`` of those (sliding-window layers: Mistral, Gemma-2/3, GPT-Neo's local
+layers; per block, from the model spec). A projection over more keys than the row sees would
+move weight onto keys it cannot see. Nothing is shared across examples, heads or rows: not a
+rank, not a tolerance. The cached pattern is checked against these key sets, so a spec that
+misreads a model's attention raises rather than returning a wrong projection.
 
 This is not TransformerLens 4.x's ``compute_ssm_effective_attention``, the implicit attention
 matrix of state-space layers: a different concept under a similar name.
@@ -27,7 +31,7 @@ from torch import Tensor
 
 from tl_decomp import _adapters, _running
 from tl_decomp._adapters import ModelSpec
-from tl_decomp._projection import causal, full_projection, serial
+from tl_decomp._projection import causal, full_projection, serial, windowed
 
 
 @dataclass(frozen=True)
@@ -53,8 +57,15 @@ def effective_attention(
 
     Guarantees ``A_eff @ T == A @ T`` (the head's output is unchanged), ``A_eff == A`` on
     every row that sees no more keys than ``rank(T)``, ``A_eff @ P == A_eff``, and zeros at
-    masked keys, padded queries and (causal models) future keys. ``A`` on masked keys is
-    ignored. Agrees with one SVD of ``T`` per row to rounding (``eps * cond(T)``).
+    masked keys, padded queries, (causal models) future keys and (sliding-window layers)
+    keys before the window. Agrees with one SVD of ``T`` per row, over exactly the keys that
+    row sees, to rounding (``eps * cond(T)``).
+
+    Raises ValueError where the pattern of a real query disagrees with the key sets derived
+    for it: weight on a key it cannot see, or no weight from any head on the first key it
+    does see (an undeclared sliding window looks like this; the check is skipped for float16
+    patterns, whose softmax can underflow). Either means the model's attention is not the one
+    the spec describes, or `attention_mask` is not the one the model ran with.
 
     Args:
         cache: an ``ActivationCache`` holding ``hook_pattern`` and ``hook_v`` of `layer`
@@ -119,12 +130,22 @@ def effective_attention_layers(
 class NullSpace:
     """How much of each head's attention is not identifiable, per layer, example and head.
 
+    ``rank`` and ``null_dim`` are those of the keys the example's last valid query sees:
+    all its valid keys in bidirectional and causal layers, so ``null_dim = n_keys - rank``.
+    In a sliding-window layer no query sees more than ``window`` keys, and a rank over the
+    whole example would describe no query's projection: there they count the last query's
+    window (``null_dim = min(window, keys) - rank``), the null space every query past the
+    first ``window`` has when its keys' values are as independent as the last one's.
+
     Attributes:
         layers: block indices, aligned with the first axis.
         n_keys: valid keys per example.
-        rank: ``rank(T)`` over the example's valid keys (tolerance as in `effective_attention`).
-        null_dim: ``n_keys - rank``, the dimension of the left null space of ``T``.
-        relative_norm: ``||A - A_eff||_F / ||A||_F`` over the example's valid entries.
+        rank: ``rank(T)`` over the keys the last valid query sees (tolerance as in
+            `effective_attention`).
+        null_dim: those keys' count minus ``rank``: the dimension of the left null space of
+            ``T`` restricted to them.
+        relative_norm: ``||A - A_eff||_F / ||A||_F`` over the entries every query may attend
+            to (all of them, not only the last query's).
     """
 
     layers: tuple[int, ...]
@@ -175,19 +196,25 @@ def attention_null_space(
     Ls = _layers(spec, layers)
     _check_cache(cache, spec, Ls)
     opts = _Options(value_bias, preserve_row_sums, rtol, dtype)
-    ranks, norms = [], []
+    ranks, null_dims, norms = [], [], []
     for L in Ls:
         a = cache[spec.blocks[L].pattern].to(dtype)
         mask = _mask(a, attention_mask)
-        a = a * _allowed(mask, spec.causal)
-        u = _values(cache, spec, L, mask, opts)
+        allowed = _allowed(mask, spec.causal, spec.blocks[L].window)
+        a = a * allowed
+        last = mask.shape[-1] - 1 - mask.flip(-1).int().argmax(-1)  # each example's last query
+        keys = allowed[torch.arange(len(last), device=last.device), 0, last]
+        u = _values(cache, spec, L, keys, opts)
         with serial():
-            ranks.append(full_projection(u, mask, _rtol(opts, spec, mask.sum(-1)))[2])
+            rank = full_projection(u, keys, _rtol(opts, spec, keys.sum(-1)))[2]
+        ranks.append(rank)
+        null_dims.append(keys.sum(-1)[:, None] - rank)
         diff = (a - _layer(cache, spec, L, mask, opts)).flatten(2).norm(dim=-1)
         norms.append(diff / a.flatten(2).norm(dim=-1))
     n_keys = _mask(cache[spec.blocks[Ls[0]].pattern], attention_mask).sum(-1)
-    rank = torch.stack(ranks)
-    return NullSpace(tuple(Ls), n_keys, rank, n_keys[:, None] - rank, torch.stack(norms))
+    return NullSpace(
+        tuple(Ls), n_keys, torch.stack(ranks), torch.stack(null_dims), torch.stack(norms)
+    )
 
 
 # -- corpus analyses [B, Fig. 1] --------------------------------------------------------------
@@ -195,8 +222,8 @@ def attention_null_space(
 class AttentionCorrelation:
     """Pearson r between raw and effective attention per text, layer and head.
 
-    r runs over every entry a query may attend to (valid keys; causal: up to itself), and
-    is NaN where a pattern is constant (one-token texts). ``r[i]`` belongs to ``texts[i]``.
+    r runs over every entry a query may attend to (valid keys; causal: up to itself;
+    sliding-window layers: within the window), and is NaN where a pattern is constant (one-token texts). ``r[i]`` belongs to ``texts[i]``.
     """
 
     layers: tuple[int, ...]
@@ -258,8 +285,8 @@ def attention_correlation(
     r = torch.full((len(texts), len(Ls), spec.n_heads), torch.nan, dtype=dtype)
     for index, _, mask, cache in _corpus(model, spec, texts, batch_size):
         lengths[index] = mask.sum(-1)
-        allowed = _allowed(mask, spec.causal)
         for i, L in enumerate(Ls):
+            allowed = _allowed(mask, spec.causal, spec.blocks[L].window)
             a = cache[spec.blocks[L].pattern].to(dtype) * allowed
             r[index, i] = _pearson(a, _layer(cache, spec, L, mask, opts), allowed).cpu()
     return AttentionCorrelation(tuple(Ls), lengths, r)
@@ -327,8 +354,8 @@ def special_token_attention(
         onehot = torch.nn.functional.one_hot(kind, len(names)).to(dtype) * mask[..., None]
         seen += onehot.sum((0, 1)).long().cpu()
         queries += int(mask.sum()) * spec.n_heads
-        allowed = _allowed(mask, spec.causal)
         for i, L in enumerate(Ls):
+            allowed = _allowed(mask, spec.causal, spec.blocks[L].window)
             a = cache[spec.blocks[L].pattern].to(dtype) * allowed
             raw[i] += einops.einsum(a, onehot, "b h q k, b k c -> c").cpu()
             eff[i] += einops.einsum(
@@ -394,18 +421,52 @@ def _categorise(model: Any, tokens: Tensor, special: dict[int, int], n: int) -> 
 
 # -- the projection ---------------------------------------------------------------------------
 def _layer(cache: Any, spec: ModelSpec, L: int, mask_arg: Tensor | None, opts: _Options) -> Tensor:
-    a = cache[spec.blocks[L].pattern].to(opts.dtype)
+    pattern = cache[spec.blocks[L].pattern]
+    a = pattern.to(opts.dtype)
     mask = _mask(a, mask_arg)
+    window = spec.blocks[L].window
+    allowed = _allowed(mask, spec.causal, window)
+    _check_pattern(pattern, mask, allowed, L)
     u = _values(cache, spec, L, mask, opts)  # masked keys are zero rows: outside every span
-    allowed = _allowed(mask, spec.causal)
     a = a * allowed
     with serial():
         if spec.causal:  # row t's tolerance counts the valid keys it sees
-            rtol = _rtol(opts, spec, mask.cumsum(-1))[:, None].expand(u.shape[:-1])
+            rtol = _rtol(opts, spec, allowed[:, 0].sum(-1))[:, None].expand(u.shape[:-1])
+            if window is not None and a.shape[-1] > window:
+                return windowed(u, a, mask, rtol, window).mul_(allowed)
             return causal(u, a, mask, rtol).mul_(allowed)
         f, exact, _ = full_projection(u, mask, _rtol(opts, spec, mask.sum(-1)))
         q = u @ f  # orthonormal basis of col(U): P = q q^T
         return torch.where(exact[..., None, None], a, ((a @ q) @ q.mT).mul_(allowed))
+
+
+def _check_pattern(pattern: Tensor, mask: Tensor, allowed: Tensor, L: int) -> None:
+    """Real queries attend to exactly their derived keys: weight outside them means the model
+    sees keys the spec did not derive; no head on a row's first derived key (a softmax weight
+    is never exactly 0 short of underflow) means it sees fewer, e.g. an undeclared window."""
+    seen = pattern != 0
+    stray = seen & ~allowed & mask[:, None, :, None]
+    if stray.any():
+        b, h, q, k = stray.nonzero()[0].tolist()
+        raise ValueError(
+            f"block {L}: query {q} of example {b} (head {h}) attends to key {k}, which the key "
+            "sets derived from the model spec (causal, sliding window, padding) say it cannot "
+            "see: the model's attention sees keys the spec did not derive (a sliding window or "
+            "local/global layer read wrongly?), or attention_mask is not the one it ran with"
+        )
+    if torch.finfo(pattern.dtype).tiny > torch.finfo(torch.float32).tiny:
+        return  # float16: a weight can underflow to 0
+    rows = allowed[:, 0].any(-1)
+    first = allowed[:, 0].int().argmax(-1, keepdim=True)  # each row's first derived key
+    unseen = rows & ~seen.any(1).take_along_dim(first, -1)[..., 0]
+    if unseen.any():
+        b, q = unseen.nonzero()[0].tolist()
+        raise ValueError(
+            f"block {L}: no head attends from query {q} of example {b} to key "
+            f"{int(first[b, q])}, the first of the keys the model spec derives for it: the "
+            "model's attention sees fewer keys than the spec derived (an undeclared sliding "
+            "window or local layer?), or attention_mask is not the one it ran with"
+        )
 
 
 # -- inputs -----------------------------------------------------------------------------------
@@ -433,10 +494,17 @@ def _rtol(opts: _Options, spec: ModelSpec, keys: Tensor) -> Tensor:
     return torch.finfo(opts.dtype).eps * keys.clamp_min(width).to(opts.dtype)
 
 
-def _allowed(mask: Tensor, causal: bool) -> Tensor:
-    """``[batch 1 query key]``: the entries a query may attend to."""
+def _allowed(mask: Tensor, causal: bool, window: int | None = None) -> Tensor:
+    """``[batch 1 query key]``: the entries a query may attend to. Valid keys; causal: up to
+    itself; a sliding window: key j for query i when ``i - window < j <= i``."""
     allowed = mask[:, None, :, None] & mask[:, None, None, :]
-    return allowed.tril() if causal else allowed
+    if not causal:
+        if window is not None:
+            raise NotImplementedError("sliding-window attention in a bidirectional model")
+        return allowed
+    n = mask.shape[-1]
+    back = torch.arange(n, device=mask.device)[:, None] - torch.arange(n, device=mask.device)
+    return allowed & (back >= 0) & (back < (n if window is None else window))
 
 
 def _mask(a: Tensor, mask: Tensor | None) -> Tensor:

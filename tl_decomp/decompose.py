@@ -23,7 +23,7 @@ from jaxtyping import Float, Int
 from torch import Tensor
 
 from tl_decomp import _adapters, _running
-from tl_decomp._adapters import ModelSpec, Norm
+from tl_decomp._spec import InexactDecompositionError, ModelSpec, Norm
 
 Granularity = Literal["coarse", "layer", "head"]
 Centering = Literal["correction", "terms"]
@@ -146,6 +146,25 @@ class _Stack:
 
 
 @dataclass(frozen=True)
+class _Map:
+    """``t -> gain * t`` (each term centred first where `center`): a norm with fixed sigma."""
+
+    gain: Tensor | float
+    center: bool
+
+    def __call__(self, t: Tensor) -> Tensor:
+        if self.center:
+            t = t - t.mean(-1, keepdim=True)
+        return t * self.gain
+
+    def apply_(self, t: Tensor) -> None:
+        if self.center:
+            t.sub_(t.mean(-1, keepdim=True))
+        if not (isinstance(self.gain, float) and self.gain == 1.0):
+            t.mul_(self.gain)
+
+
+@dataclass(frozen=True)
 class DecompositionRecipe:
     """Turns a cache into `Decomposition`s; its `names_filter` caches exactly what it reads.
 
@@ -236,10 +255,32 @@ class DecompositionRecipe:
         if norm.b is not None:
             st.add(self._label("c", "ln_bias"), norm.b.to(dt))
 
+    def _sublayer(self, norm: Norm | None, scale: float, cache: Any, dt: torch.dtype) -> _Map:
+        """What a sublayer's output goes through before the residual add: a post-sublayer
+        norm (Gemma-2, OLMo-2) with the forward pass's own sigma, then a multiplier (Granite)."""
+        if norm is None:
+            return _Map(scale, False)
+        gain = scale / cache[norm.scale].to(dt)
+        gain = gain if norm.w is None else gain * norm.w.to(dt)
+        return _Map(gain, not norm.rms and self.centering == "terms")
+
+    def _post_corrections(self, st: _Stack, norm: Norm | None, m: _Map, scale: float, cache, dt):
+        """The post-sublayer norm's centering and bias, into the correction term."""
+        if norm is None:
+            return
+        if not norm.rms and self.centering == "correction":
+            mu = sum(cache[h].to(dt) for h in norm.inputs).mean(-1, keepdim=True)
+            st.add(self._label("c", "ln_center"), -mu * m.gain)
+        if norm.b is not None:
+            st.add(self._label("c", "ln_bias"), scale * norm.b.to(dt))
+
     def _attention(self, st: _Stack, L: int, cache: Any, dt: torch.dtype) -> None:
         blk = self.spec.blocks[L]
         z = cache[blk.z].to(dt)
+        if z.ndim == 3:  # the output projection's input, heads flattened
+            z = einops.rearrange(z, "b q (h dh) -> b q h dh", h=self.spec.n_heads)
         W_O = blk.W_O.to(dt)
+        post = self._sublayer(blk.attn_post, blk.residual_scale, cache, dt)
         if blk.b_V is not None:
             # z = A (v' + b_V) = A v' + rowsum(A) b_V: split the value bias out exactly.
             rows = einops.rearrange(cache[blk.pattern].to(dt).sum(-1), "b h q -> b q h")
@@ -256,26 +297,28 @@ class DecompositionRecipe:
                 # Straight into the buffer: no head-sized temporary, no second copy.
                 zh = einops.rearrange(z[:, :, sl], "b q h dh -> h (b q) dh")
                 torch.bmm(zh, W_O[sl], out=einops.rearrange(rows, "h b q m -> h (b q) m"))
+                post.apply_(rows)
         else:
-            st.add(
-                self._label("h", f"{L}_attn_out"),
-                einops.einsum(z, W_O, "b q h dh, h dh m -> b q m"),
-            )
+            out = einops.einsum(z, W_O, "b q h dh, h dh m -> b q m")
+            st.add(self._label("h", f"{L}_attn_out"), post(out))
         if blk.b_O is not None:
             bias = blk.b_O.to(dt) if bias is None else bias + blk.b_O.to(dt)
         if bias is not None:
-            st.add(self._label("c", "attn_bias"), bias)
+            st.add(self._label("c", "attn_bias"), post(bias))
+        self._post_corrections(st, blk.attn_post, post, blk.residual_scale, cache, dt)
 
     def _mlp(self, st: _Stack, L: int, cache: Any, dt: torch.dtype) -> None:
         blk = self.spec.blocks[L]
         if blk.mlp_out is None:
             return
+        post = self._sublayer(blk.mlp_post, blk.residual_scale, cache, dt)
         out = cache[blk.mlp_out].to(dt)
         if blk.b_out is not None:
             b_out = blk.b_out.to(dt)
             out = out - b_out
-            st.add(self._label("c", "mlp_bias"), b_out)
-        st.add(self._label("f", f"{L}_mlp_out"), out)
+            st.add(self._label("c", "mlp_bias"), post(b_out))
+        st.add(self._label("f", f"{L}_mlp_out"), post(out))
+        self._post_corrections(st, blk.mlp_post, post, blk.residual_scale, cache, dt)
 
     def iter_layers(
         self,
@@ -300,10 +343,11 @@ class DecompositionRecipe:
         dt = self.compute_dtype()
         like = cache[spec.embeds[0][1]]
         st = _Stack(self._layout(), like, dt)
-        for label, hook in spec.embeds:
-            if not self.split_input:
-                label = "input"
-            st.add(self._label("i", label), cache[hook].to(dt))
+        if self.split_input or not spec.input:
+            for label, hook in spec.embeds:
+                st.add(self._label("i", label if self.split_input else "input"), cache[hook].to(dt))
+        else:  # the summed embeddings as the model holds them (scaled: Gemma, Granite)
+            st.add(self._label("i", "input"), cache[spec.input].to(dt))
         if spec.embed_ln is not None:
             self._norm(st, spec.embed_ln, cache, dt)
         last = spec.n_layers - 1 if final else max(wanted, default=-1)
@@ -352,6 +396,15 @@ class DecompositionRecipe:
         if not math.isfinite(err):  # NaN or inf anywhere upstream reaches the sum
             bad = self._first_non_finite(cache)
             raise ValueError(f"the model's activation {bad} contains NaN or inf")
+        scale = target.abs().max().item()
+        tol = self.spec.tolerance(factors.dtype, self._rounded(layer))
+        if err > tol * max(scale, 1e-30):
+            raise InexactDecompositionError(
+                f"the factors miss the model's own activation {site} by {err:.3g} "
+                f"(relative {err / max(scale, 1e-30):.3g} > tolerance {tol:.0e}): "
+                f"{self.spec.architecture} does something on its residual path that "
+                "tl_decomp did not derive; please report it"
+            )
         return Decomposition(
             factors=factors,
             labels=labels,
@@ -380,6 +433,15 @@ class DecompositionRecipe:
                 f"{missing[:5]}; cache them with "
                 "model.run_with_cache(tokens, names_filter=recipe.names_filter)"
             )
+
+    def _rounded(self, layer: int | None) -> bool:
+        """Whether a norm computed in float32 lies on the way to block `layer`'s output (None:
+        the final embedding)."""
+        spec = self.spec
+        blocks = spec.blocks if layer is None else spec.blocks[: layer + 1]
+        norms = [spec.embed_ln, *(n for b in blocks for n in b.norms())]
+        norms += [spec.ln_final] if layer is None else []
+        return any(n is not None and n.rounds for n in norms)
 
     def _first_non_finite(self, cache: Any) -> str:
         return next((h for h in self.hooks if not torch.isfinite(cache[h]).all()), "unknown")
