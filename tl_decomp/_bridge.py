@@ -28,7 +28,7 @@ def spec_bridge(model: Any) -> ModelSpec:
     names = set(model.hook_dict)
     layout = _layout(model, names)
     post = layout["post"]
-    blocks = tuple(_block(model, L, post, names) for L in range(model.cfg.n_layers))
+    blocks = tuple(_block(model, L, layout, names) for L in range(model.cfg.n_layers))
     embeds = [("embed", "embed.hook_out")]
     for label, mod in (("pos_embed", "pos_embed"), ("token_type_embed", "token_type_embed")):
         if f"{mod}.hook_out" in names:
@@ -58,11 +58,18 @@ def spec_bridge(model: Any) -> ModelSpec:
     return spec
 
 
-def _block(model: Any, L: int, post: bool, names: set[str]) -> Block:
-    blk, p = model.blocks[L], f"blocks.{L}."
+def _block(model: Any, L: int, layout: dict[str, bool], names: set[str]) -> Block:
+    blk, p, post = model.blocks[L], f"blocks.{L}.", layout["post"]
+    late = layout["sublayer_norms"]
     first = lambda *hooks: next((p + h for h in hooks if p + h in names), None)  # noqa: E731
     sub = lambda name: _norm(model, p + name) if p + name + ".hook_in" in names else None  # noqa: E731
     hf_cfg = getattr(getattr(model, "original_model", None), "config", None)
+    try:  # attention variants without per-head value/output maps (latent attention)
+        W_O, b_V, b_O = blk.attn.W_O.detach(), b_v(blk.attn, model.cfg.n_heads), blk.attn.b_O
+    except (AttributeError, NotImplementedError) as err:
+        raise _unsupported(
+            f"attention {type(blk.attn).__name__} without per-head W_O / b_V ({err})", model
+        ) from err
     return Block(
         z=p + "attn.o.hook_in",
         pattern=p + "attn.hook_pattern",
@@ -72,14 +79,14 @@ def _block(model: Any, L: int, post: bool, names: set[str]) -> Block:
         mlp_out=first("mlp.out.hook_out", "mlp.hook_out"),
         mlp_in=first("mlp.in.hook_in", "mlp.hook_in"),
         out=p + ("ln2.hook_out" if post else "hook_out"),
-        W_O=blk.attn.W_O.detach(),
-        b_V=b_v(blk.attn, model.cfg.n_heads),
-        b_O=vec(getattr(blk.attn, "b_O", None)),
+        W_O=W_O,
+        b_V=b_V,
+        b_O=vec(b_O),
         b_out=vec(_maybe(blk.mlp, "b_out")) if p + "mlp.out.hook_out" in names else None,
         ln1=sub("ln1") if post else None,
         ln2=sub("ln2") if post else None,
-        attn_post=sub("ln1_post"),
-        mlp_post=sub("ln2_post"),
+        attn_post=sub("ln1" if late else "ln1_post"),
+        mlp_post=sub("ln2" if late else "ln2_post"),
         residual_scale=float(getattr(hf_cfg, "residual_multiplier", None) or 1.0),
     )
 
@@ -95,8 +102,11 @@ def _layout(model: Any, names: set[str]) -> dict[str, bool]:
     """Where ``ln1`` and ``ln_final`` sit and whether attention is causal, measured once."""
     if model in _PROBES:
         return _PROBES[model]
+    if "blocks.0.attn.hook_pattern" not in names:
+        raise _unsupported("an attention without a cached pattern (hook_pattern)", model)
     last = f"blocks.{model.cfg.n_layers - 1}.hook_out"
     want = {"blocks.0.hook_in", "blocks.0.ln1.hook_in", "blocks.0.attn.hook_pattern"}
+    want |= {"blocks.0.attn.hook_out"}
     want |= {last, "ln_final.hook_in"}
     n = min(4, int(model.cfg.n_ctx))
     tokens = torch.arange(n, device=next(model.parameters()).device)[None] % model.cfg.d_vocab
@@ -104,9 +114,12 @@ def _layout(model: Any, names: set[str]) -> dict[str, bool]:
         _, cache = model.run_with_cache(tokens, names_filter=lambda h: h in want)
     same = lambda a, b: a in cache and b in cache and _close(cache[a], cache[b])  # noqa: E731
     pattern = cache["blocks.0.attn.hook_pattern"]
+    ln1_reads_resid = same("blocks.0.ln1.hook_in", "blocks.0.hook_in")
+    # TransformerLens 3.x names OLMo-2's post-sublayer norms ln1/ln2: they read the output.
+    sublayer = same("blocks.0.ln1.hook_in", "blocks.0.attn.hook_out")
     layout = dict(
-        post="blocks.0.ln1.hook_in" in cache
-        and not same("blocks.0.ln1.hook_in", "blocks.0.hook_in"),
+        post="blocks.0.ln1.hook_in" in cache and not ln1_reads_resid and not sublayer,
+        sublayer_norms=sublayer,
         final_norm=same("ln_final.hook_in", last),
         causal=bool((pattern.triu(1) == 0).all()) and n > 1,
     )

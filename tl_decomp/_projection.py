@@ -22,7 +22,7 @@ from jaxtyping import Bool, Float, Int
 from torch import Tensor
 
 _CHUNK = 1024  # rows (or heads) decomposed per batched SVD on the fallback path
-_CHUNK_ELEMENTS = 2**24  # gathered sliding-window keys (U entries) held at once
+_CHUNK_ELEMENTS = 2**24  # sliding windows: U entries (or factor entries) gathered at once
 
 
 @contextlib.contextmanager
@@ -53,14 +53,15 @@ def full_projection(
     """
     k = u.shape[-1]
     n_keys = mask.sum(-1)[:, None].expand(u.shape[:2])
-    fro = u.square().sum((-2, -1)).sqrt()
+    gram = u.mT @ u  # all at once: indexing u would copy it (sliding windows: many keys)
+    fro = gram.diagonal(dim1=-2, dim2=-1).sum(-1).sqrt()
     rtol = rtol[:, None]
     wide = n_keys <= k
     f = u.new_zeros(*u.shape[:2], k, k)
     certified = torch.zeros_like(wide)
     tall = ~wide[:, 0]
     if tall.any():
-        f[tall], certified[tall] = _certified_factor(u[tall].mT @ u[tall], fro[tall], rtol[tall])
+        f[tall], certified[tall] = _certified_factor(gram[tall], fro[tall], rtol[tall])
     if wide.any():  # an identity row per padded key keeps the row Gram invertible
         ut, pad = u[~tall], ~mask[~tall, None]
         gram = ut @ ut.mT + torch.diag_embed(pad.to(u.dtype))
@@ -164,12 +165,17 @@ def windowed(
     queries[:, 1] += w
     heads = torch.arange(u.shape[1], device=u.device)[:, None]
     span = torch.arange(window, device=u.device) - window + 1  # key offsets from the query
-    per_query = max(1, _CHUNK_ELEMENTS // (u.shape[1] * window * u.shape[-1]))
-    for bi, t in queries.split(per_query):
+    k = u.shape[-1]  # a window's keys (window x k) and its factors (k x k) per query and head
+    per_query = max(1, _CHUNK_ELEMENTS // (u.shape[1] * max(window, k) * k))
+    for chunk in queries.split(per_query):
+        bi, t = chunk.unbind(-1)
         keys = (t[:, None] + span)[:, None]  # [chunk 1 window]
         where = bi[:, None, None], heads, t[:, None, None], keys
         rows = _window_rows(
-            u[bi[:, None, None], heads, keys], a[where], mask[bi[:, None], keys[:, 0]], rtol[bi, :, t]
+            u[bi[:, None, None], heads, keys],
+            a[where],
+            mask[bi[:, None], keys[:, 0]],
+            rtol[bi, :, t],
         )
         eff[where] = rows
     return eff

@@ -117,15 +117,18 @@ class ModelSpec:
         if attention:
             layers = range(self.n_layers) if layers is None else layers
             return [n for L in layers for n in (self.blocks[L].pattern, self.blocks[L].v)]
-        names = [self.input, *(h for _, h in self.embeds), self.final]
-        norms = [self.embed_ln, self.ln_final]
+        # In forward order, so the first non-finite one names where a NaN began.
+        names = [self.input, *(h for _, h in self.embeds)] + self._norm_hooks(self.embed_ln)
         for blk in self.blocks:
-            names += [blk.z, blk.pattern, blk.out] + ([blk.mlp_out] if blk.mlp_out else [])
-            norms += blk.norms()
-        for n in norms:
-            if n is not None:
-                names += [*n.inputs, n.scale]
+            names += [blk.pattern, blk.z, *self._norm_hooks(blk.attn_post, blk.ln1)]
+            names += [blk.mlp_out] if blk.mlp_out else []
+            names += [*self._norm_hooks(blk.mlp_post, blk.ln2), blk.out]
+        names += [*self._norm_hooks(self.ln_final), self.final]
         return [n for n in dict.fromkeys(names) if n]
+
+    @staticmethod
+    def _norm_hooks(*norms: Norm | None) -> list[str]:
+        return [h for n in norms if n is not None for h in (*n.inputs, n.scale)]
 
     def names_filter(self, **kwargs: Any) -> Callable[[str], bool]:
         """A `names_filter` for `run_with_cache` that caches exactly `hooks(**kwargs)`."""

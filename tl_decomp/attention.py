@@ -61,11 +61,12 @@ def effective_attention(
     keys before the window. Agrees with one SVD of ``T`` per row, over exactly the keys that
     row sees, to rounding (``eps * cond(T)``).
 
-    Raises ValueError where the pattern of a real query disagrees with the key sets derived
-    for it: weight on a key it cannot see, or no weight from any head on the first key it
-    does see (an undeclared sliding window looks like this; the check is skipped for float16
+    Raises ValueError where the pattern of a real (unpadded) query disagrees with the key set
+    derived for it: weight on a key it cannot see, or no weight from any head on the first
+    key it does see (an undeclared sliding window looks like this; not checked on float16
     patterns, whose softmax can underflow). Either means the model's attention is not the one
-    the spec describes, or `attention_mask` is not the one the model ran with.
+    the spec describes, or `attention_mask` is not the one the model ran with. A NaN pattern
+    raises too (a batch right-padded by a whole window makes Hugging Face's attention NaN).
 
     Args:
         cache: an ``ActivationCache`` holding ``hook_pattern`` and ``hook_v`` of `layer`
@@ -133,9 +134,9 @@ class NullSpace:
     ``rank`` and ``null_dim`` are those of the keys the example's last valid query sees:
     all its valid keys in bidirectional and causal layers, so ``null_dim = n_keys - rank``.
     In a sliding-window layer no query sees more than ``window`` keys, and a rank over the
-    whole example would describe no query's projection: there they count the last query's
-    window (``null_dim = min(window, keys) - rank``), the null space every query past the
-    first ``window`` has when its keys' values are as independent as the last one's.
+    whole example would describe no query's projection: there both describe the last query's
+    window (its valid keys among the last ``window`` positions), the kind of key set every
+    query past the first ``window`` has; which tokens fill it varies from query to query.
 
     Attributes:
         layers: block indices, aligned with the first axis.
@@ -201,7 +202,7 @@ def attention_null_space(
         a = cache[spec.blocks[L].pattern].to(dtype)
         mask = _mask(a, attention_mask)
         allowed = _allowed(mask, spec.causal, spec.blocks[L].window)
-        a = a * allowed
+        a = a.where(allowed, 0.0)
         last = mask.shape[-1] - 1 - mask.flip(-1).int().argmax(-1)  # each example's last query
         keys = allowed[torch.arange(len(last), device=last.device), 0, last]
         u = _values(cache, spec, L, keys, opts)
@@ -223,7 +224,8 @@ class AttentionCorrelation:
     """Pearson r between raw and effective attention per text, layer and head.
 
     r runs over every entry a query may attend to (valid keys; causal: up to itself;
-    sliding-window layers: within the window), and is NaN where a pattern is constant (one-token texts). ``r[i]`` belongs to ``texts[i]``.
+    sliding-window layers: within the window), and is NaN where a pattern is constant
+    (one-token texts). ``r[i]`` belongs to ``texts[i]``.
     """
 
     layers: tuple[int, ...]
@@ -287,7 +289,7 @@ def attention_correlation(
         lengths[index] = mask.sum(-1)
         for i, L in enumerate(Ls):
             allowed = _allowed(mask, spec.causal, spec.blocks[L].window)
-            a = cache[spec.blocks[L].pattern].to(dtype) * allowed
+            a = cache[spec.blocks[L].pattern].to(dtype).where(allowed, 0.0)
             r[index, i] = _pearson(a, _layer(cache, spec, L, mask, opts), allowed).cpu()
     return AttentionCorrelation(tuple(Ls), lengths, r)
 
@@ -356,7 +358,7 @@ def special_token_attention(
         queries += int(mask.sum()) * spec.n_heads
         for i, L in enumerate(Ls):
             allowed = _allowed(mask, spec.causal, spec.blocks[L].window)
-            a = cache[spec.blocks[L].pattern].to(dtype) * allowed
+            a = cache[spec.blocks[L].pattern].to(dtype).where(allowed, 0.0)
             raw[i] += einops.einsum(a, onehot, "b h q k, b k c -> c").cpu()
             eff[i] += einops.einsum(
                 _layer(cache, spec, L, mask, opts), onehot, "b h q k, b k c -> c"
@@ -375,7 +377,8 @@ def _corpus(
         )
     lengths = mask.sum(-1)
     device = _running.model_device(model)
-    for index in lengths.argsort(stable=True).split(batch_size):
+    windows = [b.window for b in spec.blocks if b.window is not None]
+    for index in _batches(lengths, batch_size, min(windows, default=None)):
         width = int(lengths[index].max())
         t, m = tokens[index, :width].to(device), mask[index, :width].to(device)
         yield (
@@ -384,6 +387,21 @@ def _corpus(
             m.bool(),
             _running.run_with_cache(model, t, m, spec.names_filter(attention=True)),
         )
+
+
+def _batches(lengths: Tensor, batch_size: int, window: int | None) -> list[Tensor]:
+    """Text indices by length, `batch_size` at most a batch, and with a sliding window, no
+    text padded by `window` tokens or more: a padded query whose window then holds no valid
+    key gets a NaN row from Hugging Face's eager attention, which spreads over its whole
+    example in the next layer."""
+    order, n = lengths.argsort(stable=True).tolist(), lengths.tolist()
+    batches, start = [], 0
+    for i in range(1, len(order) + 1):
+        last = i == len(order) or i - start == batch_size
+        if last or (window and n[order[i]] - n[order[start]] >= window):
+            batches.append(torch.tensor(order[start:i]))
+            start = i
+    return batches
 
 
 def _pearson(a: Tensor, b: Tensor, allowed: Tensor) -> Tensor:
@@ -428,7 +446,7 @@ def _layer(cache: Any, spec: ModelSpec, L: int, mask_arg: Tensor | None, opts: _
     allowed = _allowed(mask, spec.causal, window)
     _check_pattern(pattern, mask, allowed, L)
     u = _values(cache, spec, L, mask, opts)  # masked keys are zero rows: outside every span
-    a = a * allowed
+    a = a.where(allowed, 0.0)  # not a product: a padded query's row can be NaN (no key)
     with serial():
         if spec.causal:  # row t's tolerance counts the valid keys it sees
             rtol = _rtol(opts, spec, allowed[:, 0].sum(-1))[:, None].expand(u.shape[:-1])
@@ -444,6 +462,15 @@ def _check_pattern(pattern: Tensor, mask: Tensor, allowed: Tensor, L: int) -> No
     """Real queries attend to exactly their derived keys: weight outside them means the model
     sees keys the spec did not derive; no head on a row's first derived key (a softmax weight
     is never exactly 0 short of underflow) means it sees fewer, e.g. an undeclared window."""
+    nan = pattern.isnan() & mask[:, None, :, None]
+    if nan.any():
+        b, h, q, _ = nan.nonzero()[0].tolist()
+        raise ValueError(
+            f"block {L}: the pattern of query {q} of example {b} (head {h}) is NaN: the model "
+            "itself produced NaN. With a sliding window, a batch padded by at least the window "
+            "does this (a padded query that sees no valid key gets a NaN row from Hugging "
+            "Face's eager attention, and the next layer spreads it): pad texts by less"
+        )
     seen = pattern != 0
     stray = seen & ~allowed & mask[:, None, :, None]
     if stray.any():

@@ -392,19 +392,17 @@ class DecompositionRecipe:
     def _result(self, st: _Stack, cache, site: str, layer: int | None, tokens, mask, copy):
         factors, labels, kinds = st.snapshot(copy)
         target = cache[site]
+        if mask is not None and not torch.isfinite(target).all():
+            # Sliding windows leave padded queries with no key: the model's own state there
+            # is NaN. Padding carries no meaning; zero it so it poisons no statistic.
+            pad = ~mask.bool().to(target.device)[..., None]
+            target = target.masked_fill(pad, 0)
+            factors = factors.masked_fill(pad, 0)
         err = (factors.sum(0) - target.to(factors.dtype)).abs().max().item()
         if not math.isfinite(err):  # NaN or inf anywhere upstream reaches the sum
             bad = self._first_non_finite(cache)
             raise ValueError(f"the model's activation {bad} contains NaN or inf")
-        scale = target.abs().max().item()
-        tol = self.spec.tolerance(factors.dtype, self._rounded(layer))
-        if err > tol * max(scale, 1e-30):
-            raise InexactDecompositionError(
-                f"the factors miss the model's own activation {site} by {err:.3g} "
-                f"(relative {err / max(scale, 1e-30):.3g} > tolerance {tol:.0e}): "
-                f"{self.spec.architecture} does something on its residual path that "
-                "tl_decomp did not derive; please report it"
-            )
+        self._check_exact(err, target.abs().max().item(), site, layer, factors.dtype)
         return Decomposition(
             factors=factors,
             labels=labels,
@@ -432,6 +430,17 @@ class DecompositionRecipe:
                 f"the cache lacks {len(missing)} hook(s) the decomposition reads, e.g. "
                 f"{missing[:5]}; cache them with "
                 "model.run_with_cache(tokens, names_filter=recipe.names_filter)"
+            )
+
+    def _check_exact(self, err: float, scale: float, site: str, layer, dtype) -> None:
+        """Raise rather than return a sum that misses the model's activation."""
+        tol = self.spec.tolerance(dtype, self._rounded(layer))
+        if err > tol * max(scale, 1e-30):
+            raise InexactDecompositionError(
+                f"the factors miss the model's own activation {site} by {err:.3g} "
+                f"(relative {err / max(scale, 1e-30):.3g} > tolerance {tol:.0e}): "
+                f"{self.spec.architecture} does something on its residual path that "
+                "tl_decomp did not derive; please report it"
             )
 
     def _rounded(self, layer: int | None) -> bool:

@@ -1,0 +1,163 @@
+"""Every text family TransformerBridge boots: exact against Hugging Face, or a named refusal.
+
+One tiny random model per family (`tests/zoo.py`), a padded batch with repeated tokens:
+every block output and the final embedding, coarse and per head, must sum to Hugging Face's
+own hidden states, and effective attention must match one SVD per row over exactly the keys
+that row sees. A family the library refuses must raise `NotImplementedError` naming the
+feature. The README's architecture table is written from these results
+(`TL_DECOMP_WRITE_README=1 pytest tests/test_architectures.py`), and checked against them.
+"""
+
+from __future__ import annotations
+
+import functools
+import os
+import re
+from pathlib import Path
+
+import pytest
+import torch
+import zoo
+from conftest import KINDS
+
+import tl_decomp as td
+
+TOKENS = torch.tensor(
+    [[1, 5, 6, 7, 5, 8, 9, 10, 5, 11, 12, 13], [1, 5, 6, 7, 8, 9, 5, 10, 11, 0, 0, 0]]
+)
+MASK = (torch.arange(12) < torch.tensor([[12], [9]])).long()
+README = Path(__file__).parents[1] / "README.md"
+
+
+@functools.cache
+def outcome(family: str) -> tuple[str, str]:
+    """(status, detail): "exact" with the measured error, "refused" with the reason, or
+    "skipped" when this TransformerLens line cannot boot or run the family at all."""
+    dtype = zoo.dtype_for(family)
+    try:
+        model = zoo.boot(family, dtype)
+        with torch.inference_mode():
+            model(TOKENS[:1, :4])
+    except Exception as err:  # the bridge itself cannot run it: nothing of ours to test
+        return "skipped", f"{type(err).__name__}: {err}"[:160]
+    try:
+        with torch.inference_mode():
+            model.run_with_cache(TOKENS, attention_mask=MASK)
+    except Exception as err:  # caching every hook breaks the bridge's own forward
+        return "bridge", f"the bridge's run_with_cache fails ({type(err).__name__})"
+    gap = _bridge_gap(model, family)
+    if gap > (1e-4 if dtype == torch.float32 else 1e-6):
+        return "bridge", f"the bridge's padded forward differs from Hugging Face's ({gap:.1e})"
+    try:
+        worst = max(_decomposition_error(model, family), _attention_error(model))
+    except NotImplementedError as err:
+        return "refused", str(err).split(" is not supported")[0]
+    return "exact", f"{worst:.1e} ({str(dtype).removeprefix('torch.')})"
+
+
+def _bridge_gap(model, family: str) -> float:
+    """Relative gap between the bridge's and Hugging Face's logits on the padded batch."""
+    hf = zoo.hf_reference(family, zoo.dtype_for(family))
+    with torch.inference_mode():
+        ours, ref = model(TOKENS, attention_mask=MASK), hf(TOKENS, attention_mask=MASK).logits
+    real = MASK.bool()
+    return ((ours[real] - ref[real]).abs().max() / ref[real].abs().max()).item()
+
+
+def _decomposition_error(model, family: str) -> float:
+    """Max relative error of the factors against Hugging Face's hidden states."""
+    hf = zoo.hf_reference(family, zoo.dtype_for(family))
+    with torch.inference_mode():
+        states = hf(TOKENS, attention_mask=MASK, output_hidden_states=True).hidden_states
+    real = MASK.bool()[..., None]
+    worst = 0.0
+    for granularity in ("coarse", "head"):
+        ds = td.decompose_layers(model, TOKENS, attention_mask=MASK, granularity=granularity)
+        spec = td.model_spec(model)
+        for d in ds:
+            # HF's hidden_states[L + 1] is block L's output; on decoders the last one is the
+            # final norm's output, which our final embedding (layer None) is.
+            i = spec.n_layers if d.layer is None else d.layer + 1
+            if d.layer == spec.n_layers - 1 and spec.final != d.site:  # no HF counterpart
+                continue
+            total = d.factors.sum(0).masked_fill(~real, 0)
+            ref = states[i].to(total).masked_fill(~real, 0)
+            worst = max(worst, ((total - ref).abs().max() / ref.abs().max()).item())
+    return worst
+
+
+def _attention_error(model) -> float:
+    """Max |A_eff - A P_row| over every layer, head and row, P_row from one SVD of V over
+    exactly the keys that row sees (causal prefix, window, padding)."""
+    spec = td.model_spec(model)
+    _, cache = model.run_with_cache(
+        TOKENS, attention_mask=MASK, names_filter=spec.names_filter(attention=True)
+    )
+    worst = 0.0
+    for L, blk in enumerate(spec.blocks):
+        eff = td.effective_attention(cache, L, attention_mask=MASK)
+        a = cache[blk.pattern].double()
+        v = cache[blk.v].double()
+        v = v[:, :, list(spec.kv_head)] if v.shape[2] != spec.n_heads else v
+        for b in range(TOKENS.shape[0]):
+            n = int(MASK[b].sum())
+            for q in range(n):
+                keys = [k for k in range(n) if (not spec.causal or k <= q)]
+                if blk.window is not None:
+                    keys = [k for k in keys if q - blk.window < k]
+                for h in range(spec.n_heads):
+                    t = v[b, keys, h] @ blk.W_O[h].double()
+                    u, s, _ = torch.linalg.svd(t, full_matrices=False)
+                    tol = torch.finfo(torch.float64).eps * max(len(keys), spec.d_model) * s[0]
+                    basis = u[:, s > tol]
+                    want = torch.zeros_like(a[b, h, q])
+                    want[keys] = a[b, h, q, keys] @ basis @ basis.T
+                    worst = max(worst, (eff[b, h, q].double() - want).abs().max().item())
+    return worst
+
+
+FAMILIES = sorted(zoo.FAMILIES)
+
+
+@pytest.mark.parametrize("family", FAMILIES)
+def test_family_is_exact_or_refused(family):
+    status, detail = outcome(family)
+    if status == "skipped":
+        pytest.skip(f"this TransformerLens line cannot run {family}: {detail}")
+    if status == "bridge":
+        pytest.skip(f"{family}: {detail}; nothing of tl_decomp's to check against it")
+    if status == "refused":
+        assert "tl_decomp" in detail or detail, detail
+        return
+    err = float(detail.split()[0])
+    assert err <= (1e-4 if "float32" in detail else 1e-6), f"{family}: {detail}"
+
+
+def _table() -> str:
+    rows = ["| family | Hugging Face class | status |", "|---|---|---|"]
+    for family in FAMILIES:
+        status, detail = outcome(family)
+        if status == "skipped":
+            continue
+        if status == "exact":
+            note = " (float32: Hugging Face refuses float64)" if "float32" in detail else ""
+            what = "exact" + note
+        elif status == "bridge":
+            what = "not checked: " + detail.split(" (")[0] + " (a TransformerLens bug)"
+        else:
+            what = "refused: " + re.sub(r" \(.*", "", detail.replace("|", "/"))[:120]
+        rows.append(f"| {family} | {zoo.FAMILIES[family].model_class} | {what} |")
+    return "\n".join(rows)
+
+
+@pytest.mark.skipif(KINDS[-1] != "bridge", reason="the README's table is TransformerLens 4.x's")
+def test_readme_table_matches_the_code():
+    begin, end = "<!-- architectures:begin -->", "<!-- architectures:end -->"
+    text = README.read_text()
+    table = _table()
+    if os.environ.get("TL_DECOMP_WRITE_README") == "1":
+        head, rest = text.split(begin)
+        _, tail = rest.split(end)
+        README.write_text(f"{head}{begin}\n{table}\n{end}{tail}")
+        text = README.read_text()
+    assert f"{begin}\n{table}\n{end}" in text, "README table out of date: see module docstring"

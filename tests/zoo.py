@@ -1,0 +1,444 @@
+"""A zoo of tiny random Hugging Face models, one per text family TransformerLens 4 can bridge.
+
+Each `FAMILIES` entry builds a small config (d_model 32, 3 layers, 4 query heads of 8, 2 KV
+heads where the family has grouped-query attention, vocab 64, no dropout) and names the
+Hugging Face class to instantiate. `boot(family)` writes the seeded random model, with every
+1-D parameter (norm gains and biases, biases) moved off its trivial init, and a word-level
+tokenizer to a temporary folder once per process, and boots that folder as a `TransformerBridge`.
+`hf_reference(family)` loads the same folder into Hugging Face alone (eager attention), the
+baseline the bridge's logits are checked against in `tests/test_zoo.py`.
+
+Sliding windows, GPT-Neo's local window and Llama 4's attention chunks are `WINDOW` = 6 tokens,
+shorter than the 12-token `IDS`, so windowed attention differs from full attention. Mixture of
+experts families run Hugging Face's "eager" expert loop: its default grouped_mm kernel refuses
+float64 ("Expected mat_a to be Float32, BFloat16 or Float16 matrix, got Double").
+
+`BROKEN` lists the families that do not boot or do not match, with the reason; `BROKEN_BUILDS`
+keeps the builders of those that have one. Adding a family is one `FAMILIES` entry.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import functools
+import json
+import os
+import tempfile
+from collections.abc import Callable
+from pathlib import Path
+from typing import Any, NamedTuple
+
+import torch
+import transformers as tf
+
+os.environ.setdefault("HF_HUB_OFFLINE", "1")
+os.environ.setdefault("TRANSFORMERS_OFFLINE", "1")
+
+IDS = torch.arange(3, 15)[None]  # 12 tokens, twice the sliding windows below
+WINDOW = 6
+INIT_STD = 0.2  # Hugging Face's usual 0.02 leaves attention near uniform at d_model 32
+SLIDING_3 = ["sliding_attention", "sliding_attention", "full_attention"]
+
+
+class Family(NamedTuple):
+    """How to build one tiny model."""
+
+    config: Callable[[], Any]  # returns a transformers `PretrainedConfig`
+    model_class: str  # the class in `transformers` to instantiate
+    float32_only: bool = False  # the Hugging Face forward itself fails in float64
+    encoder: bool = False  # masked LM: BERT tokenizer
+    moe: bool = False  # mixture of experts: boot with experts_implementation="eager"
+    architecture: str | None = None  # `architectures` to write when TransformerLens spells it
+
+
+# Sizes applied to every field a family's config class has (or aliases in `attribute_map`);
+# a family's own keyword arguments override them.
+_SMALL: dict[str, Any] = {
+    "vocab_size": 64,
+    "hidden_size": 32,
+    "intermediate_size": 48,
+    "num_hidden_layers": 3,
+    "num_attention_heads": 4,
+    "num_key_value_heads": 2,
+    "head_dim": 8,
+    "max_position_embeddings": 64,
+    "initializer_range": INIT_STD,
+    "init_std": INIT_STD,
+    "pad_token_id": 0,
+    "bos_token_id": 1,
+    "eos_token_id": 2,
+    "tie_word_embeddings": False,
+    "use_cache": False,
+    # mixture of experts: 4 experts, top 2, one shared expert, first layer dense
+    "num_experts": 4,
+    "num_local_experts": 4,
+    "n_routed_experts": 4,
+    "num_experts_per_tok": 2,
+    "moe_intermediate_size": 24,
+    "shared_expert_intermediate_size": 40,
+    "n_shared_experts": 1,
+    "num_shared_experts": 1,
+    "n_group": 1,
+    "topk_group": 1,
+    "first_k_dense_replace": 1,
+    "num_dense_layers": 1,
+    # multi-head latent attention (DeepSeek, GLM-4 MoE Lite, Youtu)
+    "kv_lora_rank": 16,
+    "q_lora_rank": 16,
+    "qk_nope_head_dim": 8,
+    "qk_rope_head_dim": 8,
+    "v_head_dim": 8,
+}
+
+
+@functools.cache
+def _fields(cls: type) -> frozenset[str]:
+    return frozenset(f.name for f in dataclasses.fields(cls))
+
+
+def _tiny(cls: type, **overrides: Any) -> Any:
+    """`cls` at the `_SMALL` sizes, `overrides` on top, with every dropout at zero."""
+    fields, aliases = _fields(cls), getattr(cls, "attribute_map", {})
+    kwargs: dict[str, Any] = {}
+    for key, value in _SMALL.items():
+        key = key if key in fields else aliases.get(key, key)
+        if key in fields:
+            kwargs.setdefault(key, value)
+    kwargs.update(overrides)
+    cfg = cls(**kwargs)
+    for key, value in cfg.to_dict().items():
+        low = key.lower()
+        dropout = "dropout" in low or "pdrop" in low or low == "layerdrop"
+        if dropout and isinstance(value, (int, float)) and value:
+            setattr(cfg, key, type(value)(0))
+    attn = getattr(cfg, "attn_config", None)  # MPT keeps its attention dropout in a sub-config
+    if getattr(attn, "attn_pdrop", 0):
+        attn.attn_pdrop = type(attn.attn_pdrop)(0)
+    return cfg
+
+
+def _cfg(cls: type, **overrides: Any) -> Callable[[], Any]:
+    return functools.partial(_tiny, cls, **overrides)
+
+
+def _granite(cls: type) -> Callable[[], Any]:
+    scales = {"embedding_multiplier": 4.0, "residual_multiplier": 0.5}
+    return _cfg(cls, **scales, attention_multiplier=0.2, logits_scaling=3.0)
+
+
+_PARTIAL_ROPE = {"rope_type": "default", "rope_theta": 10000.0, "partial_rotary_factor": 0.5}
+_LLAMA3_ROPE = {
+    "rope_type": "llama3",
+    "rope_theta": 10000.0,
+    "factor": 8.0,
+    "original_max_position_embeddings": 32,
+    "low_freq_factor": 1.0,
+    "high_freq_factor": 4.0,
+}
+_GEMMA = {"sliding_window": WINDOW, "query_pre_attn_scalar": 16}  # scale != 1/sqrt(head_dim)
+_SOFTCAP = {"attn_logit_softcapping": 5.0, "final_logit_softcapping": 3.0}
+_NEO_LAYERS = [[["global", "local"], 1], [["global"], 1]]  # global, local, global
+
+FAMILIES: dict[str, Family] = {
+    # encoders (post-LN, embedding LayerNorm)
+    "bert": Family(_cfg(tf.BertConfig, type_vocab_size=2), "BertForMaskedLM", encoder=True),
+    "roberta": Family(_cfg(tf.RobertaConfig), "RobertaForMaskedLM", encoder=True),
+    # LayerNorm, learned / ALiBi / no rotary positions
+    "gpt2": Family(_cfg(tf.GPT2Config, n_inner=48), "GPT2LMHeadModel"),
+    "openai_gpt": Family(_cfg(tf.OpenAIGPTConfig), "OpenAIGPTLMHeadModel"),
+    "gpt_neo": Family(
+        _cfg(tf.GPTNeoConfig, attention_types=_NEO_LAYERS, window_size=WINDOW),
+        "GPTNeoForCausalLM",
+    ),
+    "gpt_bigcode": Family(
+        _cfg(tf.GPTBigCodeConfig, n_inner=48, multi_query=True), "GPTBigCodeForCausalLM"
+    ),
+    "opt": Family(_cfg(tf.OPTConfig, ffn_dim=48, word_embed_proj_dim=32), "OPTForCausalLM"),
+    "xglm": Family(_cfg(tf.XGLMConfig, ffn_dim=48), "XGLMForCausalLM", float32_only=True),
+    "bloom": Family(_cfg(tf.BloomConfig), "BloomForCausalLM"),
+    "mpt": Family(_cfg(tf.MptConfig, expansion_ratio=2), "MptForCausalLM"),
+    "falcon": Family(  # Falcon-7B: multi-query, parallel attention + MLP off one LayerNorm
+        _cfg(tf.FalconConfig, multi_query=True, parallel_attn=True, ffn_hidden_size=48),
+        "FalconForCausalLM",
+    ),
+    "falcon_rw": Family(  # Falcon-RW: ALiBi, sequential blocks, biases
+        _cfg(
+            tf.FalconConfig,
+            alibi=True,
+            parallel_attn=False,
+            multi_query=False,
+            bias=True,
+            ffn_hidden_size=48,
+        ),
+        "FalconForCausalLM",
+    ),
+    # LayerNorm, rotary
+    "gptj": Family(_cfg(tf.GPTJConfig, n_inner=48, rotary_dim=4), "GPTJForCausalLM"),
+    "gpt_neox": Family(
+        _cfg(tf.GPTNeoXConfig, rotary_pct=0.5, use_parallel_residual=True), "GPTNeoXForCausalLM"
+    ),
+    "phi": Family(
+        _cfg(tf.PhiConfig, rope_parameters=_PARTIAL_ROPE, num_key_value_heads=4), "PhiForCausalLM"
+    ),
+    "stablelm": Family(
+        _cfg(tf.StableLmConfig, rope_parameters=_PARTIAL_ROPE, use_qkv_bias=True),
+        "StableLmForCausalLM",
+    ),
+    "stablelm_parallel": Family(  # StableLM-2-12B: parallel blocks, per-head q/k LayerNorm
+        _cfg(
+            tf.StableLmConfig,
+            rope_parameters=_PARTIAL_ROPE,
+            use_parallel_residual=True,
+            qk_layernorm=True,
+        ),
+        "StableLmForCausalLM",
+    ),
+    "cohere": Family(_cfg(tf.CohereConfig, logit_scale=0.5), "CohereForCausalLM"),
+    "cohere2": Family(
+        _cfg(tf.Cohere2Config, logit_scale=0.5, sliding_window=WINDOW, layer_types=SLIDING_3),
+        "Cohere2ForCausalLM",
+    ),
+    "olmo": Family(_cfg(tf.OlmoConfig), "OlmoForCausalLM"),
+    "starcoder2": Family(_cfg(tf.Starcoder2Config, sliding_window=WINDOW), "Starcoder2ForCausalLM"),
+    "jais2": Family(_cfg(tf.Jais2Config), "Jais2ForCausalLM"),
+    "nemotron": Family(_cfg(tf.NemotronConfig), "NemotronForCausalLM"),
+    "modernbert_decoder": Family(
+        _cfg(tf.ModernBertDecoderConfig, sliding_window=WINDOW), "ModernBertDecoderForCausalLM"
+    ),
+    # RMSNorm, rotary
+    "llama": Family(_cfg(tf.LlamaConfig), "LlamaForCausalLM"),
+    "mistral": Family(_cfg(tf.MistralConfig, sliding_window=WINDOW), "MistralForCausalLM"),
+    "ministral3": Family(_cfg(tf.Ministral3Config, sliding_window=WINDOW), "Ministral3ForCausalLM"),
+    "qwen2": Family(_cfg(tf.Qwen2Config), "Qwen2ForCausalLM"),
+    "qwen2_window": Family(  # layers >= max_window_layers slide
+        _cfg(tf.Qwen2Config, use_sliding_window=True, sliding_window=WINDOW, max_window_layers=1),
+        "Qwen2ForCausalLM",
+    ),
+    "qwen3": Family(_cfg(tf.Qwen3Config), "Qwen3ForCausalLM"),
+    "gemma": Family(_cfg(tf.GemmaConfig), "GemmaForCausalLM"),
+    "gemma2": Family(_cfg(tf.Gemma2Config, **_GEMMA, **_SOFTCAP), "Gemma2ForCausalLM"),
+    "gemma3": Family(
+        _cfg(tf.Gemma3TextConfig, **_GEMMA, layer_types=SLIDING_3), "Gemma3ForCausalLM"
+    ),
+    "gemma4_text": Family(
+        _cfg(
+            tf.Gemma4TextConfig,
+            sliding_window=WINDOW,
+            layer_types=SLIDING_3,
+            vocab_size_per_layer_input=64,
+            hidden_size_per_layer_input=8,
+            global_head_dim=16,
+        ),
+        "Gemma4ForCausalLM",
+    ),
+    "vaultgemma": Family(_cfg(tf.VaultGemmaConfig, **_GEMMA, **_SOFTCAP), "VaultGemmaForCausalLM"),
+    "phi3": Family(_cfg(tf.Phi3Config, sliding_window=None), "Phi3ForCausalLM"),
+    "phi3_window": Family(_cfg(tf.Phi3Config, sliding_window=WINDOW), "Phi3ForCausalLM"),
+    "olmo2": Family(_cfg(tf.Olmo2Config), "Olmo2ForCausalLM"),
+    "olmo3": Family(
+        _cfg(tf.Olmo3Config, sliding_window=WINDOW, layer_types=SLIDING_3), "Olmo3ForCausalLM"
+    ),
+    "granite": Family(_granite(tf.GraniteConfig), "GraniteForCausalLM"),
+    "smollm3": Family(_cfg(tf.SmolLM3Config, no_rope_layers=[1, 1, 0]), "SmolLM3ForCausalLM"),
+    "apertus": Family(_cfg(tf.ApertusConfig, rope_parameters=_LLAMA3_ROPE), "ApertusForCausalLM"),
+    "arcee": Family(_cfg(tf.ArceeConfig), "ArceeForCausalLM"),
+    "bitnet": Family(_cfg(tf.BitNetConfig), "BitNetForCausalLM"),
+    "ernie4_5": Family(_cfg(tf.Ernie4_5Config, use_bias=True), "Ernie4_5ForCausalLM"),
+    "exaone4": Family(
+        _cfg(tf.Exaone4Config, sliding_window=WINDOW, layer_types=SLIDING_3), "Exaone4ForCausalLM"
+    ),
+    "glm": Family(_cfg(tf.GlmConfig), "GlmForCausalLM"),
+    "glm4": Family(_cfg(tf.Glm4Config), "Glm4ForCausalLM"),
+    "hunyuan_v1_dense": Family(_cfg(tf.HunYuanDenseV1Config), "HunYuanDenseV1ForCausalLM"),
+    "nanochat": Family(_cfg(tf.NanoChatConfig), "NanoChatForCausalLM"),
+    "seed_oss": Family(_cfg(tf.SeedOssConfig), "SeedOssForCausalLM"),
+    "hrm_text": Family(_cfg(tf.HrmTextConfig, num_layers_per_stack=2), "HrmTextForCausalLM"),
+    # multi-head latent attention (MLA needs as many KV heads as query heads)
+    "youtu": Family(_cfg(tf.YoutuConfig, num_key_value_heads=4), "YoutuForCausalLM"),
+    # mixture of experts
+    "mixtral": Family(_cfg(tf.MixtralConfig), "MixtralForCausalLM", moe=True),
+    "qwen2_moe": Family(_cfg(tf.Qwen2MoeConfig), "Qwen2MoeForCausalLM", moe=True),
+    "qwen3_moe": Family(_cfg(tf.Qwen3MoeConfig), "Qwen3MoeForCausalLM", moe=True),
+    "olmoe": Family(_cfg(tf.OlmoeConfig), "OlmoeForCausalLM", moe=True),
+    "flex_olmo": Family(_cfg(tf.FlexOlmoConfig), "FlexOlmoForCausalLM", moe=True),
+    "granitemoe": Family(_granite(tf.GraniteMoeConfig), "GraniteMoeForCausalLM", moe=True),
+    "phimoe": Family(
+        _cfg(tf.PhimoeConfig), "PhimoeForCausalLM", moe=True, architecture="PhiMoEForCausalLM"
+    ),
+    "jetmoe": Family(_cfg(tf.JetMoeConfig, kv_channels=8), "JetMoeForCausalLM", moe=True),
+    "minimax_m2": Family(_cfg(tf.MiniMaxM2Config), "MiniMaxM2ForCausalLM", moe=True),
+    "gpt_oss": Family(_cfg(tf.GptOssConfig, sliding_window=WINDOW), "GptOssForCausalLM", moe=True),
+    "llama4": Family(
+        _cfg(
+            tf.Llama4TextConfig,
+            intermediate_size_mlp=48,
+            attention_chunk_size=WINDOW,
+            num_experts_per_tok=1,
+        ),
+        "Llama4ForCausalLM",
+        moe=True,
+    ),
+    "afmoe": Family(_cfg(tf.AfmoeConfig, sliding_window=WINDOW), "AfmoeForCausalLM", moe=True),
+    "laguna": Family(_cfg(tf.LagunaConfig, sliding_window=WINDOW), "LagunaForCausalLM", moe=True),
+    "ernie4_5_moe": Family(
+        _cfg(
+            tf.Ernie4_5_MoeConfig,
+            moe_num_experts=4,
+            moe_k=2,
+            moe_num_shared_experts=1,
+            moe_layer_start_index=1,
+            moe_layer_end_index=2,
+        ),
+        "Ernie4_5_MoeForCausalLM",
+        moe=True,
+    ),
+    "glm4_moe": Family(_cfg(tf.Glm4MoeConfig), "Glm4MoeForCausalLM", moe=True),
+    "glm4_moe_lite": Family(
+        _cfg(tf.Glm4MoeLiteConfig, num_key_value_heads=4), "Glm4MoeLiteForCausalLM", moe=True
+    ),
+    "glm_moe_dsa": Family(
+        _cfg(tf.GlmMoeDsaConfig, num_key_value_heads=4, index_head_dim=8),
+        "GlmMoeDsaForCausalLM",
+        moe=True,
+    ),
+    "deepseek_v2": Family(
+        _cfg(tf.DeepseekV2Config, num_key_value_heads=4), "DeepseekV2ForCausalLM", moe=True
+    ),
+    "deepseek_v3": Family(
+        _cfg(tf.DeepseekV3Config, num_key_value_heads=4), "DeepseekV3ForCausalLM", moe=True
+    ),
+    "deepseek_v4": Family(
+        _cfg(tf.DeepseekV4Config, sliding_window=WINDOW, o_lora_rank=16, index_head_dim=8),
+        "DeepseekV4ForCausalLM",
+        moe=True,
+    ),
+}
+
+_REMOTE = "remote code only (no class in transformers 5.24); needs the hub's modeling files"
+
+BROKEN: dict[str, str] = {
+    "opt_postln": "run_with_cache raises ValueError: not enough values to unpack (expected 3, got "
+    "2): an OPTAttention receives a 2-D hidden state (OPT flattens the stream around its MLP); "
+    "the plain forward boots and matches Hugging Face exactly",
+    "codegen": "AttributeError: 'CodeGenAttention' object has no attribute 'embed_positions' "
+    "(the bridge's CodeGen attention reads attn.embed_positions; transformers 5 moved the "
+    "sinusoidal table to a CodeGenRotaryEmbedding module)",
+    "falcon_new": "logits mismatch, max relative error 0.9 (boots): the adapter splits the fused "
+    "query_key_value as [all Q | all K | all V], Hugging Face's new_decoder_architecture lays it "
+    "out per KV group as [q_1 .. q_(H/KV), k, v] x KV",
+    "falcon_new_mq": "RuntimeError: split_with_sizes expects split_sizes to sum exactly to 64 "
+    "(input tensor's size at dimension 0), but got split_sizes=[32, 8, 8] (the adapter forces one "
+    "KV head whenever multi_query=True; Hugging Face ignores multi_query under "
+    "new_decoder_architecture and uses num_kv_heads)",
+    "qwen": f"QwenForCausalLM (Qwen 1): {_REMOTE}",
+    "baichuan": f"BaichuanForCausalLM: {_REMOTE}",
+    "internlm2": f"InternLM2ForCausalLM: {_REMOTE}",
+    "exaone": f"ExaoneForCausalLM (EXAONE 3): {_REMOTE}",
+    "openelm": f"OpenELMForCausalLM: {_REMOTE}",
+    "ouro": f"OuroForCausalLM: {_REMOTE}",
+    "raven": f"RavenForCausalLM: {_REMOTE}",
+    "gpt2_custom": f"GPT2LMHeadCustomModel: {_REMOTE}",
+}
+
+BROKEN_BUILDS: dict[str, Family] = {
+    "opt_postln": Family(  # OPT-350m: post-LN, embeddings projected in and out
+        _cfg(tf.OPTConfig, ffn_dim=48, word_embed_proj_dim=16, do_layer_norm_before=False),
+        "OPTForCausalLM",
+    ),
+    "falcon_new": Family(  # Falcon-40B/180B: grouped KV, two LayerNorms in parallel
+        _cfg(
+            tf.FalconConfig,
+            new_decoder_architecture=True,
+            multi_query=False,
+            num_kv_heads=2,
+            num_ln_in_parallel_attn=2,
+            ffn_hidden_size=48,
+        ),
+        "FalconForCausalLM",
+    ),
+    "codegen": Family(_cfg(tf.CodeGenConfig, n_inner=48, rotary_dim=4), "CodeGenForCausalLM"),
+    "falcon_new_mq": Family(
+        _cfg(
+            tf.FalconConfig,
+            new_decoder_architecture=True,
+            multi_query=True,
+            num_kv_heads=2,
+            num_ln_in_parallel_attn=2,
+            ffn_hidden_size=48,
+        ),
+        "FalconForCausalLM",
+    ),
+}
+
+
+# Families that boot and match but have a known hook gap.
+CAVEATS: dict[str, str] = {
+    "openai_gpt": "blocks.{i}.hook_out and hook_resid_post never fire (Hugging Face's "
+    "OpenAIGPT Block.forward returns a list, not a tuple); ln2.hook_out holds the block output",
+}
+
+
+def _spec(family: str) -> Family:
+    return FAMILIES[family] if family in FAMILIES else BROKEN_BUILDS[family]
+
+
+@torch.no_grad()
+def _perturb(model: torch.nn.Module) -> None:
+    """Move every 1-D parameter (norm gains and biases, biases) off its trivial init."""
+    for p in model.parameters():
+        if p.ndim == 1:
+            p.add_(0.2 * torch.randn_like(p))
+
+
+@functools.cache
+def model_dir(family: str) -> str:
+    """Write the family's random model and tokenizer once per process; return the folder."""
+    from tl_decomp.models import _tokenizer
+
+    spec = _spec(family)
+    torch.manual_seed(0)
+    model = getattr(tf, spec.model_class)(spec.config())
+    _perturb(model)
+    path = tempfile.mkdtemp(prefix=f"tl_decomp_zoo_{family}_")
+    model.save_pretrained(path)
+    if spec.architecture is not None:
+        config = Path(path, "config.json")
+        data = json.loads(config.read_text())
+        data["architectures"] = [spec.architecture]
+        config.write_text(json.dumps(data, indent=2))
+    _tokenizer(spec.encoder, path).save_pretrained(path)
+    return path
+
+
+def dtype_for(family: str, dtype: torch.dtype = torch.float64) -> torch.dtype:
+    """`dtype`, or float32 for a family whose Hugging Face forward cannot run float64."""
+    return torch.float32 if _spec(family).float32_only else dtype
+
+
+def boot(family: str, dtype: torch.dtype = torch.float64) -> Any:
+    """The family's tiny model as a `TransformerBridge` in eval mode (see `dtype_for`)."""
+    from transformer_lens.model_bridge import TransformerBridge
+
+    overrides = {"_experts_implementation_internal": "eager"} if _spec(family).moe else None
+    bridge = TransformerBridge.boot_transformers(
+        model_dir(family), device="cpu", dtype=dtype, hf_config_overrides=overrides
+    )
+    return bridge.eval()
+
+
+def hf_reference(family: str, dtype: torch.dtype = torch.float64) -> Any:
+    """The same weights in Hugging Face alone: eager attention (and experts), eval mode.
+
+    Like `boot_transformers`, every parameter is cast to `dtype`, also those Hugging Face keeps
+    in float32 (`_keep_in_fp32_modules`: DeepSeek-V4's hyper-connections, norms, sinks); float32
+    buffers such as rotary `inv_freq` stay float32 in both.
+    """
+    spec = _spec(family)
+    kwargs: dict[str, Any] = {"dtype": dtype, "attn_implementation": "eager"}
+    if spec.moe:
+        kwargs["experts_implementation"] = "eager"
+    model = getattr(tf, spec.model_class).from_pretrained(model_dir(family), **kwargs)
+    with torch.no_grad():
+        for p in model.parameters():
+            p.data = p.data.to(dtype)
+    return model.eval()
