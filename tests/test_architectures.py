@@ -49,7 +49,9 @@ def outcome(family: str) -> tuple[str, str]:
     if gap > (1e-4 if dtype == torch.float32 else 1e-6):
         return "bridge", f"the bridge's padded forward differs from Hugging Face's ({gap:.1e})"
     try:
-        worst = max(_decomposition_error(model, family), _attention_error(model))
+        worst = max(
+            _decomposition_error(model, family), _attention_error(model), _attribution_error(model)
+        )
     except NotImplementedError as err:
         return "refused", str(err).split(" is not supported")[0]
     return "exact", f"{worst:.1e} ({str(dtype).removeprefix('torch.')})"
@@ -113,6 +115,41 @@ def _attention_error(model) -> float:
                     want = torch.zeros_like(a[b, h, q])
                     want[keys] = a[b, h, q, keys] @ basis @ basis.T
                     worst = max(worst, (eff[b, h, q].double() - want).abs().max().item())
+    return worst
+
+
+def _attribution_error(model) -> float:
+    """Max |c - reference| of exact Hidden Token Attribution, the reference from a reverse-mode
+    Jacobian of every block output with respect to block 0's input (plain autograd)."""
+    spec = td.model_spec(model)
+    tokens = TOKENS[:1, :6]
+    att = td.hidden_token_attribution(model, tokens, method="exact")
+    got: dict[str, torch.Tensor] = {}
+    sites = [b.out for b in spec.blocks]
+
+    def run(x):
+        def replace(t, *, hook):
+            return x
+
+        def keep(t, *, hook):
+            got[hook.name] = t
+
+        with model.hooks(fwd_hooks=[(spec.layer0, replace), *((s, keep) for s in sites)]):
+            model(tokens)
+        return torch.stack([got[s] for s in sites])
+
+    with torch.inference_mode(False):
+        _, cache = model.run_with_cache(tokens, names_filter=lambda h: h == spec.layer0)
+        x0 = cache[spec.layer0].clone()
+        jac = torch.autograd.functional.jacobian(run, x0)  # [L 1 n d 1 n d]
+    norms = jac[:, 0, :, :, 0].double().pow(2).sum((2, 4)).sqrt()  # [L query key]
+    ref = norms / norms.sum(-1, keepdim=True)
+    worst = 0.0
+    for i, layer in enumerate(att.layers):
+        if layer > 0:
+            worst = max(
+                worst, (att.contributions[i, 0].double() - ref[layer - 1]).abs().max().item()
+            )
     return worst
 
 

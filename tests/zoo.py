@@ -13,8 +13,9 @@ shorter than the 12-token `IDS`, so windowed attention differs from full attenti
 experts families run Hugging Face's "eager" expert loop: its default grouped_mm kernel refuses
 float64 ("Expected mat_a to be Float32, BFloat16 or Float16 matrix, got Double").
 
-`BROKEN` lists the families that do not boot or do not match, with the reason; `BROKEN_BUILDS`
-keeps the builders of those that have one. Adding a family is one `FAMILIES` entry.
+`BROKEN` lists the families that do not boot, do not match or cannot `run_with_cache`, with the
+reason; `BROKEN_BUILDS` keeps the builders of those that have one. `CAVEATS` notes the hook gaps and
+surprises of families that do work. Adding a family is one `FAMILIES` entry.
 """
 
 from __future__ import annotations
@@ -278,8 +279,16 @@ FAMILIES: dict[str, Family] = {
         "Llama4ForCausalLM",
         moe=True,
     ),
-    "afmoe": Family(_cfg(tf.AfmoeConfig, sliding_window=WINDOW), "AfmoeForCausalLM", moe=True),
-    "laguna": Family(_cfg(tf.LagunaConfig, sliding_window=WINDOW), "LagunaForCausalLM", moe=True),
+    "afmoe": Family(
+        _cfg(tf.AfmoeConfig, sliding_window=WINDOW, layer_types=SLIDING_3),
+        "AfmoeForCausalLM",
+        moe=True,
+    ),
+    "laguna": Family(
+        _cfg(tf.LagunaConfig, sliding_window=WINDOW, layer_types=SLIDING_3),
+        "LagunaForCausalLM",
+        moe=True,
+    ),
     "ernie4_5_moe": Family(
         _cfg(
             tf.Ernie4_5_MoeConfig,
@@ -371,10 +380,25 @@ BROKEN_BUILDS: dict[str, Family] = {
 }
 
 
-# Families that boot and match but have a known hook gap.
+# Families in FAMILIES (they boot, match and cache) with a known gap in their hooks.
 CAVEATS: dict[str, str] = {
     "openai_gpt": "blocks.{i}.hook_out and hook_resid_post never fire (Hugging Face's "
-    "OpenAIGPT Block.forward returns a list, not a tuple); ln2.hook_out holds the block output",
+    "OpenAIGPT Block.forward returns a list, not a tuple; ln2.hook_out holds the block output), "
+    "and with an attention_mask (right padding) the bridge's logits differ from Hugging Face's "
+    "at real positions by 1e-2 relative",
+    "xglm": "float32 only: Hugging Face's XGLM attention overflows in float64 (torch.full((), "
+    "finfo(float64).min) in the default float32); its sinusoidal positions have no hook, so "
+    "blocks.0.hook_in != hook_embed (which is scaled by sqrt(d_model))",
+    "gemma4_text": "norms are plain GeneralizedComponents (no hook_scale / hook_normalized); "
+    "after the MLP each block adds a per-layer-input (PLE) branch and then multiplies the whole "
+    "stream by a learned layer_scalar, so hook_out != hook_in + hook_attn_out + hook_mlp_out",
+    "deepseek_v4": "attention is opaque (no q/k/v/pattern hooks); the residual stream is 4 "
+    "hyper-connection copies: blocks.{i}.hook_in / hook_out are [batch, pos, 4, d_model]",
+    "nanochat": "one RMSNorm module (model.norm) runs twice, on the embeddings before block 0 "
+    "and as the final norm: ln_final hooks fire twice per forward (the cache keeps the final "
+    "call) and blocks.0.hook_in = rmsnorm(hook_embed); its RMSNorms have no weight",
+    "hrm_text": "no `blocks`: two stacks L_blocks and H_blocks, run in cycles (several passes "
+    "per forward), with L_ln_final / H_ln_final",
 }
 
 

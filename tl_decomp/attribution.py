@@ -177,6 +177,35 @@ def _tangents(
         yield pos.to(like.device), u
 
 
+def _columns(run: Callable[[Tensor], Tensor], x0: Tensor) -> Callable[[Tensor], Tensor]:
+    """Tangents ``[chunk *x0.shape]`` -> their Jacobian-vector products ``J u``.
+
+    Forward mode, vmapped; where a model's custom ``autograd.Function`` has no forward-mode
+    rule (BLOOM's GeLU), the double-backward identity ``J u = d/dv <J^T v, u>`` instead, from
+    one forward pass whose graph serves every tangent.
+    """
+    forward = vmap(lambda u: jvp(run, (x0,), (u,))[1])
+    graph: list[Tensor] = []
+
+    def column(u: Tensor) -> Tensor:
+        if not graph:
+            try:
+                return forward(u)
+            except RuntimeError as err:
+                if "setup_context" not in str(err):
+                    raise
+            with torch.enable_grad():
+                x = x0.detach().requires_grad_()
+                y = run(x)
+                v = torch.zeros_like(y, requires_grad=True)
+                (g,) = torch.autograd.grad(y, x, v, create_graph=True)
+            graph.extend((g, v))
+        g, v = graph
+        return torch.stack([torch.autograd.grad(g, v, ui, retain_graph=True)[0] for ui in u])
+
+    return column
+
+
 def _sq_norms(
     run: Callable[[Tensor], Tensor],
     x0: Tensor,
@@ -191,7 +220,7 @@ def _sq_norms(
     n, d = x0.shape[1:]
     s1 = x0.new_zeros((n_layers, n, n), dtype=torch.float64)
     s2 = torch.zeros_like(s1)
-    column = vmap(lambda u: jvp(run, (x0,), (u,))[1])
+    column = _columns(run, x0)
     for pos, u in _tangents(n, d, method, n_probes, chunk, x0, seed):
         with torch.no_grad():
             q = column(u).double().pow(2).sum(-1)  # [chunk layer 1 query]
