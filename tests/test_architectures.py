@@ -66,6 +66,10 @@ def _bridge_gap(model, family: str) -> float:
     return ((ours[real] - ref[real]).abs().max() / ref[real].abs().max()).item()
 
 
+MOE: set[str] = set()  # families with mixture-of-experts blocks
+EXPERT_REFUSALS: dict[str, str] = {}  # ... whose blocks cannot be split by expert
+
+
 def _decomposition_error(model, family: str) -> float:
     """Max relative error of the factors against Hugging Face's hidden states."""
     hf = zoo.hf_reference(family, zoo.dtype_for(family))
@@ -73,8 +77,17 @@ def _decomposition_error(model, family: str) -> float:
         states = hf(TOKENS, attention_mask=MASK, output_hidden_states=True).hidden_states
     real = MASK.bool()[..., None]
     worst = 0.0
-    for granularity in ("coarse", "head"):
-        ds = td.decompose_layers(model, TOKENS, attention_mask=MASK, granularity=granularity)
+    moe = td.DecompositionRecipe.for_model(model).moe_layers
+    if moe:
+        MOE.add(family)
+    for granularity in ("coarse", "head") + (("expert",) if moe else ()):
+        try:
+            ds = td.decompose_layers(model, TOKENS, attention_mask=MASK, granularity=granularity)
+        except NotImplementedError as err:
+            if granularity != "expert" or "by expert" not in str(err):
+                raise
+            EXPERT_REFUSALS[family] = str(err)
+            continue
         spec = td.model_spec(model)
         for d in ds:
             # HF's hidden_states[L + 1] is block L's output; on decoders the last one is the
@@ -178,6 +191,8 @@ def _table() -> str:
             continue
         if status == "exact":
             note = " (float32: Hugging Face refuses float64)" if "float32" in detail else ""
+            if family in MOE:
+                note += "; per expert: " + ("refused" if family in EXPERT_REFUSALS else "exact")
             what = "exact" + note
         elif status == "bridge":
             what = "not checked: " + detail.split(" (")[0] + " (a TransformerLens bug)"

@@ -229,6 +229,7 @@ FAMILIES: dict[str, Family] = {
             vocab_size_per_layer_input=64,
             hidden_size_per_layer_input=8,
             global_head_dim=16,
+            num_experts=None,  # dense: enable_moe_block stays False
         ),
         "Gemma4ForCausalLM",
     ),

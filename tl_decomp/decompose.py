@@ -22,10 +22,10 @@ import torch
 from jaxtyping import Float, Int
 from torch import Tensor
 
-from tl_decomp import _adapters, _running
+from tl_decomp import _adapters, _experts, _running
 from tl_decomp._spec import InexactDecompositionError, ModelSpec, Norm
 
-Granularity = Literal["coarse", "layer", "head"]
+Granularity = Literal["coarse", "layer", "head", "expert"]
 Centering = Literal["correction", "terms"]
 KINDS = ("i", "h", "f", "c")
 
@@ -188,21 +188,29 @@ class DecompositionRecipe:
     def for_model(cls, model: Any, **options: Any) -> DecompositionRecipe:
         """A recipe for `model`; raises `NotImplementedError` on unsupported architectures."""
         recipe = cls(spec=_adapters.model_spec(model), model=model, **options)
-        if recipe.granularity not in ("coarse", "layer", "head"):
+        if recipe.granularity not in ("coarse", "layer", "head", "expert"):
             raise ValueError(
-                f"granularity must be coarse, layer or head, not {recipe.granularity!r}"
+                f"granularity must be coarse, layer, head or expert, not {recipe.granularity!r}"
             )
+        if recipe.granularity == "expert" and not recipe.moe_layers:
+            raise ValueError("granularity='expert' needs a mixture-of-experts model")
         if recipe.centering not in ("correction", "terms"):
             raise ValueError(f"centering must be 'correction' or 'terms', not {recipe.centering!r}")
         return recipe
 
     @property
+    def moe_layers(self) -> tuple[int, ...]:
+        """Blocks whose MLP is a mixture of experts (split by expert on request)."""
+        return tuple(L for L in range(self.spec.n_layers) if _experts.moe_module(self.model, L))
+
+    @property
     def hooks(self) -> list[str]:
-        return self.spec.hooks()
+        extra = [self.spec.blocks[L].mlp_in for L in self.moe_layers]
+        return self.spec.hooks() + (extra if self.granularity == "expert" else [])  # type: ignore[operator]
 
     @property
     def names_filter(self):
-        return self.spec.names_filter()
+        return frozenset(self.hooks).__contains__
 
     def compute_dtype(self) -> torch.dtype:
         if self.dtype is not None:
@@ -227,7 +235,12 @@ class DecompositionRecipe:
                 rows.update({f"L{L}H{h}": "h" for h in range(spec.n_heads)})
             else:
                 rows[f"{L}_attn_out"] = "h"
-            if spec.blocks[L].mlp_out:
+            if g == "expert" and L in self.moe_layers:
+                moe = _experts.moe_module(self.model, L)
+                rows.update({f"{L}_expert{e}": "f" for e in range(moe.experts.num_experts)})
+                if _experts.shared_module(moe) is not None:
+                    rows[f"{L}_shared_expert"] = "f"
+            elif spec.blocks[L].mlp_out:
                 rows[f"{L}_mlp_out"] = "f"
         sources = ("ln_center", "ln_bias", "attn_bias", "mlp_bias")
         rows.update({label: "c" for label in (sources if self.split_correction else ("bias",))})
@@ -307,12 +320,25 @@ class DecompositionRecipe:
             st.add(self._label("c", "attn_bias"), post(bias))
         self._post_corrections(st, blk.attn_post, post, blk.residual_scale, cache, dt)
 
-    def _mlp(self, st: _Stack, L: int, cache: Any, dt: torch.dtype) -> None:
+    def _mlp(self, st: _Stack, L: int, cache: Any, dt: torch.dtype, routing) -> None:
         blk = self.spec.blocks[L]
         if blk.mlp_out is None:
             return
         post = self._sublayer(blk.mlp_post, blk.residual_scale, cache, dt)
         out = cache[blk.mlp_out].to(dt)
+        if self.granularity == "expert" and L in self.moe_layers:
+            if routing is None or L not in routing:
+                raise ValueError(
+                    "granularity='expert' needs the routing each block's experts received, "
+                    "which a cache does not hold: use tl_decomp.decompose(model, input, ...)"
+                )
+            mlp_in = cache[blk.mlp_in]  # type: ignore[index]
+            terms, labels = _experts.expert_terms(
+                self.model, L, routing[L], mlp_in, cache[blk.mlp_out]
+            )
+            for label, term in zip(labels, terms, strict=True):
+                st.add(label, post(term.to(dt)))
+            return
         if blk.b_out is not None:
             b_out = blk.b_out.to(dt)
             out = out - b_out
@@ -328,8 +354,12 @@ class DecompositionRecipe:
         final: bool = True,
         tokens: Tensor | None = None,
         attention_mask: Tensor | None = None,
+        routing: _experts.Routing | None = None,
     ) -> Iterator[Decomposition]:
         """One pass over the blocks, yielding the decomposition of each requested block output.
+
+        `routing` (granularity ``expert``): what each block's experts module received, as
+        `tl_decomp.decompose` captures it while it runs the model.
 
         Memory: one factor buffer plus the decomposition being yielded; consume each before
         asking for the next to keep a single layer alive.
@@ -358,7 +388,7 @@ class DecompositionRecipe:
             self._attention(st, L, cache, dt)
             if blk.ln1 is not None:
                 self._norm(st, blk.ln1, cache, dt)
-            self._mlp(st, L, cache, dt)
+            self._mlp(st, L, cache, dt, routing)
             if blk.ln2 is not None:
                 self._norm(st, blk.ln2, cache, dt)
             if L in wanted:
@@ -376,6 +406,7 @@ class DecompositionRecipe:
         *,
         tokens: Tensor | None = None,
         attention_mask: Tensor | None = None,
+        routing: _experts.Routing | None = None,
     ) -> Decomposition:
         """The decomposition of block `layer`'s output, or of the final embedding (None)."""
         spec = self.spec
@@ -385,7 +416,12 @@ class DecompositionRecipe:
             layer += spec.n_layers
         layers = [] if layer is None else [layer]
         it = self.iter_layers(
-            cache, layers, final=layer is None, tokens=tokens, attention_mask=attention_mask
+            cache,
+            layers,
+            final=layer is None,
+            tokens=tokens,
+            attention_mask=attention_mask,
+            routing=routing,
         )
         return next(iter(it))
 
@@ -462,8 +498,10 @@ def _run(model: Any, options: dict[str, Any], input: Any, attention_mask: Tensor
     tokens, mask = _running.as_tokens(model, recipe.spec, input, attention_mask)
     device = _running.model_device(model)
     tokens, mask = tokens.to(device), mask.to(device)
-    cache = _running.run_with_cache(model, tokens, mask, recipe.names_filter)
-    return recipe, cache, tokens, mask
+    moe = list(recipe.moe_layers) if recipe.granularity == "expert" else []
+    with _experts.capture(model, moe) as routing:
+        cache = _running.run_with_cache(model, tokens, mask, recipe.names_filter)
+    return recipe, cache, tokens, mask, routing
 
 
 def decompose(
@@ -489,8 +527,9 @@ def decompose(
         layer: block whose output to decompose (negative counts from the end); None for the
             final embedding (BERT: the last block's output, reported as that layer; decoders:
             the ``ln_final`` output the unembedding reads, reported as layer None).
-        granularity: ``coarse`` (i, h, f, c), ``layer`` (attention and MLP per layer) or
-            ``head`` (attention per layer and head).
+        granularity: ``coarse`` (i, h, f, c), ``layer`` (attention and MLP per layer),
+            ``head`` (attention per layer and head) or ``expert`` (as ``layer``, with each
+            mixture-of-experts MLP split into ``L_expertE`` terms and ``L_shared_expert``).
         centering: ``correction`` puts every LayerNorm centering in ``c`` (the paper);
             ``terms`` centres each term so ``c`` holds biases only. The sum is identical.
         attention_mask: 1/0 mask for token-id input.
@@ -516,8 +555,8 @@ def decompose(
         split_correction=split_correction,
         dtype=dtype,
     )
-    recipe, cache, tokens, mask = _run(model, options, input, attention_mask)
-    return recipe.decompose(cache, layer, tokens=tokens, attention_mask=mask)
+    recipe, cache, tokens, mask, routing = _run(model, options, input, attention_mask)
+    return recipe.decompose(cache, layer, tokens=tokens, attention_mask=mask, routing=routing)
 
 
 def decompose_layers(
@@ -554,8 +593,11 @@ def decompose_layers(
         split_correction=split_correction,
         dtype=dtype,
     )
-    recipe, cache, tokens, mask = _run(model, options, input, attention_mask)
-    return list(recipe.iter_layers(cache, layers, final=final, tokens=tokens, attention_mask=mask))
+    recipe, cache, tokens, mask, routing = _run(model, options, input, attention_mask)
+    it = recipe.iter_layers(
+        cache, layers, final=final, tokens=tokens, attention_mask=mask, routing=routing
+    )
+    return list(it)
 
 
 __all__ = ["Decomposition", "DecompositionRecipe", "decompose", "decompose_layers"]
