@@ -33,6 +33,16 @@ README = Path(__file__).parents[1] / "README.md"
 def outcome(family: str) -> tuple[str, str]:
     """(status, detail): "exact" with the measured error, "refused" with the reason, or
     "skipped" when this TransformerLens line cannot boot or run the family at all."""
+    # Tiny models: threads only synchronise, and on a loaded 2-core machine they thrash.
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    try:
+        return _outcome(family)
+    finally:
+        torch.set_num_threads(threads)
+
+
+def _outcome(family: str) -> tuple[str, str]:
     dtype = zoo.dtype_for(family)
     try:
         model = zoo.boot(family, dtype)
@@ -52,6 +62,7 @@ def outcome(family: str) -> tuple[str, str]:
         worst = max(
             _decomposition_error(model, family), _attention_error(model), _attribution_error(model)
         )
+        _identifiability_runs(model)
     except NotImplementedError as err:
         return "refused", str(err).split(" is not supported")[0]
     return "exact", f"{worst:.1e} ({str(dtype).removeprefix('torch.')})"
@@ -80,7 +91,7 @@ def _decomposition_error(model, family: str) -> float:
     moe = td.DecompositionRecipe.for_model(model).moe_layers
     if moe:
         MOE.add(family)
-    for granularity in ("coarse", "head") + (("expert",) if moe else ()):
+    for granularity in ("coarse", "layer", "head") + (("expert",) if moe else ()):
         try:
             ds = td.decompose_layers(model, TOKENS, attention_mask=MASK, granularity=granularity)
         except NotImplementedError as err:
@@ -135,7 +146,7 @@ def _attribution_error(model) -> float:
     """Max |c - reference| of exact Hidden Token Attribution, the reference from a reverse-mode
     Jacobian of every block output with respect to block 0's input (plain autograd)."""
     spec = td.model_spec(model)
-    tokens = TOKENS[:1, :6]
+    tokens = TOKENS[:1, :5]
     att = td.hidden_token_attribution(model, tokens, method="exact")
     got: dict[str, torch.Tensor] = {}
     sites = [b.out for b in spec.blocks]
@@ -164,6 +175,16 @@ def _attribution_error(model) -> float:
                 worst, (att.contributions[i, 0].double() - ref[layer - 1]).abs().max().item()
             )
     return worst
+
+
+def _identifiability_runs(model) -> None:
+    """Token identifiability (its numbers are checked in test_identifiability.py) runs and
+    gives a rate per layer, the layer-0 input identifying itself."""
+    texts = ["the cat sat on the mat .", "a dog ran , the cat sat", "the big dog is on a mat"]
+    r = td.token_identifiability(model, texts * 4, progress=False)
+    rates = torch.as_tensor(r.rates)
+    assert rates.shape == (td.model_spec(model).n_layers + 1,) and rates[0] == 1
+    assert ((rates >= 0) & (rates <= 1)).all()
 
 
 FAMILIES = sorted(zoo.FAMILIES)

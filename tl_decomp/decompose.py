@@ -152,7 +152,13 @@ class _Map:
     gain: Tensor | float
     center: bool
 
+    @property
+    def identity(self) -> bool:
+        return not self.center and isinstance(self.gain, float) and self.gain == 1.0
+
     def __call__(self, t: Tensor) -> Tensor:
+        if self.identity:  # most blocks: no copy
+            return t
         if self.center:
             t = t - t.mean(-1, keepdim=True)
         return t * self.gain
@@ -160,7 +166,7 @@ class _Map:
     def apply_(self, t: Tensor) -> None:
         if self.center:
             t.sub_(t.mean(-1, keepdim=True))
-        if not (isinstance(self.gain, float) and self.gain == 1.0):
+        if not self.identity:
             t.mul_(self.gain)
 
 
