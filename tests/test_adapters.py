@@ -167,3 +167,26 @@ def test_checked_input_passes_through():
     assert mask.dtype == torch.long and mask.tolist() == [[1, 0]]
     tokens, mask = _running.as_tokens(model, spec, ["the cat sat", "a dog"])
     assert tokens.shape == mask.shape and mask.sum(-1).tolist()[0] > mask.sum(-1).tolist()[1]
+
+
+def test_train_mode_is_eval_for_the_call_and_restored():
+    # Dropout would break every sum: each entry point runs the model in eval mode for the
+    # call and restores every module's own flag after, even when the call raises.
+    from tl_decomp import decompose, hidden_token_attribution
+
+    model = tiny_model("gpt2", dtype=torch.float64)  # private copy: its modes are changed
+    model.train()
+    model.blocks[1].eval()  # a mixed state must come back as it was
+    before = [m.training for m in model.modules()]
+    assert model.original_model.config.resid_pdrop > 0  # dropout is really there
+    tokens = torch.tensor([[1, 5, 6, 7, 8]])
+    d = decompose(model, tokens)
+    assert d.relative_error < 1e-12
+    assert [m.training for m in model.modules()] == before
+    att = hidden_token_attribution(model, tokens, method="exact")
+    assert torch.allclose(att.contributions.sum(-1), torch.ones(()).double())
+    with pytest.raises(ValueError):
+        decompose(model, torch.tensor([[1, 10**6]]))
+    assert [m.training for m in model.modules()] == before
+    model.eval()
+    assert torch.equal(decompose(model, tokens).factors, d.factors)

@@ -7,13 +7,28 @@ when they run.
 
 from __future__ import annotations
 
-from collections.abc import Callable, Sequence
+import contextlib
+from collections.abc import Callable, Iterator, Sequence
 from typing import Any
 
 import torch
 from torch import Tensor
 
 from tl_decomp._adapters import ModelSpec, _kind
+
+
+@contextlib.contextmanager
+def evaluating(model: Any) -> Iterator[None]:
+    """Dropout off for the duration: every analysis reads one deterministic forward pass (in
+    train mode dropout breaks every sum and identity). Each module's own `training` flag is
+    restored afterwards, even when the call raises."""
+    modes = [(m, m.training) for m in model.modules()]
+    model.eval()
+    try:
+        yield
+    finally:
+        for m, training in modes:
+            m.training = training
 
 
 def run_with_cache(
@@ -33,7 +48,7 @@ def run_with_cache(
         kwargs["attention_mask"] = attention_mask
         if token_type_ids is not None and kind == "TransformerBridge":
             kwargs["token_type_ids"] = token_type_ids
-    with torch.inference_mode():
+    with torch.inference_mode(), evaluating(model):
         _, cache = model.run_with_cache(tokens, **kwargs)
     return cache
 
@@ -147,7 +162,7 @@ def run_with_hooks(
     key = "one_zero_attention_mask" if _kind(model) == "HookedEncoder" else "attention_mask"
     kwargs = {key: attention_mask}
     try:
-        with model.hooks(fwd_hooks=hooks):
+        with model.hooks(fwd_hooks=hooks), evaluating(model):
             model(tokens, **kwargs)
     except _StopRun:
         pass
