@@ -190,3 +190,33 @@ def test_train_mode_is_eval_for_the_call_and_restored():
     assert [m.training for m in model.modules()] == before
     model.eval()
     assert torch.equal(decompose(model, tokens).factors, d.factors)
+
+
+def test_threads_sharing_one_model_get_their_own_results():
+    # Hooks belong to the model: unserialised, a thread's cache picked up the other thread's
+    # activations (2 of 80 results carried the other text) or raised shape errors.
+    import threading
+
+    from tl_decomp import decompose, hidden_token_attribution
+
+    model = cached_model("gpt2", "bridge")
+    inputs = [torch.tensor([[1, 5, 6, 7, 8, 9]]), torch.tensor([[1, 10, 11, 12]])]
+    want = [decompose(model, x).target for x in inputs]
+    want_att = [hidden_token_attribution(model, x).contributions for x in inputs]
+    errors: list[BaseException] = []
+
+    def work(i: int) -> None:
+        try:
+            for _ in range(15):
+                assert torch.equal(decompose(model, inputs[i]).target, want[i])
+                att = hidden_token_attribution(model, inputs[i]).contributions
+                assert torch.allclose(att, want_att[i])
+        except BaseException as err:  # reported in the main thread
+            errors.append(err)
+
+    threads = [threading.Thread(target=work, args=(i % 2,)) for i in range(4)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join()
+    assert not errors, errors[0]

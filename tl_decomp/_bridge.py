@@ -19,7 +19,7 @@ import torch
 from torch import Tensor
 
 from tl_decomp._adapters import _architecture, _unsupported, b_v, biases, fields, vec
-from tl_decomp._running import evaluating
+from tl_decomp._running import evaluating, exclusive
 from tl_decomp._spec import Block, ModelSpec, Norm
 
 _PROBES: weakref.WeakKeyDictionary[Any, dict[str, bool]] = weakref.WeakKeyDictionary()
@@ -111,7 +111,7 @@ def _layout(model: Any, names: set[str]) -> dict[str, bool]:
     want |= {last, "ln_final.hook_in"}
     n = min(4, int(model.cfg.n_ctx))
     tokens = torch.arange(n, device=next(model.parameters()).device)[None] % model.cfg.d_vocab
-    with torch.inference_mode(), evaluating(model):
+    with exclusive(model), torch.inference_mode(), evaluating(model):
         _, cache = model.run_with_cache(tokens, names_filter=lambda h: h in want)
     same = lambda a, b: a in cache and b in cache and _close(cache[a], cache[b])  # noqa: E731
     pattern = cache["blocks.0.attn.hook_pattern"]

@@ -8,6 +8,8 @@ when they run.
 from __future__ import annotations
 
 import contextlib
+import threading
+import weakref
 from collections.abc import Callable, Iterator, Sequence
 from typing import Any
 
@@ -16,19 +18,34 @@ from torch import Tensor
 
 from tl_decomp._adapters import ModelSpec, _kind
 
+_LOCKS: weakref.WeakKeyDictionary[Any, threading.RLock] = weakref.WeakKeyDictionary()
+_LOCKS_GUARD = threading.Lock()
+
+
+@contextlib.contextmanager
+def exclusive(model: Any) -> Iterator[None]:
+    """Hold `model` for one hooked run. TransformerLens's hooks belong to the model, not to a
+    call: two threads running one model would each cache the other's activations (measured:
+    results carrying another thread's text). Re-entrant, so nested runs in one thread pass."""
+    with _LOCKS_GUARD:
+        lock = _LOCKS.setdefault(model, threading.RLock())
+    with lock:
+        yield
+
 
 @contextlib.contextmanager
 def evaluating(model: Any) -> Iterator[None]:
     """Dropout off for the duration: every analysis reads one deterministic forward pass (in
     train mode dropout breaks every sum and identity). Each module's own `training` flag is
     restored afterwards, even when the call raises."""
-    modes = [(m, m.training) for m in model.modules()]
-    model.eval()
-    try:
-        yield
-    finally:
-        for m, training in modes:
-            m.training = training
+    with exclusive(model):
+        modes = [(m, m.training) for m in model.modules()]
+        model.eval()
+        try:
+            yield
+        finally:
+            for m, training in modes:
+                m.training = training
 
 
 def run_with_cache(
@@ -48,7 +65,7 @@ def run_with_cache(
         kwargs["attention_mask"] = attention_mask
         if token_type_ids is not None and kind == "TransformerBridge":
             kwargs["token_type_ids"] = token_type_ids
-    with torch.inference_mode(), evaluating(model):
+    with exclusive(model), torch.inference_mode(), evaluating(model):
         _, cache = model.run_with_cache(tokens, **kwargs)
     return cache
 
@@ -162,7 +179,7 @@ def run_with_hooks(
     key = "one_zero_attention_mask" if _kind(model) == "HookedEncoder" else "attention_mask"
     kwargs = {key: attention_mask}
     try:
-        with model.hooks(fwd_hooks=hooks), evaluating(model):
+        with exclusive(model), model.hooks(fwd_hooks=hooks), evaluating(model):
             model(tokens, **kwargs)
     except _StopRun:
         pass

@@ -22,6 +22,7 @@ output is exactly the model's. The hook lives only for the call, even when it ra
 from __future__ import annotations
 
 import functools
+import threading
 import warnings
 from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass
@@ -175,6 +176,9 @@ def _tangents(
                 (len(flat), d), generator=gen, dtype=torch.float64
             ).to(like)
         yield pos.to(like.device), u
+
+
+_FORWARD_AD = threading.RLock()
 
 
 def _columns(run: Callable[[Tensor], Tensor], x0: Tensor) -> Callable[[Tensor], Tensor]:
@@ -339,7 +343,9 @@ def hidden_token_attribution(
             x0 = _source_activation(model, ids, source)
             run = _runner(model, spec, ids, source, sites)
             chunk = chunk_size or max(16, min(1024, 2**22 // (n * spec.d_model)))
-            sq, v = _sq_norms(run, x0, method, n_probes, chunk, len(layers), seed + b, bar)
+            # Forward-mode AD levels are global to the process: one JVP loop at a time.
+            with _FORWARD_AD, _running.exclusive(model):
+                sq, v = _sq_norms(run, x0, method, n_probes, chunk, len(layers), seed + b, bar)
             norm2 = torch.zeros(shape, dtype=sq.dtype, device=device) if norm2 is None else norm2
             norm2[:, b, :n, :n] = sq
             if v is not None:

@@ -505,7 +505,7 @@ def _run(model: Any, options: dict[str, Any], input: Any, attention_mask: Tensor
     device = _running.model_device(model)
     tokens, mask = tokens.to(device), mask.to(device)
     moe = list(recipe.moe_layers) if recipe.granularity == "expert" else []
-    with _experts.capture(model, moe) as routing:
+    with _running.exclusive(model), _experts.capture(model, moe) as routing:
         cache = _running.run_with_cache(model, tokens, mask, recipe.names_filter)
     return recipe, cache, tokens, mask, routing
 
