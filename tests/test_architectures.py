@@ -63,6 +63,7 @@ def _outcome(family: str) -> tuple[str, str]:
             _decomposition_error(model, family), _attention_error(model), _attribution_error(model)
         )
         _identifiability_runs(model)
+        worst = max(worst, _logit_error(model, family))
     except NotImplementedError as err:
         return "refused", str(err).split(" is not supported")[0]
     return "exact", f"{worst:.1e} ({str(dtype).removeprefix('torch.')})"
@@ -177,6 +178,39 @@ def _attribution_error(model) -> float:
     return worst
 
 
+LOGIT_REFUSALS: dict[str, set[str]] = {}  # family -> "final" / "lens" where attribution refused
+
+
+def _logit_error(model, family: str) -> float:
+    """Max relative error of logit attribution: the final embedding's against the model's own
+    unembedding output, each block output's against the logit lens ``unembed(ln_final(x))``."""
+    spec = td.model_spec(model)
+    ds = td.decompose_layers(model, TOKENS, attention_mask=MASK, granularity="head")
+    with torch.inference_mode():
+        _, cache = model.run_with_cache(
+            TOKENS, attention_mask=MASK, names_filter=lambda h: h == "unembed.hook_out"
+        )
+    real = MASK.bool()
+    worst = 0.0
+    for d in ds:
+        try:
+            la = d.logit_attrs(torch.tensor([5, 9]), incorrect=7)
+        except NotImplementedError:
+            LOGIT_REFUSALS.setdefault(family, set()).add(
+                "final" if d.site == spec.final else "lens"
+            )
+            continue
+        if d.site == spec.final:
+            out = cache["unembed.hook_out"]
+        else:
+            with torch.inference_mode():
+                out = model.unembed(model.ln_final(d.target))
+        want = (out[..., [5, 9]].diagonal(dim1=0, dim2=-1).T - out[..., 7]).to(la.values)
+        got = la.values.sum(0)
+        worst = max(worst, ((got - want)[real].abs().max() / want[real].abs().max()).item())
+    return worst
+
+
 def _identifiability_runs(model) -> None:
     """Token identifiability (its numbers are checked in test_identifiability.py) runs and
     gives a rate per layer, the layer-0 input identifying itself."""
@@ -205,7 +239,10 @@ def test_family_is_exact_or_refused(family):
 
 
 def _table() -> str:
-    rows = ["| family | Hugging Face class | status |", "|---|---|---|"]
+    rows = [
+        "| family | Hugging Face class | decomposition | logit attribution |",
+        "|---|---|---|---|",
+    ]
     for family in FAMILIES:
         status, detail = outcome(family)
         if status == "skipped":
@@ -219,7 +256,11 @@ def _table() -> str:
             what = "not checked: " + detail.split(" (")[0] + " (a TransformerLens bug)"
         else:
             what = "refused: " + re.sub(r" \(.*", "", detail.replace("|", "/"))[:120]
-        rows.append(f"| {family} | {zoo.FAMILIES[family].model_class} | {what} |")
+        refused = LOGIT_REFUSALS.get(family, set())
+        logit = "" if status != "exact" else "exact (final embedding and lens)"
+        if refused:
+            logit = "refused: a head before W_U" if "final" in refused else "final exact; no lens"
+        rows.append(f"| {family} | {zoo.FAMILIES[family].model_class} | {what} | {logit} |")
     return "\n".join(rows)
 
 

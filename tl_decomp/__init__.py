@@ -31,6 +31,7 @@ from tl_decomp.identifiability import (
     identifiability_from_states,
     token_identifiability,
 )
+from tl_decomp.logit import LogitAttribution, logit_attribution
 from tl_decomp.masked import MaskedPrediction, masked_prediction
 from tl_decomp.models import load_model, tiny_model
 from tl_decomp.probing import (
@@ -61,6 +62,7 @@ __all__ = [
     "DecompositionRecipe",
     "FFLinearity",
     "IdentifiabilityResult",
+    "LogitAttribution",
     "InexactDecompositionError",
     "LabelledWords",
     "LayerStats",
@@ -84,6 +86,7 @@ __all__ = [
     "hidden_token_attribution",
     "identifiability_from_states",
     "load_corpus",
+    "logit_attribution",
     "load_model",
     "load_pos",
     "masked_prediction",

@@ -52,6 +52,7 @@ def spec_bridge(model: Any) -> ModelSpec:
         final=ln_final.output if ln_final and ln_final.output else blocks[-1].out,
         layer0="blocks.0.hook_in",
         input="embed_ln.hook_in" if embed_ln else "blocks.0.hook_in",
+        unembed_reads_final=layout["unembed_reads_final"],
     )
     missing = [h for h in spec.hooks() if h not in names]
     if missing:
@@ -107,7 +108,8 @@ def _layout(model: Any, names: set[str]) -> dict[str, bool]:
         raise _unsupported("an attention without a cached pattern (hook_pattern)", model)
     last = f"blocks.{model.cfg.n_layers - 1}.hook_out"
     want = {"blocks.0.hook_in", "blocks.0.ln1.hook_in", "blocks.0.attn.hook_pattern"}
-    want |= {"blocks.0.attn.hook_out"}
+    post_out = f"blocks.{model.cfg.n_layers - 1}.ln2.hook_out"  # post-LN blocks' output
+    want |= {"blocks.0.attn.hook_out", "unembed.hook_in", "ln_final.hook_out", post_out}
     want |= {last, "ln_final.hook_in"}
     n = min(4, int(model.cfg.n_ctx))
     tokens = torch.arange(n, device=next(model.parameters()).device)[None] % model.cfg.d_vocab
@@ -122,6 +124,12 @@ def _layout(model: Any, names: set[str]) -> dict[str, bool]:
         post="blocks.0.ln1.hook_in" in cache and not ln1_reads_resid and not sublayer,
         sublayer_norms=sublayer,
         final_norm=same("ln_final.hook_in", last),
+        # BERT's unembedding reads its MLM head, whose own LayerNorm is the bridge's ln_final.
+        unembed_reads_final=(
+            same("ln_final.hook_in", last) and same("unembed.hook_in", "ln_final.hook_out")
+        )
+        or same("unembed.hook_in", last)
+        or same("unembed.hook_in", post_out),
         causal=bool((pattern.triu(1) == 0).all()) and n > 1,
     )
     _PROBES[model] = layout
@@ -144,6 +152,7 @@ def _norm(model: Any, name: str) -> Norm | None:
         w = 1 + w
     b = None if rms else _maybe(orig, "bias")
     w, b = vec(w), vec(b)
+    eps = _eps(model, orig)
     return Norm(
         name,
         (f"{name}.hook_in",),
@@ -152,12 +161,18 @@ def _norm(model: Any, name: str) -> Norm | None:
         w,
         b,
         rms,
-        rounds=_rounds(model, name, orig, w, b, rms),
+        rounds=_rounds(model, name, orig, w, b, rms, eps),
+        eps=eps,
     )
 
 
+def _eps(model: Any, orig: Any) -> float:
+    found = (_maybe(orig, "eps"), _maybe(orig, "variance_epsilon"))
+    return next((float(e) for e in found if isinstance(e, (int, float))), float(model.cfg.eps))
+
+
 def _rounds(
-    model: Any, name: str, orig: Any, w: Tensor | None, b: Tensor | None, rms: bool
+    model: Any, name: str, orig: Any, w: Tensor | None, b: Tensor | None, rms: bool, eps: float
 ) -> bool:
     """Run the norm on a fixed input: True where it matches the exact formula only to float32
     rounding; a larger difference means the formula is wrong for this norm, and raises."""
@@ -165,14 +180,6 @@ def _rounds(
     ref = next(model.parameters())
     gen = torch.Generator().manual_seed(0)
     x = (3 * torch.randn(2, d, generator=gen, dtype=torch.float64) + 1).to(ref)
-    eps = next(
-        (
-            float(e)
-            for e in (_maybe(orig, "eps"), _maybe(orig, "variance_epsilon"))
-            if isinstance(e, (int, float))
-        ),
-        float(model.cfg.eps),
-    )
     with torch.inference_mode():
         y = orig(x).double()
     x = x.double()

@@ -139,4 +139,5 @@ def spec_hooked_encoder(model: Any) -> ModelSpec:
         ln_final=None,
         final=blocks[-1].out,
         layer0="blocks.0.hook_resid_pre",  # the embedding-LN output
+        unembed_reads_final=False,  # the MLM head lies between
     )

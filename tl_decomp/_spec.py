@@ -47,6 +47,7 @@ class Norm:
     b: Tensor | None
     rms: bool
     rounds: bool = False
+    eps: float | None = None  # inside sigma; None: the model config's
 
 
 @dataclass(frozen=True)
@@ -105,6 +106,8 @@ class ModelSpec:
     layer0: str
     # The hook holding the summed embeddings (before any embedding norm): the input term.
     input: str = ""
+    # Whether the unembedding reads the final embedding directly (no MLM head in between).
+    unembed_reads_final: bool = True
 
     @property
     def kv_head(self) -> tuple[int, ...]:

@@ -84,6 +84,14 @@ class Decomposition:
         e = self.target.to(self.factors.dtype)
         return torch.nn.functional.cosine_similarity(self.factors, e.unsqueeze(0), dim=-1)
 
+    def logit_attrs(self, tokens: Any, incorrect: Any = None) -> Any:
+        """Each factor's logit for `tokens` (minus `incorrect`'s): exact for the final
+        embedding, the decomposed logit lens at a block output. See
+        `tl_decomp.logit.logit_attribution`."""
+        from tl_decomp.logit import logit_attribution
+
+        return logit_attribution(self, tokens, incorrect)
+
     def mask(self) -> Tensor:
         """Boolean ``[batch pos]``: the real (unpadded) positions."""
         if self.attention_mask is None:
@@ -456,6 +464,7 @@ class DecompositionRecipe:
             attention_mask=mask,
             max_abs_error=err,
             centering=self.centering,
+            meta={"recipe": self},
         )
 
     def _check_cache(self, cache: Any) -> None:

@@ -1,0 +1,73 @@
+"""Logit attribution: the factors' logits sum to the model's own logits (final embedding) and
+to the logit lens's (block outputs), on every tiny architecture and model class."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+from conftest import cached_model, model_params
+from test_decompose import _skip_broken
+
+from tl_decomp import LogitAttribution, decompose, decompose_layers
+
+TOKENS = torch.tensor([[1, 5, 6, 7, 8, 9], [1, 10, 11, 12, 0, 0]])
+MASK = torch.tensor([[1, 1, 1, 1, 1, 1], [1, 1, 1, 1, 0, 0]])
+
+
+def _logits(model):
+    kind = type(model).__name__
+    key = "one_zero_attention_mask" if kind == "HookedEncoder" else "attention_mask"
+    with torch.inference_mode():
+        out = model(TOKENS, **{key: MASK})
+    return getattr(out, "logits", out).double()
+
+
+@pytest.mark.parametrize("case", [p.values[0] for p in model_params()], ids=str)
+def test_final_embedding_sums_to_the_models_logits(case):
+    arch, kind, processed = case
+    _skip_broken(arch, kind, processed, torch.float64)
+    model = cached_model(arch, kind, torch.float64, processed)
+    if arch == "bert":
+        with pytest.raises(NotImplementedError, match="head"):
+            decompose(model, TOKENS, attention_mask=MASK).logit_attrs(5)
+        return
+    d = decompose(model, TOKENS, attention_mask=MASK, granularity="head")
+    la = d.logit_attrs(torch.tensor([5, 9]), incorrect=7)
+    logits = _logits(model)
+    want = torch.stack([logits[0, :, 5] - logits[0, :, 7], logits[1, :, 9] - logits[1, :, 7]])
+    real = MASK.bool()
+    err = (la.values.sum(0) - want)[real].abs().max() / want[real].abs().max()
+    assert err < 1e-6 and la.max_abs_error <= 1e-6 * la.logits.abs().max()
+    assert la.values.shape[1:] == TOKENS.shape and len(la.labels) == la.values.shape[0]
+    assert not la.lens
+
+
+@pytest.mark.parametrize("arch", ["gpt2", "llama", "neox"])
+def test_lens_terms_sum_to_the_logit_lens_at_every_layer(arch):
+    model = cached_model(arch, "bridge", torch.float64)
+    for d in decompose_layers(model, TOKENS, attention_mask=MASK, granularity="layer"):
+        la = d.logit_attrs(5)
+        with torch.inference_mode():
+            x = d.target if d.layer is None else model.ln_final(d.target)
+            want = model.unembed(x)[..., 5].double()
+        real = MASK.bool()
+        assert (la.values.sum(0) - want)[real].abs().max() <= 1e-6 * want.abs().max()
+        assert la.lens == (d.layer is not None)
+
+
+def test_ranked_table_and_token_forms():
+    model = cached_model("gpt2", "bridge", torch.float64)
+    d = decompose(model, "the cat sat on the mat", granularity="layer")
+    by_id = d.logit_attrs(6)
+    assert isinstance(by_id, LogitAttribution) and "final embedding" in repr(by_id)
+    assert torch.equal(
+        d.logit_attrs("mat").values,
+        d.logit_attrs(model.tokenizer("mat", add_special_tokens=False)["input_ids"][0]).values,
+    )
+    ranked = by_id.ranked()
+    assert [v for _, v in ranked] == sorted((v for _, v in ranked), reverse=True)
+    assert list(by_id.to_pandas().columns) == ["label", "logit"]
+    with pytest.raises(ValueError, match="not one"):
+        d.logit_attrs("the cat")
+    with pytest.raises(ValueError, match="integers"):
+        d.logit_attrs(torch.tensor([1.5]))
