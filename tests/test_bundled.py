@@ -83,3 +83,21 @@ def test_smollm2_sums_to_hugging_face_hidden_states():
         keep = d.mask()
         err = (d.factors.sum(0)[keep] - ref[keep]).abs().max()
         assert err <= 1e-4 * ref[keep].abs().max(), (d.layer, err)
+
+
+def test_smollm2_logit_attribution_sums_to_its_logit_where_tl_logit_attrs_does_not():
+    # The README's figures: " Paris" after "The capital of France is" on unprocessed SmolLM2.
+    from tl_decomp import decompose
+
+    model = bundled("smollm2")
+    d = decompose(model, "The capital of France is", granularity="head")
+    la = d.logit_attrs(" Paris")
+    tid = model.tokenizer(" Paris", add_special_tokens=False)["input_ids"][0]
+    with torch.inference_mode():
+        logit = model(d.tokens)[0, -1, tid].item()
+    assert abs(la.values.sum(0)[0, -1].item() - logit) <= 1e-4 * abs(logit)
+    with torch.no_grad():
+        _, cache = model.run_with_cache(d.tokens)
+        stack = cache.get_full_resid_decomposition(expand_neurons=False)
+        theirs = cache.logit_attrs(stack, tokens=torch.tensor([tid]))[:, 0, -1].sum().item()
+    assert abs(theirs - logit) > 1  # the final norm's scale applied to unnormalised terms
