@@ -170,3 +170,66 @@ def test_views_render_with_circuitsvis():
     assert type(out) is RenderedHTML
     assert "CircuitsVis.ColoredTokensMulti" in out.local_src
     assert '"labels": ["i", "h", "f", "c"]' in out.local_src
+
+
+def test_tokens_must_be_strings_one_per_position(calls):
+    d = decompose(cached_model("bert"), "the cat sat")  # 5 positions with [CLS] and [SEP]
+    with pytest.raises(TypeError):  # ours, or the runtime type checker's first
+        views.shares_view(d, torch.tensor([2, 5, 6, 7, 3]))
+    with pytest.raises(TypeError, match="list of token strings"):
+        views.shares_view(d, "the cat sat")
+    with pytest.raises(ValueError, match="6 token strings for 5 positions"):
+        views.shares_view(d, ["[CLS]", "the", "cat", "sat", "[SEP]", "extra"])
+    _, raw, eff = attention_case("bert")
+    with pytest.raises(TypeError):
+        views.attention_view(raw, eff, torch.arange(12), layer=1, causal=False)
+
+
+def test_props_cannot_close_the_script():
+    evil = "</script><script>window.__pwned = 1</script>"
+    _, raw, eff = attention_case("bert")
+    out = views.attention_view(raw, eff, [evil] * 12, layer=1, causal=False)
+    for src in (out.local_src, out.cdn_src):
+        # circuitsvis strips "</script>" from its bundle: one closing tag per component.
+        assert src.count("</script>") == 2 and "\\u003c/script\\u003e" in src
+
+
+@pytest.mark.browser
+def test_notebook_views_run_no_script_from_tokens(tmp_path):
+    """Every notebook view, written as a page, in headless Chromium: no token runs script."""
+    import time
+
+    from test_report import CHROMIUM, Chromium
+
+    if CHROMIUM is None:
+        pytest.skip("needs Chromium (scripts/check.sh installs it)")
+    evil = "</script><script>window.__pwned = 1</script>"
+    bert = cached_model("bert")
+    d = decompose(bert, "the cat sat")  # [CLS] the cat sat [SEP]
+    tokens = ["[CLS]", evil, EVIL, "sat", "[SEP]"]
+    spec, raw, eff = attention_case("bert")
+    hta = attribution_case()
+    rendered = [
+        views.shares_view(d, tokens),
+        views.attention_view(raw, eff, [evil] * 12, layer=1, causal=False),
+        views.attribution_view(hta, ["[CLS]", "the", evil, "sat", "on", "the", "mat", "[SEP]"]),
+        views.attribution_view(hta, tokens, query=1, batch=1),
+    ]
+    path = tmp_path / "views.html"
+    path.write_text("<!doctype html><html><body>" + "".join(r.local_src for r in rendered))
+    chrome = Chromium()
+    try:
+        chrome.send("Page.navigate", chrome.session, url=path.resolve().as_uri())
+        ready = "document.readyState === 'complete' && location.href.endsWith('views.html')"
+        end = time.monotonic() + 60
+        while not chrome.js(ready) and time.monotonic() < end:
+            time.sleep(0.2)
+        time.sleep(1)  # module scripts run after parsing
+        pwned = chrome.js("window.__pwned === undefined ? 0 : 1")
+        imgs = chrome.js("document.images.length")
+        text = chrome.js("document.body.innerText")
+    finally:
+        chrome.close()
+    assert pwned == 0 and imgs == 0
+    assert text.count("Head Selector") == 3  # both attention panels and the attribution matrix
+    assert "window.__pwned" in text  # shown as text by the token views

@@ -24,6 +24,7 @@ from typing import TYPE_CHECKING, Any
 
 import torch
 from circuitsvis.utils import render as _cv
+from circuitsvis.utils.convert_props import convert_props
 from circuitsvis.utils.render import RenderedHTML
 from jaxtyping import Float
 from torch import Tensor
@@ -48,7 +49,21 @@ class Component:
     title: str = ""
 
     def render(self) -> RenderedHTML:
-        return _cv.render(self.name, **self.props)
+        """circuitsvis's rendering, with its inline props made safe inside ``<script>``:
+        circuitsvis writes them with a plain ``json.dumps``, so a token ``</script>`` would
+        end the script and run whatever follows it in the notebook."""
+        out = _cv.render(self.name, **self.props)
+        raw = convert_props(self.props)
+        safe = _script_safe(raw)
+        return RenderedHTML(out.local_src.replace(raw, safe), out.cdn_src.replace(raw, safe))
+
+
+def _script_safe(js: str) -> str:
+    """JSON that cannot close a ``<script>`` or open markup: ``<``, ``>``, ``&`` and the two
+    line separators as ``\\u`` escapes, which JavaScript reads back as the same characters."""
+    for ch in "<>&\u2028\u2029":
+        js = js.replace(ch, f"\\u{ord(ch):04x}")
+    return js
 
 
 def components_html(components: Sequence[Component]) -> RenderedHTML:
@@ -70,9 +85,19 @@ def components_html(components: Sequence[Component]) -> RenderedHTML:
 def _token_strings(ids: Tensor | None, tokens: Sequence[str] | None, n: int) -> list[str]:
     if tokens is None:
         return [str(i) for i in ids.tolist()] if ids is not None else [str(i) for i in range(n)]
-    if len(tokens) < n:
+    return check_tokens(tokens, n)
+
+
+def check_tokens(tokens: Any, n: int) -> list[str]:
+    """Token strings, one per position: ids or a list of the wrong length are errors."""
+    if isinstance(tokens, (str, Tensor)) or not all(isinstance(t, str) for t in tokens):
+        raise TypeError(
+            "tokens must be a list of token strings (model.to_str_tokens(text)), "
+            f"not {type(tokens).__name__}"
+        )
+    if len(tokens) != n:
         raise ValueError(f"{len(tokens)} token strings for {n} positions")
-    return [str(t) for t in tokens[:n]]
+    return list(tokens)
 
 
 def _escaped(tokens: Sequence[str]) -> list[str]:
