@@ -252,3 +252,18 @@ def test_shapes_are_checked_at_runtime(request):
         Decomposition(
             good, ("a", "b"), ("i", "c"), torch.zeros(1, 3, 5), "site", 0, None, None, 0.0
         )
+
+
+def test_results_print_short():
+    # A notebook's repr shows shapes, labels and the error, never a tensor's values.
+    from tl_decomp import hidden_token_attribution, load_pos
+
+    model = cached_model("bert", "bridge", torch.float64)
+    d = decompose(model, TEXTS, granularity="head")
+    text = repr(d)
+    assert text.startswith("Decomposition(factors=[") and "float64" in text
+    assert "tensor(" not in text and len(text) < 500 and "max_abs_error=" in text
+    att = repr(hidden_token_attribution(model, TEXTS[1]))
+    assert "tensor(" not in att and len(att) < 400
+    words = repr(load_pos(150))
+    assert "150 in all" in words and len(words) < 400

@@ -32,6 +32,7 @@ from torch import Tensor
 from tl_decomp import _adapters, _running
 from tl_decomp._adapters import ModelSpec
 from tl_decomp._projection import causal, full_projection, serial, windowed
+from tl_decomp._repr import short_repr
 
 
 @dataclass(frozen=True)
@@ -149,6 +150,8 @@ class NullSpace:
             to (all of them, not only the last query's).
     """
 
+    __repr__ = short_repr
+
     layers: tuple[int, ...]
     n_keys: Int[Tensor, " batch"]
     rank: Int[Tensor, "n_layers batch head_index"]
@@ -228,6 +231,8 @@ class AttentionCorrelation:
     (one-token texts). ``r[i]`` belongs to ``texts[i]``.
     """
 
+    __repr__ = short_repr
+
     layers: tuple[int, ...]
     lengths: Int[Tensor, " seq"]
     r: Float[Tensor, "seq n_layers head_index"]
@@ -305,6 +310,8 @@ class SpecialTokenAttention:
         raw, effective: attention mass on each category; raw rows sum to 1 over categories.
         tokens: how many key tokens of each category the texts held.
     """
+
+    __repr__ = short_repr
 
     layers: tuple[int, ...]
     categories: tuple[str, ...]

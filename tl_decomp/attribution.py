@@ -37,6 +37,7 @@ from tqdm import tqdm
 
 from tl_decomp import _adapters, _running
 from tl_decomp._adapters import ModelSpec
+from tl_decomp._repr import short_repr
 
 Method = Literal["exact", "estimate"]
 Wrt = Literal["layer0", "embed"]
@@ -55,6 +56,8 @@ class AttributionResult:
         tokens, attention_mask: the input (mask 1 = real token; right padding only).
         method, wrt, n_probes: how it was computed (`n_probes` is None for ``exact``).
     """
+
+    __repr__ = short_repr
 
     contributions: Float[Tensor, "layer batch query_pos key_pos"]
     norms: Float[Tensor, "layer batch query_pos key_pos"]

@@ -13,6 +13,8 @@ from dataclasses import dataclass
 from importlib.resources import files
 from typing import Any, Literal
 
+from tl_decomp._repr import short_repr
+
 # Penn Treebank -> the universal tagset of Petrov, Das & McDonald (2012), en-ptb mapping.
 UNIVERSAL = {
     **dict.fromkeys(["#", "$", "''", "``", ",", "-LRB-", "-RRB-", ".", ":"], "."),
@@ -38,6 +40,8 @@ class LabelledWords:
         words: one tuple of words per sentence.
         labels: one tuple of labels per sentence, aligned with `words`.
     """
+
+    __repr__ = short_repr
 
     words: tuple[tuple[str, ...], ...]
     labels: tuple[tuple[Hashable, ...], ...]

@@ -23,6 +23,7 @@ from jaxtyping import Float, Int
 from torch import Tensor
 
 from tl_decomp import _adapters, _experts, _running
+from tl_decomp._repr import short_repr
 from tl_decomp._spec import InexactDecompositionError, ModelSpec, Norm
 
 Granularity = Literal["coarse", "layer", "head", "expert"]
@@ -44,6 +45,8 @@ class Decomposition:
         tokens, attention_mask: the input (mask 1 = real token, 0 = padding).
         max_abs_error: ``max |factors.sum(0) - target|`` over every position, padding included.
     """
+
+    __repr__ = short_repr
 
     factors: Float[Tensor, "factor batch pos d_model"]
     labels: tuple[str, ...]

@@ -27,6 +27,7 @@ from tqdm import tqdm
 from tl_decomp import _adapters, _running
 from tl_decomp._adapters import ModelSpec
 from tl_decomp._maps import Distance, Mapping, fit_maps
+from tl_decomp._repr import short_repr
 
 Lookup = Literal["sequence", "vocab"]
 
@@ -106,6 +107,8 @@ class IdentifiabilityResult:
             ``layers[b]`` (computed with ``cross_layer=True``).
         train, test: corpus indices of the two splits.
     """
+
+    __repr__ = short_repr
 
     rates: Float[Tensor, " layer"]
     layers: tuple[int, ...]

@@ -20,6 +20,7 @@ from tqdm.auto import tqdm
 
 from tl_decomp import _mlm, _running
 from tl_decomp._probes import selector, subset_names
+from tl_decomp._repr import short_repr
 from tl_decomp.decompose import DecompositionRecipe
 
 
@@ -34,6 +35,8 @@ class MaskedPrediction:
         model_accuracy: the model's own accuracy on the same positions.
         n_masked: masked positions (one per sentence).
     """
+
+    __repr__ = short_repr
 
     subsets: tuple[str, ...]
     accuracy: Float[Tensor, " subset"]

@@ -22,6 +22,7 @@ from tqdm.auto import tqdm
 
 from tl_decomp import _mlm, _running
 from tl_decomp._probes import SUBSETS, fit_predict, macro_f1, selector, split, subset_names
+from tl_decomp._repr import short_repr
 from tl_decomp.datasets import as_labelled
 from tl_decomp.decompose import DecompositionRecipe
 
@@ -39,6 +40,8 @@ class WordFactors:
         layer: the block output decomposed (None: a decoder's final embedding).
         max_relative_error: worst ``|sum of factors - activation|`` over the batches.
     """
+
+    __repr__ = short_repr
 
     factors: Float[Tensor, "factor occurrence d_model"]
     labels: Int[Tensor, " occurrence"]
@@ -149,6 +152,8 @@ class ProbeTable:
         chance: the most frequent class's share of all occurrences.
         layer: the block output probed (None: the final embedding).
     """
+
+    __repr__ = short_repr
 
     probe: str
     subsets: tuple[str, ...]

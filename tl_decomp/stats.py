@@ -17,6 +17,7 @@ from torch import Tensor
 from tqdm.auto import tqdm
 
 from tl_decomp import _adapters, _running
+from tl_decomp._repr import short_repr
 from tl_decomp.decompose import Decomposition, DecompositionRecipe, Granularity
 
 Statistic = Literal["shares", "norm_ratios", "cosines"]
@@ -28,6 +29,8 @@ class LayerStats:
 
     ``layers[r]`` is the block whose output row ``r`` describes (None: the final embedding).
     """
+
+    __repr__ = short_repr
 
     statistic: str
     layers: tuple[int | None, ...]
@@ -161,6 +164,8 @@ def _finish(statistic, moments, site_labels, worst) -> LayerStats:
 class CheckpointComparison:
     """The same statistic for two checkpoints on the same inputs; ``delta = b - a``."""
 
+    __repr__ = short_repr
+
     a: LayerStats
     b: LayerStats
 
@@ -228,6 +233,8 @@ def anisotropy(d: Decomposition) -> Float[Tensor, " factor"]:
 @dataclass(frozen=True)
 class FFLinearity:
     """Held-out R² of the best affine map from MLP input to MLP output, per layer."""
+
+    __repr__ = short_repr
 
     r2: Float[Tensor, " n_layers"]
     n_train: int
