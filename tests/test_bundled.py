@@ -101,3 +101,20 @@ def test_smollm2_logit_attribution_sums_to_its_logit_where_tl_logit_attrs_does_n
         stack = cache.get_full_resid_decomposition(expand_neurons=False)
         theirs = cache.logit_attrs(stack, tokens=torch.tensor([tid]))[:, 0, -1].sum().item()
     assert abs(theirs - logit) > 1  # the final norm's scale applied to unnormalised terms
+
+
+def test_a_truncated_smollm2_cache_is_rebuilt(tmp_path, monkeypatch):
+    # A crash or a full disk mid-write left a short model.safetensors that passed as fresh
+    # and failed deep inside the loader; the marker now records the size it must have.
+    writes = []
+
+    def fake_write(gguf, out):
+        writes.append(out)
+        (out / "model.safetensors").write_bytes(b"x" * 1000)
+
+    monkeypatch.setattr(_bundled, "_write_smollm2", fake_write)
+    target = _bundled.smollm2_dir(tmp_path)
+    assert len(writes) == 1 and _bundled.smollm2_dir(tmp_path) == target and len(writes) == 1
+    (target / "model.safetensors").write_bytes(b"x" * 10)  # truncated
+    assert _bundled.smollm2_dir(tmp_path) == target and len(writes) == 2
+    assert (target / "model.safetensors").stat().st_size == 1000

@@ -140,10 +140,13 @@ def smollm2_dir(cache_dir: Path | None = None) -> Path:
     stamp = _fingerprint(gguf)
 
     def fresh() -> bool:
+        # The marker records the weights' size: a truncated file (a crash, a full disk)
+        # is rebuilt, not handed to the loader.
         try:
             marker = json.loads((target / _MARKER).read_text())
-            return marker == stamp and (target / "model.safetensors").is_file()
-        except (OSError, ValueError):
+            size = (target / "model.safetensors").stat().st_size
+            return marker.pop("safetensors_bytes", None) == size and marker == stamp
+        except (OSError, ValueError, AttributeError):
             return False
 
     if fresh():
@@ -158,7 +161,8 @@ def smollm2_dir(cache_dir: Path | None = None) -> Path:
     tmp = Path(tempfile.mkdtemp(prefix=f".{_SMOLLM2_SUBDIR}.tmp-", dir=target.parent))
     try:
         _write_smollm2(gguf, tmp)
-        (tmp / _MARKER).write_text(json.dumps(stamp, indent=2) + "\n")
+        done = {**stamp, "safetensors_bytes": (tmp / "model.safetensors").stat().st_size}
+        (tmp / _MARKER).write_text(json.dumps(done, indent=2) + "\n")
         if target.exists():  # stale: move aside first, rename cannot replace a full dir
             stale = Path(tempfile.mkdtemp(prefix=f".{_SMOLLM2_SUBDIR}.old-", dir=target.parent))
             os.replace(target, stale / "old")
