@@ -103,3 +103,31 @@ def test_bad_corpus_inputs():
         corpus_statistics(model, "the cat", progress=False)  # type: ignore[arg-type]
     with pytest.raises(ValueError, match="two texts"):
         ff_linearity(model, ["the cat"], progress=False)
+
+
+def test_ff_linearity_paper_protocol_is_the_mean_per_dimension_r2_in_sample():
+    # bert-splat's learn_ff_lmap.py: both sides standardised, least squares on every token,
+    # each output dimension's R², averaged. Brute force: one regression per dimension.
+    from sklearn.linear_model import LinearRegression
+    from sklearn.preprocessing import StandardScaler
+
+    model = cached_model("gpt2", "bridge", torch.float64)
+    gen = torch.Generator().manual_seed(0)
+    words = ["the", "cat", "dog", "sat", "mat", "a", "big", "ran", "on", "is"]
+    texts = [
+        " ".join(words[int(i)] for i in torch.randint(10, (int(n),), generator=gen))
+        for n in torch.randint(4, 12, (40,), generator=gen)
+    ]
+    result = ff_linearity(model, texts, protocol="paper", batch_size=8, progress=False)
+    assert result.protocol == "paper" and result.held_out == () and result.n_test == result.n_train
+    tokens, mask = _running.tokenize(model, texts, encoder=False)
+    _, cache = model.run_with_cache(tokens, attention_mask=mask)
+    for L, blk in enumerate(model_spec(model).blocks):
+        x = StandardScaler().fit_transform(cache[blk.mlp_in][mask.bool()].double().numpy())
+        y = StandardScaler().fit_transform(cache[blk.mlp_out][mask.bool()].double().numpy())
+        per_dim = [LinearRegression().fit(x, y[:, j]).score(x, y[:, j]) for j in range(y.shape[1])]
+        assert abs(result.r2[L].item() - sum(per_dim) / len(per_dim)) < 1e-8
+    pooled = ff_linearity(model, texts, batch_size=8, progress=False)
+    assert pooled.protocol == "heldout" and pooled.held_out
+    with pytest.raises((ValueError, TypeError), match="protocol"):  # ours or the type checker
+        ff_linearity(model, texts, protocol="authors", progress=False)  # type: ignore[arg-type]

@@ -232,14 +232,20 @@ def anisotropy(d: Decomposition) -> Float[Tensor, " factor"]:
 
 @dataclass(frozen=True)
 class FFLinearity:
-    """Held-out R² of the best affine map from MLP input to MLP output, per layer."""
+    """R² of the best affine map from MLP input to MLP output, per layer.
+
+    ``protocol="heldout"``: R² pooled over output dimensions, on held-out sentences;
+    ``"paper"``: the mean over output dimensions of each dimension's R², in-sample (Mickus et
+    al.'s ``learn_ff_lmap.py``).
+    """
 
     __repr__ = short_repr
 
     r2: Float[Tensor, " n_layers"]
     n_train: int
     n_test: int
-    held_out: tuple[int, ...]  # indices of the sentences scored
+    held_out: tuple[int, ...]  # indices of the sentences scored (paper: none held out)
+    protocol: str = "heldout"
 
 
 class _Suff:
@@ -277,19 +283,22 @@ def _fit(train: _Suff, ridge: float) -> tuple[Tensor, Tensor]:
     return w, my - mx @ w
 
 
-def _r2(test: _Suff, w: Tensor, b: Tensor) -> float:
-    """1 - SSE/SST on the test split, expanded in its sufficient statistics."""
+def _r2(test: _Suff, w: Tensor, b: Tensor, per_dim: bool) -> float:
+    """1 - SSE/SST on the test split, expanded in its sufficient statistics: pooled over
+    output dimensions, or (`per_dim`) the mean of each dimension's."""
     n = test.n
     sse = (
-        test.y2.sum()
-        - 2 * (w * test.xy).sum()
-        - 2 * (b * test.sy).sum()
-        + (w * (test.xx @ w)).sum()
-        + 2 * (b * (test.sx @ w)).sum()
-        + n * (b * b).sum()
+        test.y2
+        - 2 * (w * test.xy).sum(0)
+        - 2 * b * test.sy
+        + (w * (test.xx @ w)).sum(0)
+        + 2 * b * (test.sx @ w)
+        + n * b * b
     )
-    sst = test.y2.sum() - (test.sy * test.sy).sum() / n
-    return float(1 - sse / sst)
+    sst = test.y2 - test.sy * test.sy / n
+    if per_dim:
+        return float((1 - sse / sst.clamp_min(1e-30)).mean())
+    return float(1 - sse.sum() / sst.sum())
 
 
 def ff_linearity(
@@ -300,13 +309,18 @@ def ff_linearity(
     seed: int = 0,
     batch_size: int = 16,
     ridge: float = 1e-6,
+    protocol: Literal["heldout", "paper"] = "heldout",
     progress: bool = True,
 ) -> FFLinearity:
-    """How linear each feed-forward sublayer is (the paper's Fig. 2), scored out of sample.
+    """How linear each feed-forward sublayer is (the paper's Fig. 2).
 
-    Fits ``mlp_out ≈ W·standardise(mlp_in) + b`` on the tokens of a random
-    ``1 - test_fraction`` of the sentences and reports R² on the held-out sentences (the
-    authors scored in-sample). One pass, memory O(d_model²) per layer.
+    ``heldout`` (default): fits ``mlp_out ≈ W·standardise(mlp_in) + b`` on the tokens of a
+    random ``1 - test_fraction`` of the sentences and reports R² pooled over output
+    dimensions on the held-out sentences. ``paper``: the authors' protocol — input and output
+    standardised, ordinary least squares on every token, the mean over output dimensions of
+    each dimension's R², in-sample. They differ a lot: pooled R² is dominated by a few
+    high-variance dimensions (on MiniLM's first block, 500 shipped sentences: 0.99 pooled, 0.63 per
+    dimension). One pass, memory O(d_model²) per layer.
 
     Example:
         >>> from tl_decomp.models import tiny_model
@@ -318,6 +332,8 @@ def ff_linearity(
     spec = _adapters.model_spec(model)
     if any(b.mlp_in is None or b.mlp_out is None for b in spec.blocks):
         raise NotImplementedError(f"{spec.model_class} exposes no MLP input hook")
+    if protocol not in ("heldout", "paper"):
+        raise ValueError(f"protocol must be 'heldout' or 'paper', not {protocol!r}")
     if not 0 < test_fraction < 1:
         raise ValueError("test_fraction must lie strictly between 0 and 1")
     if len(texts) < 2:
@@ -327,6 +343,8 @@ def ff_linearity(
     is_test[torch.randint(len(texts), (1,), generator=gen)] = True  # at least one held out
     if is_test.all():
         is_test[0] = False
+    if protocol == "paper":  # in-sample: every sentence fits and scores
+        is_test[:] = False
     names = {h for b in spec.blocks for h in (b.mlp_in, b.mlp_out)}
     stats = [(_Suff(), _Suff()) for _ in spec.blocks]
     offset = 0
@@ -341,14 +359,15 @@ def ff_linearity(
             for part, sel in ((0, ~split), (1, split)):
                 keep = mask.bool() & sel[:, None]
                 stats[L][part].update(x[keep], y[keep])
+    paper = protocol == "paper"
     r2 = []
     for train, test in stats:
-        w, b = _fit(train, ridge)
-        r2.append(_r2(test, w, b))
+        w, b = _fit(train, 0.0 if paper else ridge)  # the authors: plain least squares
+        r2.append(_r2(train if paper else test, w, b, per_dim=paper))
     held_out = tuple(int(i) for i in is_test.nonzero().flatten())
-    return FFLinearity(
-        torch.tensor(r2, dtype=torch.float64), stats[0][0].n, stats[0][1].n, held_out
-    )
+    n_test = stats[0][0].n if paper else stats[0][1].n
+    r2_t = torch.tensor(r2, dtype=torch.float64)
+    return FFLinearity(r2_t, stats[0][0].n, n_test, held_out, protocol)
 
 
 __all__ = [
