@@ -269,3 +269,42 @@ def test_half_precision_states_are_fitted_in_float32(dtype):
         if mapping == "linear":
             assert res.maps[-1].weight.dtype == torch.float32
         assert (res.rates - ref.rates).abs().max() < 0.05
+
+
+def test_mlp_map_trains_on_a_uniform_sample_of_tokens():
+    # The training split arrives sorted by length; keeping the first tokens trained the MLP
+    # map on the shortest sentences only. The sample must be uniform over the stream.
+    from tl_decomp._maps import StoredPairs
+
+    stored = StoredPairs(cap=200, seed=0)
+    for start in range(0, 5000, 50):  # 100 "sequences" of 50 tokens, values = token index
+        ids = torch.arange(start, start + 50, dtype=torch.float64)
+        x = ids[None, :, None].expand(2, 50, 3)  # [layer pos d]
+        stored.add(x[:, None], ids[None, :, None].expand(1, 50, 3), torch.ones(1, 50))
+    x, y = stored.train.pairs()
+    assert x.shape == (2, 200, 3) and torch.equal(x[0], y)
+    kept = y[:, 0]
+    assert len(set(kept.tolist())) == 200  # no token twice
+    # Uniform over 0..4999 (the validation tokens excluded): mean ~2500, both halves used.
+    assert 2000 < kept.mean().item() < 3000 and (kept > 2500).sum() > 60
+    assert stored.val.pairs()[1].shape[0] == 20
+
+
+def test_match_by_token_id_or_by_position():
+    # A repeated token with identical layer-0 vectors: its nearest neighbour ties, and the
+    # first occurrence wins. By id that is a hit; by position, a miss for the second one.
+    from tl_decomp.identifiability import StateBatch
+
+    e0 = torch.tensor([[[1.0, 0.0], [0.0, 1.0], [1.0, 0.0], [0.6, 0.8]]], dtype=torch.float64)
+    batch = StateBatch(
+        tokens=torch.tensor([[5, 6, 5, 7]]), mask=torch.ones(1, 4, dtype=torch.long),
+        e0=e0, states=e0[None],
+    )  # fmt: skip
+    by_id = identifiability_from_states([], [batch], [0], mapping="naive")
+    by_pos = identifiability_from_states([], [batch], [0], mapping="naive", match="position")
+    assert by_id.rate(0) == 1.0 and by_id.match == "token"
+    assert by_pos.rate(0) == 0.75 and by_pos.match == "position"
+    assert by_pos.correct[0].tolist() == [True, True, False, True]
+    with pytest.raises(ValueError, match="lookup='sequence'"):
+        token_identifiability(cached_model("bert"), ["a b", "c d"], lookup="vocab",
+                              match="position", progress=False)  # fmt: skip

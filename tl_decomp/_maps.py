@@ -55,22 +55,53 @@ class LinearFit:
         return lin
 
 
-class StoredPairs:
-    """Training pairs for the MLP map, at most `cap` tokens; every 10th sequence validates."""
+class _Reservoir:
+    """A uniform random sample of at most `cap` token pairs from a stream (Algorithm R)."""
 
-    def __init__(self, cap: int) -> None:
-        self.cap, self.n, self.seen = cap, 0, 0
-        self.train: list[tuple[Tensor, Tensor]] = []
-        self.val: list[tuple[Tensor, Tensor]] = []
+    def __init__(self, cap: int, gen: torch.Generator) -> None:
+        self.cap, self.seen, self.gen = cap, 0, gen
+        self.x: Tensor | None = None  # [layer cap d_model]
+        self.y: Tensor | None = None  # [cap d_model]
+
+    def add(self, x: Tensor, y: Tensor) -> None:
+        """`x` [layer n d_model], `y` [n d_model]: n more tokens."""
+        if self.x is None:
+            self.x = x.new_empty((x.shape[0], self.cap, x.shape[-1]))
+            self.y = y.new_empty((self.cap, y.shape[-1]))
+        assert self.y is not None
+        for i in range(y.shape[0]):
+            slot = (
+                self.seen
+                if self.seen < self.cap
+                else int(torch.randint(self.seen + 1, (1,), generator=self.gen))
+            )
+            if slot < self.cap:
+                self.x[:, slot], self.y[slot] = x[:, i], y[i]
+            self.seen += 1
+
+    def pairs(self) -> tuple[Tensor, Tensor]:
+        n = min(self.seen, self.cap)
+        assert self.x is not None and self.y is not None
+        return self.x[:, :n], self.y[:n]
+
+
+class StoredPairs:
+    """Training pairs for the MLP map: a uniform sample of at most `cap` training tokens
+    (the training split comes sorted by length: keeping the first tokens would train on the
+    shortest sentences only), and of `cap // 10` from every 10th sequence, which validates."""
+
+    def __init__(self, cap: int, seed: int = 0) -> None:
+        gen = torch.Generator().manual_seed(seed)
+        self.train = _Reservoir(cap, gen)
+        self.val = _Reservoir(max(cap // 10, 1), gen)
+        self.sequences = 0
 
     def add(self, x: Tensor, y: Tensor, mask: Tensor) -> None:
         for b in range(mask.shape[0]):
-            if self.n < self.cap:
-                m = mask[b].bool()
-                target = self.val if self.seen % 10 == 9 else self.train
-                target.append((x[:, b][:, m].clone(), y[b][m].clone()))
-                self.n += int(m.sum())
-            self.seen += 1
+            m = mask[b].bool()
+            target = self.val if self.sequences % 10 == 9 else self.train
+            target.add(x[:, b][:, m], y[b][m])
+            self.sequences += 1
 
 
 def train_mlp(
@@ -136,7 +167,7 @@ def fit_maps(
     if mapping == "naive":
         return tuple(nn.Identity() for _ in range(n_layers))
     linear = [LinearFit() for _ in range(n_layers)]
-    stored = StoredPairs(max_mlp_tokens)
+    stored = StoredPairs(max_mlp_tokens, seed)
     for batch in train:
         m = batch.mask.bool()
         if mapping == "linear":
@@ -148,8 +179,8 @@ def fit_maps(
         if linear[0].gram is None:
             raise ValueError("the training split holds no tokens")
         return tuple(lin.fit() for lin in linear)
-    if not stored.train or not stored.val:
+    if not stored.train.seen or not stored.val.seen:
         raise ValueError("the mlp map needs at least 10 training sequences (every 10th validates)")
-    x, y = (torch.cat(t, dim=-2) for t in zip(*stored.train, strict=True))
-    xv, yv = (torch.cat(t, dim=-2) for t in zip(*stored.val, strict=True))
+    x, y = stored.train.pairs()
+    xv, yv = stored.val.pairs()
     return tuple(train_mlp(x[k], y, xv[k], yv, distance, seed + k) for k in range(n_layers))

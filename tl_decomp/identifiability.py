@@ -30,6 +30,7 @@ from tl_decomp._maps import Distance, Mapping, fit_maps
 from tl_decomp._repr import short_repr
 
 Lookup = Literal["sequence", "vocab"]
+Match = Literal["token", "position"]
 
 
 class StateBatch(NamedTuple):
@@ -121,6 +122,7 @@ class IdentifiabilityResult:
     distance: str
     lookup: str
     cross: Float[Tensor, "layer layer"] | None = None
+    match: str = "token"
     train: tuple[int, ...] = ()
     test: tuple[int, ...] = ()
 
@@ -151,9 +153,17 @@ def _nearest_in_sequence(
 
 
 def _score(
-    maps: Sequence[nn.Module], x: Tensor, batch: StateBatch, distance: Distance, vocab: Vocab | None
+    maps: Sequence[nn.Module],
+    x: Tensor,
+    batch: StateBatch,
+    distance: Distance,
+    vocab: Vocab | None,
+    match: Match = "token",
 ) -> Tensor:
-    """Whether each real token of `batch` is identified from `x` through each map: [map n]."""
+    """Whether each real token of `batch` is identified from `x` through each map: [map n].
+
+    ``match="token"``: the nearest layer-0 vector holds the same token id (a repeated token
+    counts either occurrence); ``"position"``: it is the token's own position."""
     m = batch.mask.bool()
     out = []
     for g in maps:
@@ -161,7 +171,11 @@ def _score(
             pred = g(x)
         if vocab is None:
             idx = _nearest_in_sequence(pred, batch.e0, batch.mask, distance)
-            out.append((batch.tokens.gather(1, idx) == batch.tokens)[m])
+            if match == "position":
+                hit = idx == torch.arange(idx.shape[1], device=idx.device)
+            else:
+                hit = batch.tokens.gather(1, idx) == batch.tokens
+            out.append(hit[m])
         else:
             assert batch.offsets is not None
             q, r, ids = pred[m], batch.offsets[m], batch.tokens[m]
@@ -204,12 +218,15 @@ def identifiability_from_states(
     cross_layer: bool = False,
     seed: int = 0,
     max_mlp_tokens: int = 20_000,
+    match: Match = "token",
 ) -> IdentifiabilityResult:
     """Fit ``g_l: e^l -> e^0`` on the `train` batches, score the `test` batches.
 
     For hidden states gathered elsewhere; `token_identifiability` gathers them from a model.
     Each iterable is read once. `vocab` switches to the vocabulary lookup.
     """
+    if match == "position" and vocab is not None:
+        raise ValueError("match='position' needs lookup='sequence' (vocabulary items have none)")
     train, test = _at_least_float32(train), _at_least_float32(test)
     maps = fit_maps(train, len(layers), mapping, distance, seed, max_mlp_tokens)
     correct, ids, pos, seqs, cross = [], [], [], [], None
@@ -220,14 +237,15 @@ def identifiability_from_states(
         correct.append(
             torch.cat(
                 [
-                    _score(maps[k : k + 1], batch.states[k], batch, distance, vocab)
+                    _score(maps[k : k + 1], batch.states[k], batch, distance, vocab, match)
                     for k in range(len(layers))
                 ]
             )
         )
         if cross_layer:
             hits = torch.stack(
-                [_score(maps, x, batch, distance, vocab).sum(-1) for x in batch.states], 1
+                [_score(maps, x, batch, distance, vocab, match).sum(-1) for x in batch.states],
+                1,
             )
             cross = hits if cross is None else cross + hits
         ids.append(batch.tokens[m])
@@ -250,6 +268,7 @@ def identifiability_from_states(
         distance=distance,
         lookup="sequence" if vocab is None else "vocab",
         cross=None if cross is None else cross.double() / n,
+        match=match,
     )
 
 
@@ -345,6 +364,7 @@ def token_identifiability(
     batch_size: int = 32,
     cross_layer: bool = False,
     max_mlp_tokens: int = 20_000,
+    match: Match = "token",
     progress: bool = True,
 ) -> IdentifiabilityResult:
     """How often each layer's hidden vector still identifies its input token.
@@ -367,7 +387,13 @@ def token_identifiability(
         test_fraction: share of sequences held out for scoring.
         batch_size: sequences per forward pass (memory is per batch, not per corpus).
         cross_layer: also score every map on every layer (`IdentifiabilityResult.cross_layer`).
-        max_mlp_tokens: training tokens the MLP map keeps in memory.
+        max_mlp_tokens: training tokens the MLP map keeps in memory (a uniform sample of
+            the training split's tokens).
+        match: ``token`` (default): identified when the nearest layer-0 vector holds the
+            same token id; ``position``: only when it is the token's own position, stricter
+            where a sequence repeats a token (MiniLM, 500 shipped sentences, naive cosine, last
+            layer: 0.925 by id, 0.857 by position). Brunner et al. do not say which they
+            counted.
         progress: show a progress bar over the corpus.
 
     Example:
@@ -388,9 +414,12 @@ def token_identifiability(
             "mapping": (mapping, ("naive", "linear", "mlp")),
             "distance": (distance, ("cosine", "l2")),
             "lookup": (lookup, ("sequence", "vocab")),
+            "match": (match, ("token", "position")),
         },
         test_fraction,
     )
+    if match == "position" and lookup == "vocab":
+        raise ValueError("match='position' needs lookup='sequence' (vocabulary items have none)")
     train, test = _split(corpus, test_fraction, seed, mapping)
     vocab = Vocab.for_model(model, spec) if lookup == "vocab" else None
     total = len(test) + (len(train) if mapping != "naive" else 0)
@@ -415,6 +444,7 @@ def token_identifiability(
             cross_layer=cross_layer,
             seed=seed,
             max_mlp_tokens=max_mlp_tokens,
+            match=match,
         )
     return replace(result, train=tuple(train), test=tuple(test))
 
