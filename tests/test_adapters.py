@@ -220,3 +220,34 @@ def test_threads_sharing_one_model_get_their_own_results():
     for t in threads:
         t.join()
     assert not errors, errors[0]
+
+
+def test_nan_weights_raise_naming_the_first_site_in_every_analysis():
+    # A NaN in block 1's attention output: identifiability counted NaN layers as 0.25 (argmax
+    # over NaN picks position 0), attribution returned NaN contributions.
+    from tl_decomp import (
+        decompose,
+        effective_attention,
+        hidden_token_attribution,
+        token_identifiability,
+    )
+
+    model = tiny_model("gpt2", dtype=torch.float64)  # private copy: its weights are broken
+    with torch.no_grad():
+        model.blocks[1].attn.o.original_component.weight[0, 0] = float("nan")
+    texts = ["the cat sat on the mat", "a dog ran", "the big dog sat"] * 4
+    with pytest.raises(ValueError, match=r"blocks\.1\..*NaN"):
+        decompose(model, texts[0])
+    with pytest.raises(ValueError, match=r"blocks\.1\..*NaN"):
+        token_identifiability(model, texts, mapping="naive", progress=False)
+    with pytest.raises(ValueError, match=r"blocks\.1\..*NaN"):
+        hidden_token_attribution(model, texts[0])
+    spec = model_spec(model)
+    _, cache = model.run_with_cache(
+        torch.tensor([[1, 5, 6, 7]]), names_filter=spec.names_filter(attention=True)
+    )
+    effective_attention(cache, 0)  # before the NaN
+    with pytest.raises(ValueError, match=r"blocks\.1\.attn\.W_O contains NaN"):
+        effective_attention(cache, 1)
+    with pytest.raises(ValueError, match=r"blocks\.2\..*NaN"):
+        effective_attention(cache, 2)

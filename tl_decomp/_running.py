@@ -185,6 +185,20 @@ def run_with_hooks(
         pass
 
 
+def check_finite(activations: dict[str, Tensor], mask: Tensor | None = None) -> None:
+    """Raise naming the first (in the order given) activation holding NaN or inf at a real
+    position: a NaN would otherwise become an argmax that picks position 0, or a silent NaN
+    contribution. `mask` [batch pos] marks the real positions of ``[batch pos ...]`` tensors.
+    """
+    for name, t in activations.items():
+        bad = ~torch.isfinite(t)
+        if mask is not None and bad.ndim >= 2 and bad.shape[:2] == mask.shape:
+            bad = bad & mask.bool().reshape(*mask.shape, *([1] * (bad.ndim - 2)))
+        if bad.any():
+            where = bad.nonzero()[0].tolist()
+            raise ValueError(f"the model's activation {name} contains NaN or inf (at {where})")
+
+
 def embedding_matrix(model: Any) -> Tensor:
     """The token embedding matrix ``W_E`` [d_vocab d_model] that the embed hook reads from."""
     return model.W_E.detach()

@@ -452,6 +452,8 @@ def _layer(cache: Any, spec: ModelSpec, L: int, mask_arg: Tensor | None, opts: _
     window = spec.blocks[L].window
     allowed = _allowed(mask, spec.causal, window)
     _check_pattern(pattern, mask, allowed, L)
+    blk = spec.blocks[L]
+    _running.check_finite({f"blocks.{L}.attn.W_O": blk.W_O, blk.v: cache[blk.v]}, mask)
     u = _values(cache, spec, L, mask, opts)  # masked keys are zero rows: outside every span
     a = a.where(allowed, 0.0)  # not a product: a padded query's row can be NaN (no key)
     with serial():
@@ -473,10 +475,11 @@ def _check_pattern(pattern: Tensor, mask: Tensor, allowed: Tensor, L: int) -> No
     if nan.any():
         b, h, q, _ = nan.nonzero()[0].tolist()
         raise ValueError(
-            f"block {L}: the pattern of query {q} of example {b} (head {h}) is NaN: the model "
-            "itself produced NaN. With a sliding window, a batch padded by at least the window "
-            "does this (a padded query that sees no valid key gets a NaN row from Hugging "
-            "Face's eager attention, and the next layer spreads it): pad texts by less"
+            f"the model's activation blocks.{L}.attn.hook_pattern contains NaN (query {q} of "
+            f"example {b}, head {h}): the model itself produced NaN, from NaN weights or input "
+            "upstream, or, with a sliding window, a batch padded by at least the window (a "
+            "padded query that sees no valid key gets a NaN row from Hugging Face's eager "
+            "attention, and the next layer spreads it): pad texts by less"
         )
     seen = pattern != 0
     stray = seen & ~allowed & mask[:, None, :, None]

@@ -345,6 +345,8 @@ def hidden_token_attribution(
             ids = tokens[b : b + 1, :n]
             x0 = _source_activation(model, ids, source)
             run = _runner(model, spec, ids, source, sites)
+            with torch.no_grad():  # a NaN would become NaN contributions and a wrong P̃
+                _running.check_finite({source: x0, **dict(zip(sites, run(x0), strict=True))})
             chunk = chunk_size or max(16, min(1024, 2**22 // (n * spec.d_model)))
             # Forward-mode AD levels are global to the process: one JVP loop at a time.
             with _FORWARD_AD, _running.exclusive(model):

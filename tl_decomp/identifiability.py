@@ -303,6 +303,7 @@ def _gather(
         hooks = [(s, functools.partial(_capture, got, s)) for s in dict.fromkeys(sites + embeds)]
         with torch.no_grad():
             _running.run_with_hooks(model, tokens, mask, hooks, stop_after=sites[-1])
+        _running.check_finite({s: got[s] for s in dict.fromkeys(sites)}, mask)
         e0 = got[spec.layer0]
         states = torch.stack([e0 if L == 0 else got[spec.blocks[L - 1].out] for L in layers])
         offsets = None if W_E is None else sum(got[h] for h in embeds) - W_E[tokens]
