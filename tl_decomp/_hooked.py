@@ -12,30 +12,40 @@ from tl_decomp._adapters import b_v, biases, check_hooked, fields, ln_weights, n
 from tl_decomp._spec import Block, ModelSpec, Norm
 
 
+def _block(model: Any, L: int, **layout: Any) -> Block:
+    """Block `L`: the hooks and weights both classes name alike, plus `layout`'s."""
+    p, blk = f"blocks.{L}.", model.blocks[L]
+    return Block(
+        z=p + "attn.hook_z",
+        pattern=p + "attn.hook_pattern",
+        v=p + "attn.hook_v",
+        mlp_out=p + "hook_mlp_out",
+        W_O=blk.attn.W_O.detach(),
+        b_V=b_v(blk.attn, model.cfg.n_heads),
+        b_O=vec(blk.attn.b_O),
+        b_out=vec(getattr(blk.mlp, "b_out", None)),
+        **layout,
+    )
+
+
 def spec_hooked_transformer(model: Any) -> ModelSpec:
     check_hooked(model)
     cfg = model.cfg
     nt = norm_type(model)
     rms = nt == "RMS"
     blocks = []
-    for L, blk in enumerate(model.blocks):
+    for L in range(cfg.n_layers):
         p = f"blocks.{L}."
         blocks.append(
-            Block(
-                z=p + "attn.hook_z",
-                pattern=p + "attn.hook_pattern",
-                v=p + "attn.hook_v",
-                mlp_out=p + "hook_mlp_out",
+            _block(
+                model,
+                L,
                 out=p + "hook_resid_post",
                 # RMSNorm's hook_normalized precedes the gain: a per-feature scale, harmless
                 # to standardised fits, which is all this hook is for.
                 mlp_in=p + "ln2.hook_normalized"
                 if nt != "none"
                 else p + ("hook_resid_pre" if cfg.parallel_attn_mlp else "hook_resid_mid"),
-                W_O=blk.attn.W_O.detach(),
-                b_V=b_v(blk.attn, cfg.n_heads),
-                b_O=vec(blk.attn.b_O),
-                b_out=vec(getattr(blk.mlp, "b_out", None)),
                 ln1=None,
                 ln2=None,
             )
@@ -73,7 +83,6 @@ def spec_hooked_transformer(model: Any) -> ModelSpec:
 
 def spec_hooked_encoder(model: Any) -> ModelSpec:
     check_hooked(model)
-    cfg = model.cfg
     embeds = (
         ("embed", "embed.hook_embed"),
         ("pos_embed", "embed.hook_pos_embed"),
@@ -95,17 +104,11 @@ def spec_hooked_encoder(model: Any) -> ModelSpec:
         w1, b1 = ln_weights(blk.ln1, False)
         w2, b2 = ln_weights(blk.ln2, False)
         blocks.append(
-            Block(
-                z=p + "attn.hook_z",
-                pattern=p + "attn.hook_pattern",
-                v=p + "attn.hook_v",
-                mlp_out=p + "hook_mlp_out",
+            _block(
+                model,
+                L,
                 out=p + "hook_normalized_resid_post",
                 mlp_in=p + "ln1.hook_normalized",
-                W_O=blk.attn.W_O.detach(),
-                b_V=b_v(blk.attn, cfg.n_heads),
-                b_O=vec(blk.attn.b_O),
-                b_out=vec(blk.mlp.b_out),
                 ln1=Norm(
                     p + "ln1",
                     (p + "hook_resid_mid",),
