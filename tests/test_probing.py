@@ -252,3 +252,29 @@ def test_word_pieces_on_minilm_match_the_tokenizers_own_word_ids():
         assert_close(wf.factors[:, start : start + len(words)], expected, torch.float32, "minilm")
         start += len(words)
     assert wf.max_relative_error < 1e-4
+
+
+def test_bert15_corruption_is_the_papers():
+    # 15% of real positions (special ones included), 80% [MASK] / 10% random / 10% kept.
+    from tl_decomp.masked import _corrupt
+
+    model = cached_model("bert")
+    tok = model.tokenizer
+    texts = [" ".join(["the", "cat", "sat", "on", "a", "mat"] * 3)] * 400  # 20 tokens each
+    tokens, mask = _running.tokenize(model, texts, encoder=True)
+    gen = torch.Generator().manual_seed(0)
+    corrupted, rows, pos = _corrupt(tokens, mask, tok, 64, "bert15", gen)
+    assert len(rows) == 400 * 3  # round(0.15 * 20) per text
+    assert len(set(zip(rows.tolist(), pos.tolist(), strict=True))) == len(rows)  # no repeats
+    hit = corrupted[rows, pos]
+    frac_mask = (hit == tok.mask_token_id).float().mean().item()
+    frac_kept = (hit == tokens[rows, pos]).float().mean().item()
+    assert 0.77 < frac_mask < 0.83 and 0.08 < frac_kept < 0.13  # kept includes random = same
+    specials = torch.isin(tokens[rows, pos], torch.tensor(tok.all_special_ids))
+    assert specials.any()  # [CLS] and [SEP] are candidates too
+    untouched = torch.ones_like(corrupted, dtype=torch.bool)
+    untouched[rows, pos] = False
+    assert torch.equal(corrupted[untouched], tokens[untouched])
+    m = masked_prediction(model, texts[:12], corruption="bert15", batch_size=5, progress=False)
+    assert m.corruption == "bert15" and m.n_masked == 12 * 3
+    assert m.agreement[-1] == 1.0 and m.accuracy[-1] == m.model_accuracy

@@ -1,16 +1,18 @@
 """Masked-token prediction from subsets of vector factors (Mickus et al., TACL 2022, §4).
 
-Mask one token per text, decompose the final embedding into ``i, h, f, c``, and feed the sum
-of each subset at the masked position to the model's own masked-LM head
-(`_mlm.mlm_logits`). Only models with such a head qualify (BERT as ``BertForMaskedLM``,
-HookedEncoder).
+Corrupt the input, decompose the final embedding into ``i, h, f, c``, and feed the sum of
+each subset at the corrupted positions to the model's own masked-LM head
+(`_mlm.mlm_logits`). ``corruption="bert15"`` is the paper's: BERT's 15% of positions, special
+ones included, of which 80% become ``[MASK]``, 10% a random token and 10% stay; ``"single"``
+masks one ordinary token per text. Only models with an MLM head qualify (BERT as
+``BertForMaskedLM``, HookedEncoder).
 """
 
 from __future__ import annotations
 
 from collections.abc import Sequence
 from dataclasses import dataclass
-from typing import Any
+from typing import Any, Literal
 
 import einops
 import torch
@@ -33,7 +35,8 @@ class MaskedPrediction:
         accuracy: share of masked positions where the subset predicts the original token.
         agreement: share where it predicts what the model itself (all factors) predicts.
         model_accuracy: the model's own accuracy on the same positions.
-        n_masked: masked positions (one per sentence).
+        n_masked: corrupted positions predicted (``single``: one per text).
+        corruption: ``single`` or ``bert15``.
     """
 
     __repr__ = short_repr
@@ -43,6 +46,7 @@ class MaskedPrediction:
     agreement: Float[Tensor, " subset"]
     model_accuracy: float
     n_masked: int
+    corruption: str = "single"
 
     def __str__(self) -> str:
         rows = [f"{'subset':<9}{'accuracy %':>12}{'agrees with model %':>22}"]
@@ -60,16 +64,50 @@ def _pick_positions(tokens: Tensor, mask: Tensor, specials: set[int], gen) -> Te
     return torch.multinomial(ok.float(), 1, generator=gen).squeeze(1)
 
 
+def _corrupt(
+    tokens: Tensor, mask: Tensor, tok: Any, d_vocab: int, corruption: str, gen
+) -> tuple[Tensor, Tensor, Tensor]:
+    """The corrupted ids, and the (row, position) pairs to predict.
+
+    ``bert15``: per text, round(15%) of its real positions (at least one, special ones
+    included) chosen uniformly; each becomes [MASK] with probability 0.8, a uniformly random
+    token with 0.1, and stays with 0.1 (Devlin et al.). ``single``: one ordinary token, masked.
+    """
+    corrupted = tokens.clone()
+    if corruption == "single":
+        pos = _pick_positions(tokens, mask, set(tok.all_special_ids), gen)
+        rows = torch.arange(len(pos))
+        corrupted[rows, pos] = tok.mask_token_id
+        return corrupted, rows, pos
+    picked = []
+    for b, n in enumerate(mask.sum(1).tolist()):
+        k = max(1, round(0.15 * n))
+        picked += [(b, int(p)) for p in torch.randperm(n, generator=gen)[:k]]
+    rows, pos = torch.tensor(picked).T
+    fate = torch.rand(len(rows), generator=gen)
+    random_ids = torch.randint(d_vocab, (len(rows),), generator=gen)
+    new = torch.where(fate < 0.8, tok.mask_token_id, torch.where(fate < 0.9, random_ids, -1))
+    keep = new >= 0
+    corrupted[rows[keep], pos[keep]] = new[keep].to(tokens.dtype)
+    return corrupted, rows, pos
+
+
 def masked_prediction(
     model: Any,
     texts: Sequence[str],
     *,
     subsets: str | Sequence[str] = "all",
+    corruption: Literal["single", "bert15"] = "single",
     seed: int = 0,
     batch_size: int = 16,
     progress: bool = True,
 ) -> MaskedPrediction:
-    """Mask one random token per text; predict it from each subset of ``{i, h, f, c}`` [M §4].
+    """Corrupt the texts; predict the original tokens from each subset of ``{i, h, f, c}``.
+
+    ``corruption="bert15"`` is the paper's protocol [M §4]: BERT-style corruption of 15% of
+    the positions (special ones included; 80% ``[MASK]``, 10% random, 10% unchanged),
+    accuracy over every corrupted position. ``"single"`` (default, ours before the paper's
+    was added): one ordinary (non-special) token per text, masked.
 
     The subset's sum at the masked position goes through the model's own masked-LM head
     (dense, activation, LayerNorm, unembedding); the sum of all four is the model's final
@@ -89,6 +127,8 @@ def masked_prediction(
     """
     if isinstance(texts, str) or len(texts) == 0:
         raise ValueError("expected a non-empty list of texts")
+    if corruption not in ("single", "bert15"):
+        raise ValueError(f"corruption must be 'single' or 'bert15', not {corruption!r}")
     subsets = subset_names(subsets)
     recipe = DecompositionRecipe.for_model(model)
     if recipe.spec.causal:
@@ -99,10 +139,9 @@ def masked_prediction(
     starts = range(0, len(texts), batch_size)
     for start in tqdm(starts, desc="masked prediction", disable=not progress, unit="batch"):
         tokens, mask = _running.tokenize(model, texts[start : start + batch_size], encoder=True)
-        pos = _pick_positions(tokens, mask, set(tok.all_special_ids), gen)
-        rows, original = torch.arange(len(pos)), tokens[torch.arange(len(pos)), pos]
-        masked = tokens.clone()
-        masked[rows, pos] = tok.mask_token_id
+        d_vocab = recipe.spec.d_vocab
+        masked, rows, pos = _corrupt(tokens, mask, tok, d_vocab, corruption, gen)
+        original = tokens[rows, pos]
         cache = _running.run_with_cache(model, masked.to(dev), mask.to(dev), recipe.names_filter)
         d = recipe.decompose(cache, None)
         vecs = einops.einsum(sel.to(d.factors), d.factors[:, rows, pos], "s f, f b d -> s b d")
@@ -112,7 +151,7 @@ def masked_prediction(
         same += (pred == mine).sum(1)
         own += float((mine == original).sum())
         n += len(pos)
-    return MaskedPrediction(subsets, hits / n, same / n, own / n, n)
+    return MaskedPrediction(subsets, hits / n, same / n, own / n, n, corruption)
 
 
 __all__ = ["MaskedPrediction", "masked_prediction"]
