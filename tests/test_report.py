@@ -416,3 +416,27 @@ def test_minilm_report_from_the_cli(tmp_path, capsys):
     heads = [c for c in page.dom["components"] if c["name"] == "AttentionHeads"]
     assert len(heads) == 2 * 6 + 1  # raw and effective for 6 blocks; attribution matrices
     assert all(c["canvases"] == 13 for c in heads[:12])  # 12 heads and the zoomed one
+
+
+def test_write_is_atomic_replaces_files_and_refuses_links(tmp_path, monkeypatch):
+    # Report.write truncated in place: a failure mid-write left a page with no </html>.
+    rep = tiny_report()
+    path = tmp_path / "r.html"
+    path.write_text("old page")
+    assert rep.write(path) == path and path.read_text(encoding="utf-8").endswith("</html>\n")
+
+    def full_disk(fd):
+        raise OSError(28, "No space left on device")
+
+    monkeypatch.setattr(os, "fsync", full_disk)  # fails after the bytes went out
+    before = path.read_bytes()
+    with pytest.raises(OSError, match="No space"):
+        rep.write(path)
+    monkeypatch.undo()
+    assert path.read_bytes() == before and sorted(p.name for p in tmp_path.iterdir()) == ["r.html"]
+    link = tmp_path / "link.html"
+    link.symlink_to(path)
+    with pytest.raises(ValueError, match="symbolic link"):
+        rep.write(link)
+    with pytest.raises(ValueError, match="directory"):
+        rep.write(tmp_path)

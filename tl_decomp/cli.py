@@ -123,6 +123,7 @@ def _report(args: argparse.Namespace) -> int:
     if not args.text.strip():
         raise ValueError("TEXT is empty")
     out = check_path(args.output)  # before the model loads: a bad path fails in a second
+    replaced = out.exists()
     if not args.no_progress:
         print(f"loading {args.model} ...", file=sys.stderr)
     model = load_model(args.model)
@@ -142,7 +143,8 @@ def _report(args: argparse.Namespace) -> int:
     )
     print(rep.summary())
     size = Path(out).stat().st_size / 2**20
-    print(f"\nwrote {out} ({size:.1f} MiB, self-contained) in {rep.seconds:.1f} s")
+    what = "replaced" if replaced else "wrote"
+    print(f"\n{what} {out} ({size:.1f} MiB, self-contained) in {rep.seconds:.1f} s")
     return 0
 
 

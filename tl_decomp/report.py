@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import math
 import os
+import tempfile
 import time
 from collections.abc import Sequence
 from dataclasses import dataclass, field
@@ -111,15 +112,33 @@ class Report:
         return _page.page(self)
 
     def write(self, path: str | os.PathLike[str]) -> Path:
-        """Write `html` to `path` (UTF-8) and return it."""
-        out = Path(path)
-        out.write_text(self.html(), encoding="utf-8")
+        """Write `html` to `path` (UTF-8) and return it.
+
+        Atomic: the page goes to a temporary file beside `path`, which then replaces it, so a
+        crash or a full disk never leaves half a page. An existing regular file is replaced;
+        a symbolic link or a directory is refused (`check_path`).
+        """
+        out = check_path(path)
+        data = self.html().encode("utf-8")
+        fd, tmp = tempfile.mkstemp(prefix=f".{out.name}.", suffix=".tmp", dir=out.parent)
+        try:
+            with os.fdopen(fd, "wb") as f:
+                f.write(data)
+                f.flush()
+                os.fsync(f.fileno())
+            os.chmod(tmp, 0o644)
+            os.replace(tmp, out)
+        except BaseException:
+            Path(tmp).unlink(missing_ok=True)
+            raise
         return out
 
 
 def check_path(path: str | os.PathLike[str]) -> Path:
     """`path` if a report can be written there; else ValueError saying why (before any work)."""
     out = Path(path)
+    if out.is_symlink():
+        raise ValueError(f"cannot write the report to {out}: it is a symbolic link (not followed)")
     if out.is_dir():
         raise ValueError(f"cannot write the report to {out}: it is a directory")
     if not out.parent.is_dir():
