@@ -1,17 +1,17 @@
-"""The probes of `tl_decomp.probing`, on plain tensors: splits, batched training, k-NN, F1.
+"""The probes of `tl_decomp.probing`, on plain tensors: splits, scikit-learn probes, F1.
 
-Every function takes one tensor per split, ``[subset occurrence d]``: the 15 subsets' probes
-are trained side by side as one batched model. Each subset has its own parameters and its own
-loss term, and Adam updates every parameter on its own, so this is exactly 15 independent
-probes in one pass (and the same seed gives the same parameters).
+Every function takes one tensor per split, ``[subset occurrence d]``. Each subset gets its
+own probe, fitted by scikit-learn (logistic regression, a one-hidden-layer MLP, k-NN), with
+its regularisation chosen on the validation split; subsets run in parallel with joblib.
 """
 
 from __future__ import annotations
 
 import itertools
+import warnings
 from collections.abc import Sequence
 
-import einops
+import numpy as np
 import torch
 import torch.nn.functional as F
 from jaxtyping import Float, Int
@@ -49,69 +49,79 @@ def split(n: int, seed: int) -> tuple[Tensor, Tensor, Tensor]:
     return perm[:n_train], perm[n_train : n_train + n_val], perm[n_train + n_val :]
 
 
-def _init(probe: str, shape: tuple[int, int, int], hidden: int, gen) -> list[Tensor]:
-    S, d, C = shape
-    if probe == "linear":  # convex: start from zero
-        params = [torch.zeros(S, d, C), torch.zeros(S, 1, C)]
-    else:  # PyTorch's nn.Linear initialisation, drawn from the seed's generator
-
-        def u(*shape: int, fan: int) -> Tensor:
-            return (torch.rand(*shape, generator=gen) * 2 - 1) / fan**0.5
-
-        params = [u(S, d, hidden, fan=d), u(S, 1, hidden, fan=d)]
-        params += [u(S, hidden, C, fan=hidden), u(S, 1, C, fan=hidden)]
-    return [p.requires_grad_() for p in params]
-
-
-def _forward(params: list[Tensor], x: Float[Tensor, "subset n d"]) -> Tensor:
-    for k in range(0, len(params) - 2, 2):
-        x = torch.relu(torch.baddbmm(params[k + 1], x, params[k]))
-    return torch.baddbmm(params[-1], x, params[-2])
-
-
 def fit_predict(probe, x_tr, y_tr, x_va, y_va, x_te, n_classes, seed, opts) -> Tensor:
-    """Train the batched probe; keep each subset's epoch with the lowest validation loss."""
-    if probe == "knn":
-        return _knn(x_tr, y_tr, x_te, n_classes)
-    mu, sd = x_tr.mean(1, keepdim=True), x_tr.std(1, keepdim=True).clamp_min(1e-6)
-    x_tr, x_va, x_te = ((x - mu) / sd for x in (x_tr, x_va, x_te))
-    S, gen = x_tr.shape[0], torch.Generator().manual_seed(seed)
-    params = _init(probe, (S, x_tr.shape[2], n_classes), opts["hidden"], gen)
-    opt = torch.optim.Adam(params, lr=opts["lr"], weight_decay=opts["weight_decay"])
-    best, best_loss, stale = [p.detach().clone() for p in params], torch.full((S,), torch.inf), 0
-    for _ in range(opts["max_epochs"]):
-        for idx in torch.randperm(len(y_tr), generator=gen).split(opts["minibatch"]):
-            opt.zero_grad()
-            logits = einops.rearrange(_forward(params, x_tr[:, idx]), "s n c -> (s n) c")
-            target = einops.repeat(y_tr[idx], "n -> (s n)", s=S)
-            (F.cross_entropy(logits, target, reduction="sum") / len(idx)).backward()
-            opt.step()
-        with torch.no_grad():
-            logits = einops.rearrange(_forward(params, x_va), "s n c -> s c n")
-            target = einops.repeat(y_va, "n -> s n", s=S)
-            loss = F.cross_entropy(logits, target, reduction="none").mean(1)
-            better = loss < best_loss * (1 - 1e-3)  # stalls count as no improvement
-            for b, p in zip(best, params, strict=True):
-                b[better] = p[better]
-        best_loss, stale = torch.where(better, loss, best_loss), 0 if better.any() else stale + 1
-        if stale >= opts["patience"]:
-            break
-    with torch.no_grad():
-        return _forward(best, x_te).argmax(-1)
+    """Test predictions ``[subset n_test]``: each subset's probe, its hyper-parameters chosen
+    on the validation split (scikit-learn; subsets in parallel with joblib)."""
+    from joblib import Parallel, delayed
+
+    arrays = [t.double().numpy() for t in (x_tr, x_va, x_te)]
+    y_tr_np, y_va_np = y_tr.numpy(), y_va.numpy()
+    jobs = (
+        delayed(_one_subset)(probe, a[s], y_tr_np, b[s], y_va_np, c[s], seed, opts)
+        for s, (a, b, c) in enumerate([arrays] * x_tr.shape[0])
+    )
+    preds = Parallel(n_jobs=opts.get("n_jobs", 1))(jobs)
+    return torch.as_tensor(np.stack(preds)).long()
 
 
-def _knn(x_tr, y_tr, x_te, n_classes: int, k: int = 5) -> Tensor:
-    """Majority vote of the k most cosine-similar training occurrences (ties: the nearer)."""
-    a, q = F.normalize(x_tr, dim=-1), F.normalize(x_te, dim=-1)
-    k = min(k, a.shape[1])
-    rank_weight = 1 + 1e-3 * torch.arange(k, 0, -1)  # < 1 vote in total: breaks ties only
-    chunk = max(1, 2**24 // (a.shape[0] * a.shape[1]))
-    out = []
-    for start in range(0, q.shape[1], chunk):
-        sim = torch.einsum("sqd,snd->sqn", q[:, start : start + chunk], a)
-        votes = F.one_hot(y_tr[sim.topk(k, dim=-1).indices], n_classes) * rank_weight[:, None]
-        out.append(votes.sum(2).argmax(-1))
-    return torch.cat(out, 1)
+def _one_subset(probe, x_tr, y_tr, x_va, y_va, x_te, seed, opts):
+    """One subset: fit every candidate on train, keep the best on validation, predict test."""
+    if len(np.unique(y_tr)) == 1:  # nothing to learn: every candidate predicts that class
+        return np.full(len(x_te), y_tr[0])
+    from sklearn.exceptions import ConvergenceWarning
+
+    best, best_score = None, -np.inf
+    for model in _candidates(probe, x_tr.shape[1], seed, opts):
+        with warnings.catch_warnings():  # a budget of epochs, not convergence, ends the fit
+            warnings.simplefilter("ignore", ConvergenceWarning)
+            model.fit(x_tr, y_tr)
+        score = _validation_score(model, x_va, y_va)
+        if score > best_score:  # ties keep the earlier (more regularised) candidate
+            best, best_score = model, score
+    return best.predict(x_te)
+
+
+def _validation_score(model, x_va, y_va) -> float:
+    """Minus the validation log-loss where the probe gives probabilities (smoother than
+    accuracy on a small split), else validation accuracy."""
+    if len(y_va) == 0:
+        return 0.0
+    if not hasattr(model, "predict_proba") or len(model.classes_) < 2:
+        return float((model.predict(x_va) == y_va).mean())
+    proba = model.predict_proba(x_va)
+    col = {c: i for i, c in enumerate(model.classes_)}
+    p = np.array([proba[i, col[c]] if c in col else 0.0 for i, c in enumerate(y_va)])
+    return float(np.log(np.clip(p, 1e-12, 1)).mean())
+
+
+def _candidates(probe: str, d: int, seed: int, opts: dict) -> list:
+    """The models tried on one subset, most regularised first."""
+    from sklearn.linear_model import LogisticRegression
+    from sklearn.neighbors import KNeighborsClassifier
+    from sklearn.neural_network import MLPClassifier
+    from sklearn.pipeline import make_pipeline
+    from sklearn.preprocessing import StandardScaler
+
+    if probe == "knn":  # raw features, cosine: the paper's
+        return [KNeighborsClassifier(n_neighbors=5, metric="cosine", algorithm="brute")]
+    if probe == "linear":
+        return [
+            make_pipeline(StandardScaler(), LogisticRegression(C=c, max_iter=opts["max_iter"]))
+            for c in opts["C"]
+        ]
+    return [
+        make_pipeline(
+            StandardScaler(),
+            MLPClassifier(
+                (opts["hidden"] or d,),
+                alpha=alpha,
+                early_stopping=False,  # the validation split already picks alpha
+                max_iter=opts["max_iter"],
+                random_state=seed,
+            ),
+        )
+        for alpha in opts["alpha"]
+    ]
 
 
 def macro_f1(pred: Int[Tensor, "subset n"], y: Int[Tensor, " n"], n_classes: int) -> Tensor:
