@@ -308,3 +308,15 @@ def test_linear_probe_is_regularised_logistic_regression_never_below_the_majorit
         ref_acc = ref.score(xs[te], y[te].numpy())
         assert t.accuracy[k, 0].item() >= ref_acc - 0.01, (t.subsets[k], ref_acc)
     assert torch.equal(t.accuracy[:, 0], t.accuracy[:, 1])  # fixed split, convex probe
+
+
+@pytest.mark.bundled
+def test_linear_probe_on_the_shipped_pos_data_is_never_below_the_majority():
+    from tl_decomp import load_model, load_pos
+
+    wf = word_factors(load_model("minilm"), load_pos(60), progress=False)
+    t = probe_factors(wf, probe="linear", seeds=1, progress=False)
+    n_test = wf.labels.shape[0] - round(0.8 * wf.labels.shape[0]) - round(0.1 * wf.labels.shape[0])
+    noise = 2 * (t.chance * (1 - t.chance) / n_test) ** 0.5
+    assert bool((t.mean() >= t.chance - noise).all()), (t.chance, t.mean())
+    assert t.mean()[t.subsets.index("i")] > 0.8  # the word itself carries its part of speech

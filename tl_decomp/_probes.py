@@ -60,8 +60,8 @@ def fit_predict(probe, x_tr, y_tr, x_va, y_va, x_te, n_classes, seed, opts) -> T
         delayed(_one_subset)(probe, a[s], y_tr_np, b[s], y_va_np, c[s], seed, opts)
         for s, (a, b, c) in enumerate([arrays] * x_tr.shape[0])
     )
-    preds = Parallel(n_jobs=opts.get("n_jobs", 1))(jobs)
-    return torch.as_tensor(np.stack(preds)).long()
+    preds = list(Parallel(n_jobs=opts.get("n_jobs", 1))(jobs))
+    return torch.as_tensor(np.stack([np.asarray(p) for p in preds])).long()
 
 
 def _one_subset(probe, x_tr, y_tr, x_va, y_va, x_te, seed, opts):
