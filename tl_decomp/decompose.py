@@ -222,8 +222,10 @@ class DecompositionRecipe:
 
     @property
     def hooks(self) -> list[str]:
+        if self.granularity != "expert":
+            return self.spec.hooks()
         extra = [self.spec.blocks[L].mlp_in for L in self.moe_layers]
-        return self.spec.hooks() + (extra if self.granularity == "expert" else [])  # type: ignore[operator]
+        return self.spec.hooks() + extra  # type: ignore[operator]  # MoE blocks have mlp_in
 
     @property
     def names_filter(self):
@@ -247,15 +249,16 @@ class DecompositionRecipe:
         if g == "coarse":
             return {k: k for k in KINDS}
         rows = {label: "i" for label, _ in (spec.embeds if self.split_input else [("input", "")])}
+        moe = self.moe_layers if g == "expert" else ()
         for L in range(spec.n_layers):
             if g == "head":
                 rows.update({f"L{L}H{h}": "h" for h in range(spec.n_heads)})
             else:
                 rows[f"{L}_attn_out"] = "h"
-            if g == "expert" and L in self.moe_layers:
-                moe = _experts.moe_module(self.model, L)
-                rows.update({f"{L}_expert{e}": "f" for e in range(moe.experts.num_experts)})
-                if _experts.shared_module(moe) is not None:
+            if L in moe:
+                block = _experts.moe_module(self.model, L)
+                rows.update({f"{L}_expert{e}": "f" for e in range(block.experts.num_experts)})
+                if _experts.shared_module(block) is not None:
                     rows[f"{L}_shared_expert"] = "f"
             elif spec.blocks[L].mlp_out:
                 rows[f"{L}_mlp_out"] = "f"
@@ -273,17 +276,10 @@ class DecompositionRecipe:
     # -- the algebra ------------------------------------------------------------------------
     def _norm(self, st: _Stack, norm: Norm, cache: Any, dt: torch.dtype) -> None:
         """Apply a norm with the forward pass's own mu and sigma to every live term."""
-        scale = cache[norm.scale].to(dt)
-        gain = (1.0 / scale) if norm.w is None else norm.w.to(dt) / scale
+        m = self._sublayer(norm, 1.0, cache, dt)
         for live in st.live():
-            if not norm.rms and self.centering == "terms":
-                live.sub_(live.mean(-1, keepdim=True))
-            live.mul_(gain)
-        if not norm.rms and self.centering == "correction":
-            mu = sum(cache[h].to(dt) for h in norm.inputs).mean(-1, keepdim=True)
-            st.add(self._label("c", "ln_center"), -mu * gain)
-        if norm.b is not None:
-            st.add(self._label("c", "ln_bias"), norm.b.to(dt))
+            m.apply_(live)
+        self._post_corrections(st, norm, m, 1.0, cache, dt)
 
     def _sublayer(self, norm: Norm | None, scale: float, cache: Any, dt: torch.dtype) -> _Map:
         """What a sublayer's output goes through before the residual add: a post-sublayer
@@ -295,7 +291,8 @@ class DecompositionRecipe:
         return _Map(gain, not norm.rms and self.centering == "terms")
 
     def _post_corrections(self, st: _Stack, norm: Norm | None, m: _Map, scale: float, cache, dt):
-        """The post-sublayer norm's centering and bias, into the correction term."""
+        """A norm's centering and bias (times the sublayer's multiplier), into the correction
+        term."""
         if norm is None:
             return
         if not norm.rms and self.centering == "correction":
