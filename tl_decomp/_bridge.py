@@ -39,8 +39,9 @@ def spec_bridge(model: Any) -> ModelSpec:
     common = fields(model, "TransformerBridge", "post" if post else "pre")
     residual_norms = [embed_ln, ln_final, *(n for b in blocks for n in b.norms())]
     common["biases"] = biases(blocks, model, residual_norms)
-    if common["norm_type"] == "none" and any(n is not None for n in residual_norms):
-        common["norm_type"] = "RMS" if residual_norms[0] and residual_norms[0].rms else "LN"
+    present = [n for n in residual_norms if n is not None]
+    if common["norm_type"] == "none" and present:  # the config says none; the tree has norms
+        common["norm_type"] = "RMS" if present[0].rms else "LN"
     spec = ModelSpec(
         **common,
         token_types="token_type_embed.hook_out" in names,
