@@ -80,6 +80,7 @@ def _bridge_gap(model, family: str) -> float:
 
 MOE: set[str] = set()  # families with mixture-of-experts blocks
 EXPERT_REFUSALS: dict[str, str] = {}  # ... whose blocks cannot be split by expert
+SOURCE_REFUSALS: dict[str, str] = {}  # families whose heads cannot be split by key position
 
 
 def _decomposition_error(model, family: str) -> float:
@@ -92,20 +93,23 @@ def _decomposition_error(model, family: str) -> float:
     moe = td.DecompositionRecipe.for_model(model).moe_layers
     if moe:
         MOE.add(family)
-    for granularity in ("coarse", "layer", "head") + (("expert",) if moe else ()):
+    for granularity in ("coarse", "layer", "head", "source") + (("expert",) if moe else ()):
         try:
             ds = td.decompose_layers(model, TOKENS, attention_mask=MASK, granularity=granularity)
         except NotImplementedError as err:
+            if granularity == "source" and "by key position" in str(err):
+                SOURCE_REFUSALS[family] = str(err)  # hook_z is not pattern @ hook_v
+                continue
             if granularity != "expert" or "by expert" not in str(err):
                 raise
             EXPERT_REFUSALS[family] = str(err)
             continue
         spec = td.model_spec(model)
         for d in ds:
-            # HF's hidden_states[L + 1] is block L's output; on decoders the last one is the
-            # final norm's output, which our final embedding (layer None) is.
-            i = spec.n_layers if d.layer is None else d.layer + 1
-            if d.layer == spec.n_layers - 1 and spec.final != d.site:  # no HF counterpart
+            # HF numbers hidden_states as we do, except that on decoders the last one is the
+            # final norm's output (our "final"): the last block's own output has none.
+            i = spec.n_layers if d.layer == "final" else d.layer
+            if d.layer == spec.n_layers and spec.final != d.site:
                 continue
             total = d.factors.sum(0).masked_fill(~real, 0)
             ref = states[i].to(total).masked_fill(~real, 0)

@@ -9,12 +9,12 @@ import torch
 from conftest import KINDS, cached_model
 from helpers import NoHooksLeft
 
-from tl_decomp import model_spec
-from tl_decomp.attention import (
+from tl_decomp import (
     attention_correlation,
     attention_null_space,
     effective_attention,
     effective_attention_layers,
+    model_spec,
     special_token_attention,
 )
 
@@ -237,12 +237,12 @@ def test_any_mask(arch):
 def test_null_space():
     model, cache, mask = run("bert")
     ns = attention_null_space(cache, attention_mask=mask)
-    assert ns.layers == (0, 1, 2) and ns.n_keys.tolist() == [40, 27, 5]
+    assert ns.blocks == (0, 1, 2) and ns.n_keys.tolist() == [40, 27, 5]
     assert ns.rank.tolist() == [[[8] * 4, [8] * 4, [5] * 4]] * 3
     assert ns.null_dim[:, 2].eq(0).all() and ns.null_dim[:, 0].eq(32).all()
     assert ns.relative_norm[:, 2].eq(0).all() and (ns.relative_norm[:, :2] > 0).all()
     assert len(ns.rows()) == 12 and set(ns.rows()[0]) == {
-        "layer",
+        "block",
         "head",
         "rank",
         "null_dim",
@@ -255,9 +255,9 @@ def test_corpus_analyses(arch):
     model = cached_model(arch)
     texts = ["the cat sat", "the big cat is on a mat and the dog sat on the mat , a dog ran ."]
     with NoHooksLeft(model):
-        corr = attention_correlation(model, texts, layers=[0, -1])
+        corr = attention_correlation(model, texts, blocks=[0, -1])
         st = special_token_attention(model, texts, batch_size=1)
-    assert corr.layers == (0, 2) and corr.r.shape == (2, 2, 4)
+    assert corr.blocks == (0, 2) and corr.r.shape == (2, 2, 4)
     assert torch.allclose(corr.r[0], torch.ones(2, 4, dtype=torch.float64))
     assert (corr.r[1] < 1 - 1e-6).all() and corr.by_length((8,))[0]["median"] == pytest.approx(1)
     assert st.categories == (("BOS",) if arch == "gpt2" else ("[CLS]", "[SEP]")) + (
@@ -271,7 +271,7 @@ def test_corpus_analyses(arch):
 def test_errors_name_the_fix():
     model, cache, mask = run("gpt2")
     spec = model_spec(model)
-    with pytest.raises(ValueError, match=r"names_filter=tl_decomp.model_spec\(model\)"):
+    with pytest.raises(ValueError, match=r"names_filter=tl_decomp.attention_names_filter\(model\)"):
         effective_attention({spec.blocks[0].pattern: cache[spec.blocks[0].pattern]}, 0, model=model)
     with pytest.raises(ValueError, match="pass model="):
         effective_attention(dict(cache.items()), 0)

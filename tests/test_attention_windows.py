@@ -16,11 +16,13 @@ import torch
 import transformers
 from conftest import KINDS
 
-from tl_decomp import _adapters, _running, model_spec
-from tl_decomp.attention import (
+from tl_decomp import (
+    _adapters,
+    _running,
     attention_correlation,
     attention_null_space,
     effective_attention,
+    model_spec,
     special_token_attention,
 )
 from tl_decomp.models import _tokenizer

@@ -60,11 +60,11 @@ def test_minilm_sums_to_hugging_face_hidden_states():
     tokens, mask = ds[0].tokens, ds[0].attention_mask
     with torch.no_grad():
         ref = hf(input_ids=tokens, attention_mask=mask, output_hidden_states=True).hidden_states
-    assert len(ds) == 6
+    assert [d.layer for d in ds] == list(range(7))  # HF's hidden_states are numbered alike
     for d in ds:
         keep = d.mask()
-        err = (d.factors.sum(0)[keep] - ref[d.layer + 1][keep]).abs().max()
-        assert err <= 1e-4 * ref[d.layer + 1][keep].abs().max(), (d.layer, err)
+        err = (d.factors.sum(0)[keep] - ref[d.layer][keep]).abs().max()
+        assert err <= 1e-4 * ref[d.layer][keep].abs().max(), (d.layer, err)
         assert d.relative_error < 1e-5
 
 
@@ -73,13 +73,13 @@ def test_smollm2_sums_to_hugging_face_hidden_states():
 
     model = bundled("smollm2")
     hf = LlamaForCausalLM.from_pretrained(str(_bundled.smollm2_dir())).eval()
-    ds = decompose_layers(model, TEXTS, layers=[0, 14, 28])
+    ds = decompose_layers(model, TEXTS, layers=[0, 15, 29, "final"])
     tokens, mask = ds[0].tokens, ds[0].attention_mask
     with torch.no_grad():
         out = hf(input_ids=tokens, attention_mask=mask, output_hidden_states=True)
     final = out.hidden_states[-1]  # HF stores the ln_final output last
     for d in ds:
-        ref = final if d.layer is None else out.hidden_states[d.layer + 1]
+        ref = final if d.layer == "final" else out.hidden_states[d.layer]
         keep = d.mask()
         err = (d.factors.sum(0)[keep] - ref[keep]).abs().max()
         assert err <= 1e-4 * ref[keep].abs().max(), (d.layer, err)

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 import os
 import subprocess
 import sys
@@ -52,7 +53,7 @@ def test_report_writes_page_and_table(tiny, capsys, tmp_path):
     assert tiny == ["x"]
     assert path.read_text(encoding="utf-8").startswith("<!doctype html>")
     assert "[CLS] the cat sat on the mat [SEP]" in out
-    assert "layer 3" in out and "identified" in out and "‖A−A_eff‖/‖A‖" in out
+    assert "identified" in out and "‖A−A_eff‖/‖A‖" in out
     assert f"wrote {path}" in out
     assert "loading x" in err and "report: 100%" in err  # the progress bar, on stderr
 
@@ -73,10 +74,10 @@ def test_report_default_output(tiny, capsys, tmp_path, monkeypatch):
             "cannot write the report to /nonexistent/dir/r.html: no directory /nonexistent/dir",
         ),
         (["report", "the cat", "--max-tokens", "3"], "the text has 4 tokens; the limit is 3"),
-        (["report", "the cat", "--attribution-layers", "1,9"], "attribution layer 9 out of range"),
-        (["report", "the cat", "--attention-layers", "5"], "attention layers [5] out of range"),
-        (["report", "the cat", "--probes", "1"], "n_probes must be at least 2"),
+        (["report", "the cat", "--attribution-layers", "1,9"], "attribution_layers=9 is out of"),
+        (["report", "the cat", "--attention-blocks", "5"], "attention_blocks=5 is out of range"),
         (["report", "the cat", "--query", "7"], "query 7 out of range"),
+        (["decompose", "the cat", "--layers", "4"], "layers=4 is out of range"),
         (["decompose", ""], "TEXT is empty"),
     ],
 )
@@ -101,8 +102,14 @@ def test_output_is_a_directory(tiny, capsys, tmp_path):
     ("argv", "message"),
     [
         (["report"], "the following arguments are required: text"),
-        (["report", "x", "--probes", "many"], "invalid int value: 'many'"),
-        (["report", "x", "--attribution-layers", "1,a"], "not a comma-separated list of layers"),
+        (["report", "x", "--probes", "many"], "not an integer: 'many'"),
+        (["report", "x", "--probes", "1"], "must be at least 2, not 1"),
+        (["report", "x", "--max-tokens", "0"], "must be at least 1, not 0"),
+        (["report", "x", "--corpus", "-1"], "must be 0 or more, not -1"),
+        (["stats", "--sentences", "0"], "must be at least 1, not 0"),
+        (["stats", "--json", "--csv"], "not allowed with argument"),
+        (["decompose", "x", "--granularity", "neuron"], "invalid choice: 'neuron'"),
+        (["report", "x", "--attribution-layers", "1,a"], "not a layer: 'a'"),
         (["nonsense"], "invalid choice: 'nonsense'"),
     ],
 )
@@ -149,3 +156,41 @@ def test_exit_status_of_the_process(tmp_path):
     )
     assert proc.returncode == 2
     assert proc.stderr.strip() == "tl-decomp: error: TEXT is empty"
+
+
+def test_version(capsys):
+    with pytest.raises(SystemExit) as exc:
+        cli.main(["--version"])
+    assert exc.value.code == 0 and capsys.readouterr().out.startswith("tl-decomp ")
+
+
+def test_decompose_layers_granularity_and_formats(tiny, capsys):
+    rc, out, err = run(capsys, "decompose", "the cat", "--layers", "0,-1", "--granularity", "layer")
+    assert rc == 0, err
+    lines = out.splitlines()
+    assert "[CLS] the cat [SEP]" in lines[0] and "0_attn_out" in lines[2]
+    assert [line.split()[0] for line in lines[3:]] == ["0", "3"]  # -1: the last layer, 3
+    rc, out, _ = run(capsys, "decompose", "the cat", "--json")
+    rows = json.loads(out)
+    assert [r["layer"] for r in rows] == ["0", "1", "2", "3"]
+    assert all(abs(r["i"] + r["h"] + r["f"] + r["c"] - 1) < 1e-9 for r in rows)
+    rc, out, _ = run(capsys, "decompose", "the cat", "--csv")
+    assert out.splitlines()[0] == "layer,i,h,f,c,max rel err" and len(out.splitlines()) == 5
+
+
+def test_stats_formats(tiny, capsys, monkeypatch):
+    monkeypatch.setattr("tl_decomp.corpus.load_corpus", lambda n: ["the cat sat", "a dog"][:n])
+    rc, out, err = run(capsys, "stats", "--sentences", "2", "--json")
+    assert rc == 0, err
+    rows = json.loads(out)
+    assert {r["factor"] for r in rows} == set("ihfc") and {r["layer"] for r in rows} == set("0123")
+    rc, out, _ = run(capsys, "stats", "--sentences", "2", "--csv")
+    assert out.splitlines()[0] == "layer,factor,mean,std"
+
+
+def test_options_are_checked_before_the_model_loads(tiny, capsys):
+    for argv in (["stats", "--batch-size", "0"], ["report", "x", "--probes", "0"]):
+        with pytest.raises(SystemExit):
+            cli.main(argv)
+    rc, _, _ = run(capsys, "report", " ", "--model", "x")
+    assert rc == 2 and tiny == []  # nothing loaded

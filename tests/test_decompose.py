@@ -25,7 +25,7 @@ def _tolerance(spec, d, dtype):
     # own ln_final output carries float32 rounding there; the sum matches exact RMSNorm.
     if (
         dtype == torch.float64
-        and d.layer is None
+        and d.layer == "final"
         and spec.ln_final is not None
         and spec.ln_final.rms
         and spec.model_class == "TransformerBridge"
@@ -55,7 +55,7 @@ def _check_all(model, spec, dtype):
                 split_input=granularity != "coarse",
                 split_correction=granularity == "layer",
             )
-            assert [d.layer for d in ds][: spec.n_layers] == list(range(spec.n_layers))
+            assert [d.layer for d in ds][: spec.n_layers + 1] == list(range(spec.n_layers + 1))
             for d in ds:
                 what = f"{granularity}/{centering} layer {d.layer}"
                 assert_close(d.factors.sum(0), d.target, _tolerance(spec, d, dtype), what)
@@ -128,7 +128,7 @@ def test_matches_full_resid_decomposition_on_pre_ln():
     recipe = DecompositionRecipe.for_model(model, granularity="head")
     tokens = model.to_tokens(["the cat sat on the mat"])
     _, cache = model.run_with_cache(tokens)
-    ours = recipe.decompose(cache, layer=spec.n_layers - 1)
+    ours = recipe.decompose(cache, layer=spec.n_layers)  # the same index as TransformerLens
     try:
         theirs, labels = cache.get_full_resid_decomposition(
             layer=spec.n_layers, expand_neurons=False, return_labels=True
@@ -160,7 +160,7 @@ def test_missing_hooks_are_named_with_the_filter():
     _, cache = model.run_with_cache(
         model.to_tokens("the cat"), names_filter=lambda n: n.endswith("hook_pattern")
     )
-    with pytest.raises(ValueError, match=r"names_filter=recipe.names_filter") as err:
+    with pytest.raises(ValueError, match=r"td.decomposition_names_filter\(model\)") as err:
         recipe.decompose(cache)
     assert "hook_scale" in str(err.value) or "hook_out" in str(err.value)
 

@@ -48,11 +48,11 @@ def test_lens_terms_sum_to_the_logit_lens_at_every_layer(arch):
     for d in decompose_layers(model, TOKENS, attention_mask=MASK, granularity="layer"):
         la = d.logit_attrs(5)
         with torch.inference_mode():
-            x = d.target if d.layer is None else model.ln_final(d.target)
+            x = d.target if d.layer == "final" else model.ln_final(d.target)
             want = model.unembed(x)[..., 5].double()
         real = MASK.bool()
         assert (la.values.sum(0) - want)[real].abs().max() <= 1e-6 * want.abs().max()
-        assert la.lens == (d.layer is not None)
+        assert la.lens == (d.layer != "final")
 
 
 def test_ranked_table_and_token_forms():

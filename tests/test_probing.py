@@ -33,7 +33,7 @@ def constructed(carrier: str, n: int = 600, d: int = 16, seed: int = 0) -> WordF
     y = torch.arange(n) % 3
     x = torch.randn(4, n, d, generator=g)
     x[TERMS.index(carrier), :, :3] += 3 * torch.nn.functional.one_hot(y, 3)
-    return WordFactors(x, y, ("a", "b", "c"), None, 0.0)
+    return WordFactors(x, y, ("a", "b", "c"), "final", 0.0)
 
 
 # -- probes on constructed data -----------------------------------------------------------
@@ -135,7 +135,7 @@ def test_probe_subsets_end_to_end_on_a_tiny_model():
     with NoHooksLeft(model):
         t = probe_subsets(model, (WORDS, LABELS), seeds=2, progress=False)
     assert t.n_occurrences == 30 and t.classes == (".", "D", "N", "P", "V")
-    assert t.accuracy.shape == (15, 2) and t.layer == 2  # BERT: the last block's output
+    assert t.accuracy.shape == (15, 2) and t.layer == 3  # BERT: the last block's output
     assert bool(((t.accuracy >= 0) & (t.accuracy <= 1)).all())
     assert torch.equal(t.agreement().diagonal(), torch.ones(15))
 
@@ -174,9 +174,9 @@ def test_bad_options():
         probe_factors(wf, probe="svm", progress=False)  # type: ignore[arg-type]
     with pytest.raises(ValueError, match="bad subset"):
         probe_factors(wf, subsets=["h+x"], progress=False)
-    with pytest.raises(ValueError, match="no seeds"):
+    with pytest.raises(ValueError, match="seeds must be at least 1"):
         probe_factors(wf, seeds=0, progress=False)
-    small = WordFactors(wf.factors[:, :9], wf.labels[:9], wf.classes, None, 0.0)
+    small = WordFactors(wf.factors[:, :9], wf.labels[:9], wf.classes, "final", 0.0)
     with pytest.raises(ValueError, match="at least 10"):
         probe_factors(small, progress=False)
     t = probe_factors(wf, probe="knn", subsets=["h+i", "i+h", "c"], seeds=1, progress=False)
@@ -213,7 +213,7 @@ def test_mlm_head_matches_the_models_logits():
 def test_masked_prediction_needs_an_mlm_head():
     with pytest.raises(NotImplementedError, match="masked-LM"):
         masked_prediction(cached_model("gpt2"), ["the cat sat"], progress=False)
-    with pytest.raises(ValueError, match="non-empty"):
+    with pytest.raises(ValueError, match="texts is an empty list"):
         masked_prediction(cached_model("bert"), [], progress=False)
 
 
@@ -295,7 +295,7 @@ def test_linear_probe_is_regularised_logistic_regression_never_below_the_majorit
     y = (torch.rand(n, generator=g) < 0.1).long()
     x = torch.randn(4, n, d, generator=g)
     x[0, :, 0] += 1.5 * y
-    wf = WordFactors(x, y, ("no", "yes"), None, 0.0)
+    wf = WordFactors(x, y, ("no", "yes"), "final", 0.0)
     t = probe_factors(wf, probe="linear", seeds=2, split="fixed", progress=False)
     assert t.split == "fixed" and "one fixed split" in str(t)
     noise = 2 * (t.chance * (1 - t.chance) / (0.1 * n)) ** 0.5  # two test-split stderrs

@@ -263,14 +263,14 @@ def tiny_report(arch: str = "bert", corpus: int = 7):
 def test_report_content():
     rep = tiny_report()
     rows = rep.layer_rows()
-    assert [r["layer"] for r in rows] == ["layer 0", "layer 1", "layer 2", "layer 3"]
+    assert [r["layer"] for r in rows] == ["0", "1", "2", "3"]  # residual-stream indices
     assert list(rows[1]) == [
         "layer", "i", "h", "f", "c", "rel. error", "identified", "identified (corpus)", "own", "P̃"
     ]  # fmt: skip
-    for r in rows[1:]:
+    for r in rows:
         assert sum(r[k] for k in "ihfc") == pytest.approx(1.0)
         assert r["rel. error"] < 1e-9
-    assert rows[0]["i"] is None and rows[0]["identified"] == 1.0
+    assert rows[0]["h"] == rows[0]["f"] == 0 and rows[0]["identified"] == 1.0
     assert rep.attribution.layers == (1, 2, 3) and rows[1]["own"] is not None
     assert [r["block"] for r in rep.attention_rows()] == [0, 1, 2]
     summary = rep.summary()
@@ -349,10 +349,10 @@ def test_report_arguments():
         report(model, "the cat", "/nonexistent/dir/r.html", progress=False)
     with pytest.raises(ValueError, match="limit is 4"):
         report(model, "the cat sat on the mat", max_tokens=4, progress=False)
-    with pytest.raises(ValueError, match="attribution layer 9 out of range"):
+    with pytest.raises(ValueError, match="attribution_layers=9 is out of range"):
         report(model, "the cat", attribution_layers=[1, 9], progress=False)
-    with pytest.raises(ValueError, match="attention layers"):
-        report(model, "the cat", attention_layers=[3], progress=False)
+    with pytest.raises(ValueError, match="attention_blocks=3 is out of range"):
+        report(model, "the cat", attention_blocks=[3], progress=False)
 
 
 # -- the page in Chromium ---------------------------------------------------------------------

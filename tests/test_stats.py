@@ -46,7 +46,7 @@ def test_streaming_moments_match_one_batch(granularity):
 
 def test_shares_of_a_decoder_include_the_final_embedding():
     s = corpus_statistics(cached_model("llama"), TEXTS, progress=False, statistic="cosines")
-    assert s.layers == (0, 1, 2, None)
+    assert s.layers == (0, 1, 2, 3, "final")
     assert s.max_relative_error < 1e-6
 
 

@@ -4,17 +4,21 @@ Exact vector-factor decompositions (Mickus et al., TACL 2022) and identifiabilit
 (Brunner et al., ICLR 2020) for TransformerLens models. Importing defines things only.
 """
 
-from tl_decomp import views
+from tl_decomp import plots, views
 from tl_decomp._adapters import ModelSpec, model_spec
+from tl_decomp._layers import Layer
 from tl_decomp._spec import InexactDecompositionError
 from tl_decomp.attention import (
-    AttentionCorrelation,
     NullSpace,
-    SpecialTokenAttention,
-    attention_correlation,
     attention_null_space,
     effective_attention,
     effective_attention_layers,
+)
+from tl_decomp.attention import names_filter as attention_names_filter
+from tl_decomp.attention_corpus import (
+    AttentionCorrelation,
+    SpecialTokenAttention,
+    attention_correlation,
     special_token_attention,
 )
 from tl_decomp.attribution import AttributionResult, hidden_token_attribution
@@ -26,6 +30,7 @@ from tl_decomp.decompose import (
     decompose,
     decompose_layers,
 )
+from tl_decomp.decompose import names_filter as decomposition_names_filter
 from tl_decomp.identifiability import (
     IdentifiabilityResult,
     identifiability_from_states,
@@ -43,6 +48,13 @@ from tl_decomp.probing import (
     word_factors,
 )
 from tl_decomp.report import Report, report
+from tl_decomp.sources import names_filter as source_names_filter
+from tl_decomp.sources import (
+    norm_based_attention,
+    source_logit_attribution,
+    source_norms,
+    source_shares,
+)
 from tl_decomp.stats import (
     CheckpointComparison,
     FFLinearity,
@@ -65,6 +77,7 @@ __all__ = [
     "LogitAttribution",
     "InexactDecompositionError",
     "LabelledWords",
+    "Layer",
     "LayerStats",
     "MaskedPrediction",
     "ModelSpec",
@@ -75,14 +88,17 @@ __all__ = [
     "WordFactors",
     "anisotropy",
     "attention_correlation",
+    "attention_names_filter",
     "attention_null_space",
     "compare_checkpoints",
     "corpus_statistics",
     "decompose",
     "decompose_layers",
+    "decomposition_names_filter",
     "effective_attention",
     "effective_attention_layers",
     "ff_linearity",
+    "plots",
     "hidden_token_attribution",
     "identifiability_from_states",
     "load_corpus",
@@ -91,10 +107,15 @@ __all__ = [
     "load_pos",
     "masked_prediction",
     "model_spec",
+    "norm_based_attention",
     "probe_factors",
     "probe_subsets",
     "report",
     "special_token_attention",
+    "source_logit_attribution",
+    "source_names_filter",
+    "source_norms",
+    "source_shares",
     "tiny_model",
     "token_identifiability",
     "views",

@@ -14,6 +14,8 @@ import torch
 from jaxtyping import Float
 from torch import Tensor, nn
 
+from tl_decomp import _distributed
+
 Mapping = Literal["naive", "linear", "mlp"]
 Distance = Literal["cosine", "l2"]
 
@@ -42,6 +44,38 @@ class LinearFit:
         self.gram += xt.T @ xt
         self.cross += xt.T @ y.double()
 
+    def all_reduce(self) -> None:
+        """Sum every rank's normal equations (identity in one process).
+
+        Each rank centred on its own first batch; all are re-centred on the pooled mean of
+        ``x`` first (rounded to ``x``'s dtype, the dtype `fit` applies the shift in), by the
+        exact change of variables ``[x - s', 1] = [x - s, 1] @ A``, ``A = [[I, 0], [s - s', 1]]``.
+        """
+        if not _distributed.active():
+            return
+        meta = [m for m in _distributed.all_gather(self._meta()) if m is not None]
+        if not meta:
+            return  # no rank has training rows
+        (d_in, d_out, dtype), device = meta[0], _device(self)
+        if self.gram is None:
+            self.shift = torch.zeros((1, d_in), dtype=dtype, device=device)
+            self.gram = torch.zeros((d_in + 1,) * 2, dtype=torch.float64, device=device)
+            self.cross = torch.zeros((d_in + 1, d_out), dtype=torch.float64, device=device)
+        shift = self.shift.double()[0]
+        sums = torch.cat([self.gram[-1, :-1] + self.gram[-1, -1] * shift, self.gram[-1, -1:]])
+        sums = _distributed.all_sum(sums)
+        pooled = (sums[:-1] / sums[-1]).to(dtype)
+        A = torch.eye(d_in + 1, dtype=torch.float64, device=device)
+        A[-1, :-1] = shift - pooled.double()
+        self.gram = _distributed.all_sum(A.T @ self.gram @ A)
+        self.cross = _distributed.all_sum(A.T @ self.cross)
+        self.shift = pooled[None]
+
+    def _meta(self) -> tuple[int, int, torch.dtype] | None:
+        if self.gram is None:
+            return None
+        return self.gram.shape[0] - 1, self.cross.shape[1], self.shift.dtype
+
     def fit(self) -> nn.Linear:
         assert self.gram is not None, "no training rows"
         lam, V = torch.linalg.eigh(self.gram)  # lam = singular values of [x, 1], squared
@@ -53,6 +87,10 @@ class LinearFit:
         lin.weight.copy_(W[:-1].T)
         lin.bias.copy_(W[-1] - (self.shift @ W[:-1])[0])
         return lin
+
+
+def _device(fit: LinearFit) -> torch.device:
+    return torch.device("cpu") if fit.gram is None else fit.gram.device
 
 
 class _Reservoir:
@@ -166,16 +204,24 @@ def fit_maps(
 ) -> tuple[nn.Module, ...]:
     if mapping == "naive":
         return tuple(nn.Identity() for _ in range(n_layers))
+    if mapping == "mlp" and _distributed.active():
+        raise NotImplementedError(
+            "mapping='mlp' is not data-parallel (its training sample is one stream's): run "
+            "it in one process, or use mapping='linear' or 'naive'"
+        )
     linear = [LinearFit() for _ in range(n_layers)]
     stored = StoredPairs(max_mlp_tokens, seed)
-    for batch in train:
-        m = batch.mask.bool()
-        if mapping == "linear":
-            for k in range(n_layers):
-                linear[k].add(batch.states[k][m], batch.e0[m])
-        else:
-            stored.add(batch.states, batch.e0, batch.mask)
+    with _distributed.guard():
+        for batch in train:
+            m = batch.mask.bool()
+            if mapping == "linear":
+                for k in range(n_layers):
+                    linear[k].add(batch.states[k][m], batch.e0[m])
+            else:
+                stored.add(batch.states, batch.e0, batch.mask)
     if mapping == "linear":
+        for lin in linear:
+            lin.all_reduce()
         if linear[0].gram is None:
             raise ValueError("the training split holds no tokens")
         return tuple(lin.fit() for lin in linear)

@@ -42,3 +42,19 @@ def short_repr(self: Any) -> str:
     shown = [f for f in dataclasses.fields(self) if f.repr]
     body = ", ".join(f"{f.name}={brief(getattr(self, f.name))}" for f in shown)
     return f"{type(self).__name__}({body})"
+
+
+class Tabular:
+    """A result that is a table: `rows` gives records (one dict per row); `to_pandas` the
+    `pandas.DataFrame` of them (pandas comes with TransformerLens), and `str` prints it."""
+
+    def rows(self) -> list[dict[str, Any]]:
+        raise NotImplementedError
+
+    def to_pandas(self) -> Any:
+        import pandas as pd
+
+        return pd.DataFrame(self.rows())
+
+    def __str__(self) -> str:
+        return self.to_pandas().to_string(index=False, float_format=lambda v: f"{v:.4g}")

@@ -16,6 +16,7 @@ from typing import Any
 import torch
 from torch import Tensor
 
+from tl_decomp import _checks
 from tl_decomp._adapters import ModelSpec, _kind
 
 _LOCKS: weakref.WeakKeyDictionary[Any, threading.RLock] = weakref.WeakKeyDictionary()
@@ -70,6 +71,19 @@ def run_with_cache(
     return cache
 
 
+def check_lengths(model: Any, spec: ModelSpec, texts: Sequence[str], arg: str = "texts") -> None:
+    """Every text fits the context, checked before any forward pass (a corpus's last batch
+    would otherwise fail deep inside the model after minutes of work)."""
+    tok = model.tokenizer
+    if tok is None:
+        raise ValueError("the model has no tokenizer: pass token ids instead of text")
+    extra = 1 + (not spec.causal)  # [CLS] ... [SEP], or BOS
+    for k, t in enumerate(texts):
+        n = len(tok(t, add_special_tokens=False)["input_ids"]) + extra
+        if n > spec.n_ctx:
+            raise ValueError(f"{arg}[{k}] has {n} tokens; the model's context is {spec.n_ctx}")
+
+
 def tokenize(model: Any, texts: str | Sequence[str], *, encoder: bool) -> tuple[Tensor, Tensor]:
     """Token ids and a 1/0 attention mask, right-padded, with the model's special tokens.
 
@@ -79,9 +93,7 @@ def tokenize(model: Any, texts: str | Sequence[str], *, encoder: bool) -> tuple[
     tok = model.tokenizer
     if tok is None:
         raise ValueError("the model has no tokenizer: pass token ids instead of text")
-    texts = [texts] if isinstance(texts, str) else list(texts)
-    if not texts or any(not t.strip() for t in texts):
-        raise ValueError("empty input: every text must contain at least one non-space character")
+    texts = _checks.texts(texts)
     if encoder:
         ids = [tok(t)["input_ids"] for t in texts]
     else:
@@ -104,34 +116,28 @@ def as_tokens(
     Token ids must lie in the vocabulary and every example needs one real token: both would
     otherwise fail deep inside a hooked forward pass.
     """
-    if isinstance(input, Tensor):
-        tokens = input if input.ndim == 2 else input.unsqueeze(0)
-        if tokens.numel() == 0:
-            raise ValueError("empty input: no tokens")
-        if tokens.is_floating_point() or tokens.is_complex() or tokens.ndim != 2:
-            raise ValueError(
-                f"token ids must be integers [batch pos], not {tokens.dtype} "
-                f"of shape {tuple(input.shape)}"
-            )
-        mask = torch.ones_like(tokens) if attention_mask is None else attention_mask
-        if mask.shape != tokens.shape:
-            raise ValueError(
-                f"attention_mask shape {tuple(mask.shape)} != tokens {tuple(tokens.shape)}"
-            )
-        mask = mask.to(device=tokens.device, dtype=torch.long)
-        if not ((mask == 0) | (mask == 1)).all():
-            raise ValueError("attention_mask must hold only 1 (real token) and 0 (padding)")
-        bad = tokens[(tokens < 0) | (tokens >= spec.d_vocab)] if spec.d_vocab > 0 else tokens[:0]
-        if bad.numel():
-            raise ValueError(
-                f"token id {int(bad[0])} is outside the vocabulary (0..{spec.d_vocab - 1})"
-            )
-    else:
+    if _checks.is_cache(input):
+        raise TypeError(
+            "input is an ActivationCache (or a dict), where text or token ids are expected: "
+            "decompose(model, cache) and effective_attention(cache, block) read a cache; "
+            "this analysis runs the model itself"
+        )
+    if isinstance(input, (str, list, tuple)):
         if attention_mask is not None:
             raise ValueError(
                 "attention_mask is only accepted with token ids; text is padded for you"
             )
-        tokens, mask = tokenize(model, input, encoder=not spec.causal)
+        tokens, mask = tokenize(model, _checks.texts(input), encoder=not spec.causal)
+        what = "the tokenizer gives id"  # a tokenizer larger than the model's embedding
+    else:
+        tokens = _checks.token_ids(input)
+        ones = torch.ones_like(tokens)
+        mask = ones if attention_mask is None else _checks.mask(attention_mask, tokens.shape)
+        mask = mask.to(tokens.device)
+        what = "token id"
+    bad = tokens[(tokens < 0) | (tokens >= spec.d_vocab)] if spec.d_vocab > 0 else tokens[:0]
+    if bad.numel():
+        raise ValueError(f"{what} {int(bad[0])} is outside the vocabulary (0..{spec.d_vocab - 1})")
     if (mask.sum(-1) == 0).any():
         raise ValueError("an example has no real token: its attention_mask row is all 0")
     if tokens.shape[1] > spec.n_ctx:

@@ -122,6 +122,7 @@ class ModelSpec:
             return [n for L in layers for n in (self.blocks[L].pattern, self.blocks[L].v)]
         # In forward order, so the first non-finite one names where a NaN began.
         names = [self.input, *(h for _, h in self.embeds)] + self._norm_hooks(self.embed_ln)
+        names.append(self.layer0)  # layer 0 of the residual stream
         for blk in self.blocks:
             names += [blk.pattern, blk.z, *self._norm_hooks(blk.attn_post, blk.ln1)]
             names += [blk.mlp_out] if blk.mlp_out else []

@@ -19,8 +19,7 @@ matrix of state-space layers: a different concept under a similar name.
 
 from __future__ import annotations
 
-import unicodedata
-from collections.abc import Iterator, Sequence
+from collections.abc import Sequence
 from dataclasses import dataclass
 from typing import Any
 
@@ -29,10 +28,10 @@ import torch
 from jaxtyping import Float, Int, Shaped
 from torch import Tensor
 
-from tl_decomp import _adapters, _running
+from tl_decomp import _adapters, _checks, _layers, _running
 from tl_decomp._adapters import ModelSpec
 from tl_decomp._projection import causal, full_projection, serial, windowed
-from tl_decomp._repr import short_repr
+from tl_decomp._repr import Tabular, short_repr
 
 
 @dataclass(frozen=True)
@@ -42,10 +41,19 @@ class _Options:
     rtol: float | None = None
     dtype: torch.dtype = torch.float64
 
+    def __post_init__(self) -> None:  # every effective-attention entry point builds one first
+        for name in ("value_bias", "preserve_row_sums"):
+            if not isinstance(getattr(self, name), bool):
+                raise TypeError(f"{name} must be True or False, not {getattr(self, name)!r}")
+        if self.rtol is not None:
+            _checks.number(self.rtol, "rtol", low=-1e-300, high=1.0)  # 0 allowed: exact rank
+        # QR and SVD have no half-precision kernels, and rank decisions need the digits.
+        _checks.dtype(self.dtype, "dtype", allowed=(torch.float32, torch.float64))
+
 
 def effective_attention(
     cache: Any,
-    layer: int,
+    block: int,
     *,
     model: Any = None,
     attention_mask: Shaped[Tensor, "batch pos"] | None = None,
@@ -54,7 +62,7 @@ def effective_attention(
     rtol: float | None = None,
     dtype: torch.dtype = torch.float64,
 ) -> Float[Tensor, "batch head_index query_pos key_pos"]:
-    """The identifiable part of ``cache["pattern", layer]``: ``A_eff = A P``, row by row.
+    """The identifiable part of ``cache["pattern", block]``: ``A_eff = A P``, row by row.
 
     Guarantees ``A_eff @ T == A @ T`` (the head's output is unchanged), ``A_eff == A`` on
     every row that sees no more keys than ``rank(T)``, ``A_eff @ P == A_eff``, and zeros at
@@ -70,9 +78,10 @@ def effective_attention(
     raises too (a batch right-padded by a whole window makes Hugging Face's attention NaN).
 
     Args:
-        cache: an ``ActivationCache`` holding ``hook_pattern`` and ``hook_v`` of `layer`
-            (``names_filter=tl_decomp.model_spec(model).names_filter(attention=True)``).
-        layer: block index (negative counts from the end).
+        cache: an ``ActivationCache`` holding ``hook_pattern`` and ``hook_v`` of `block`
+            (``names_filter=tl_decomp.attention_names_filter(model)``).
+        block: the block whose attention this is, ``0 .. n_layers - 1`` (negative counts
+            from the end); heads are named ``L{block}H{head}``.
         model: the model the cache came from; read from the cache when it records it.
         attention_mask: the 1/0 mask the model ran with; None means no padding.
         value_bias: ``T`` from ``hook_v`` as the model computed it (with ``b_V``); False uses
@@ -97,7 +106,7 @@ def effective_attention(
         True
     """
     _, spec = _source(cache, model)
-    L = _layer_index(spec, layer)
+    L = _layers.block(spec, block)
     _check_cache(cache, spec, [L])
     options = _Options(value_bias, preserve_row_sums, rtol, dtype)
     return _layer(cache, spec, L, attention_mask, options)
@@ -105,7 +114,7 @@ def effective_attention(
 
 def effective_attention_layers(
     cache: Any,
-    layers: Sequence[int] | None = None,
+    blocks: Sequence[int] | None = None,
     *,
     model: Any = None,
     attention_mask: Shaped[Tensor, "batch pos"] | None = None,
@@ -114,10 +123,10 @@ def effective_attention_layers(
     rtol: float | None = None,
     dtype: torch.dtype = torch.float64,
 ) -> Float[Tensor, "n_layers batch head_index query_pos key_pos"]:
-    """`effective_attention` of several layers (all by default), stacked like
+    """`effective_attention` of several blocks (all by default), stacked like
     ``cache.stack_activation("pattern")``."""
     _, spec = _source(cache, model)
-    Ls = _layers(spec, layers)
+    Ls = _layers.blocks(spec, blocks)
     _check_cache(cache, spec, Ls)
     opts = _Options(value_bias, preserve_row_sums, rtol, dtype)
     first = _layer(cache, spec, Ls[0], attention_mask, opts)
@@ -129,8 +138,8 @@ def effective_attention_layers(
 
 
 @dataclass(frozen=True)
-class NullSpace:
-    """How much of each head's attention is not identifiable, per layer, example and head.
+class NullSpace(Tabular):
+    """How much of each head's attention is not identifiable, per block, example and head.
 
     ``rank`` and ``null_dim`` are those of the keys the example's last valid query sees:
     all its valid keys in bidirectional and causal layers, so ``null_dim = n_keys - rank``.
@@ -140,7 +149,7 @@ class NullSpace:
     query past the first ``window`` has; which tokens fill it varies from query to query.
 
     Attributes:
-        layers: block indices, aligned with the first axis.
+        blocks: block indices, aligned with the first axis.
         n_keys: valid keys per example.
         rank: ``rank(T)`` over the keys the last valid query sees (tolerance as in
             `effective_attention`).
@@ -152,18 +161,18 @@ class NullSpace:
 
     __repr__ = short_repr
 
-    layers: tuple[int, ...]
+    blocks: tuple[int, ...]
     n_keys: Int[Tensor, " batch"]
     rank: Int[Tensor, "n_layers batch head_index"]
     null_dim: Int[Tensor, "n_layers batch head_index"]
     relative_norm: Float[Tensor, "n_layers batch head_index"]
 
     def rows(self) -> list[dict[str, Any]]:
-        """One row per layer and head, averaged over examples (``pandas.DataFrame(rows)``)."""
+        """One row per block and head, averaged over examples (``pandas.DataFrame(rows)``)."""
         mean = lambda t: t.double().nanmean(0).tolist()  # noqa: E731
         return [
-            dict(layer=L, head=h, rank=r, null_dim=d, relative_norm=n)
-            for i, L in enumerate(self.layers)
+            dict(block=L, head=h, rank=r, null_dim=d, relative_norm=n)
+            for i, L in enumerate(self.blocks)
             for h, (r, d, n) in enumerate(
                 zip(
                     *map(mean, (self.rank[i], self.null_dim[i], self.relative_norm[i])), strict=True
@@ -174,7 +183,7 @@ class NullSpace:
 
 def attention_null_space(
     cache: Any,
-    layers: Sequence[int] | None = None,
+    blocks: Sequence[int] | None = None,
     *,
     model: Any = None,
     attention_mask: Shaped[Tensor, "batch pos"] | None = None,
@@ -197,12 +206,26 @@ def attention_null_space(
         ([12], [[[8, 8, 8, 8]]], [[[4, 4, 4, 4]]])
     """
     _, spec = _source(cache, model)
-    Ls = _layers(spec, layers)
+    Ls = _layers.blocks(spec, blocks)
     _check_cache(cache, spec, Ls)
     opts = _Options(value_bias, preserve_row_sums, rtol, dtype)
+    return _null_space(cache, spec, Ls, attention_mask, None, opts)
+
+
+def _null_space(
+    cache: Any,
+    spec: ModelSpec,
+    Ls: Sequence[int],
+    attention_mask: Tensor | None,
+    effective: Tensor | None,
+    opts: _Options | None = None,
+) -> NullSpace:
+    """`attention_null_space`, reusing `effective` (``[block batch head q k]`` with the same
+    options) where the caller has it already."""
+    opts = opts or _Options()
     ranks, null_dims, norms = [], [], []
-    for L in Ls:
-        a = cache[spec.blocks[L].pattern].to(dtype)
+    for i, L in enumerate(Ls):
+        a = cache[spec.blocks[L].pattern].to(opts.dtype)
         mask = _mask(a, attention_mask)
         allowed = _allowed(mask, spec.causal, spec.blocks[L].window)
         a = a.where(allowed, 0.0)
@@ -213,235 +236,13 @@ def attention_null_space(
             rank = full_projection(u, keys, _rtol(opts, spec, keys.sum(-1)))[2]
         ranks.append(rank)
         null_dims.append(keys.sum(-1)[:, None] - rank)
-        diff = (a - _layer(cache, spec, L, mask, opts)).flatten(2).norm(dim=-1)
+        eff = _layer(cache, spec, L, mask, opts) if effective is None else effective[i]
+        diff = (a - eff.to(a.dtype)).flatten(2).norm(dim=-1)
         norms.append(diff / a.flatten(2).norm(dim=-1))
     n_keys = _mask(cache[spec.blocks[Ls[0]].pattern], attention_mask).sum(-1)
     return NullSpace(
         tuple(Ls), n_keys, torch.stack(ranks), torch.stack(null_dims), torch.stack(norms)
     )
-
-
-# -- corpus analyses [B, Fig. 1] --------------------------------------------------------------
-@dataclass(frozen=True)
-class AttentionCorrelation:
-    """Pearson r between raw and effective attention per text, layer and head.
-
-    r runs over every entry a query may attend to (valid keys; causal: up to itself;
-    sliding-window layers: within the window), and is NaN where a pattern is constant
-    (one-token texts). ``r[i]`` belongs to ``texts[i]``.
-    """
-
-    __repr__ = short_repr
-
-    layers: tuple[int, ...]
-    lengths: Int[Tensor, " seq"]
-    r: Float[Tensor, "seq n_layers head_index"]
-
-    def by_length(
-        self, edges: Sequence[int] = (8, 16, 32, 48, 64, 96, 128, 192, 256, 512)
-    ) -> list[dict[str, Any]]:
-        """One row per length bin ``lo < tokens <= hi``: r over texts, layers and heads."""
-        bounds = [0, *edges, None]
-        rows = []
-        for lo, hi in zip(bounds[:-1], bounds[1:], strict=True):
-            pick = (self.lengths > lo) & (self.lengths <= (hi or self.lengths.max()))
-            r = self.r[pick].flatten()
-            r = r[~r.isnan()]
-            if r.numel():
-                q = torch.quantile(r, torch.tensor([0.25, 0.5, 0.75], dtype=r.dtype)).tolist()
-                rows.append(
-                    dict(
-                        tokens=f"{lo + 1}-{hi or ''}",
-                        texts=int(pick.sum()),
-                        mean=r.mean().item(),
-                        q25=q[0],
-                        median=q[1],
-                        q75=q[2],
-                    )
-                )
-        return rows
-
-
-def attention_correlation(
-    model: Any,
-    texts: Sequence[str],
-    *,
-    layers: Sequence[int] | None = None,
-    batch_size: int = 16,
-    value_bias: bool = True,
-    preserve_row_sums: bool = False,
-    rtol: float | None = None,
-    dtype: torch.dtype = torch.float64,
-) -> AttentionCorrelation:
-    """Correlation of raw and effective attention, to be read by length [B, Fig. 1a].
-
-    Brunner et al. (BERT-base, d_head 64): r is about 1 up to 64 tokens and about 0.5 at
-    100. Texts run in batches of similar length; options as in `effective_attention`.
-
-    Example:
-        >>> from tl_decomp.models import tiny_model
-        >>> corr = attention_correlation(tiny_model("bert"), ["the cat sat", "a " * 20])
-        >>> corr.lengths.tolist(), tuple(corr.r.shape)  # d_head 8: the first is exact
-        ([5, 22], (2, 3, 4))
-        >>> [(row["tokens"], round(row["median"], 6)) for row in corr.by_length((8,))]
-        [('1-8', 1.0), ('9-', ...)]
-    """
-    spec, Ls = _spec_layers(model, layers)
-    opts = _Options(value_bias, preserve_row_sums, rtol, dtype)
-    lengths = torch.zeros(len(texts), dtype=torch.long)
-    r = torch.full((len(texts), len(Ls), spec.n_heads), torch.nan, dtype=dtype)
-    for index, _, mask, cache in _corpus(model, spec, texts, batch_size):
-        lengths[index] = mask.sum(-1)
-        for i, L in enumerate(Ls):
-            allowed = _allowed(mask, spec.causal, spec.blocks[L].window)
-            a = cache[spec.blocks[L].pattern].to(dtype).where(allowed, 0.0)
-            r[index, i] = _pearson(a, _layer(cache, spec, L, mask, opts), allowed).cpu()
-    return AttentionCorrelation(tuple(Ls), lengths, r)
-
-
-@dataclass(frozen=True)
-class SpecialTokenAttention:
-    """Mean attention a query gives to each kind of key token, per layer (averaged over
-    queries, heads and texts): raw and effective.
-
-    Attributes:
-        categories: ``[CLS]``/``[SEP]`` (encoders) or ``BOS`` (decoders), ``punctuation``
-            (tokens made only of Unicode punctuation), ``other``.
-        raw, effective: attention mass on each category; raw rows sum to 1 over categories.
-        tokens: how many key tokens of each category the texts held.
-    """
-
-    __repr__ = short_repr
-
-    layers: tuple[int, ...]
-    categories: tuple[str, ...]
-    raw: Float[Tensor, "n_layers category"]
-    effective: Float[Tensor, "n_layers category"]
-    tokens: Int[Tensor, " category"]
-
-    def rows(self) -> list[dict[str, Any]]:
-        """One row per layer: ``raw <category>`` and ``effective <category>`` columns."""
-        return [
-            {"layer": L}
-            | {f"raw {c}": self.raw[i, j].item() for j, c in enumerate(self.categories)}
-            | {f"effective {c}": self.effective[i, j].item() for j, c in enumerate(self.categories)}
-            for i, L in enumerate(self.layers)
-        ]
-
-
-def special_token_attention(
-    model: Any,
-    texts: Sequence[str],
-    *,
-    layers: Sequence[int] | None = None,
-    batch_size: int = 16,
-    value_bias: bool = True,
-    preserve_row_sums: bool = False,
-    rtol: float | None = None,
-    dtype: torch.dtype = torch.float64,
-) -> SpecialTokenAttention:
-    """Attention on ``[CLS]``, ``[SEP]``/BOS and punctuation per layer, raw vs effective.
-
-    Brunner et al. (Fig. 1b/c, BERT-base): raw attention on ``[SEP]`` is about 0.5 in the
-    middle layers, effective attention on it at most 0.1. Options as in `effective_attention`.
-
-    Example:
-        >>> from tl_decomp.models import tiny_model
-        >>> st = special_token_attention(tiny_model("bert"), ["the cat sat .", "a dog ran"])
-        >>> st.categories, st.tokens.tolist()
-        (('[CLS]', '[SEP]', 'punctuation', 'other'), [2, 2, 1, 6])
-        >>> bool(torch.allclose(st.raw.sum(-1), torch.ones(3, dtype=torch.float64)))
-        True
-    """
-    spec, Ls = _spec_layers(model, layers)
-    opts = _Options(value_bias, preserve_row_sums, rtol, dtype)
-    names, special = _categories(model, spec)
-    raw, eff = torch.zeros(2, len(Ls), len(names), dtype=dtype)
-    seen, queries = torch.zeros(len(names), dtype=torch.long), 0
-    for _, tokens, mask, cache in _corpus(model, spec, texts, batch_size):
-        kind = _categorise(model, tokens, special, len(names))
-        onehot = torch.nn.functional.one_hot(kind, len(names)).to(dtype) * mask[..., None]
-        seen += onehot.sum((0, 1)).long().cpu()
-        queries += int(mask.sum()) * spec.n_heads
-        for i, L in enumerate(Ls):
-            allowed = _allowed(mask, spec.causal, spec.blocks[L].window)
-            a = cache[spec.blocks[L].pattern].to(dtype).where(allowed, 0.0)
-            raw[i] += einops.einsum(a, onehot, "b h q k, b k c -> c").cpu()
-            eff[i] += einops.einsum(
-                _layer(cache, spec, L, mask, opts), onehot, "b h q k, b k c -> c"
-            ).cpu()
-    return SpecialTokenAttention(tuple(Ls), names, raw / queries, eff / queries, seen)
-
-
-def _corpus(
-    model: Any, spec: ModelSpec, texts: Sequence[str], batch_size: int
-) -> Iterator[tuple[Tensor, Tensor, Tensor, Any]]:
-    """Texts in batches of similar length: (their indices, tokens, bool mask, cache)."""
-    tokens, mask = _running.tokenize(model, list(texts), encoder=not spec.causal)
-    if tokens.shape[1] > spec.n_ctx:
-        raise ValueError(
-            f"a text has {tokens.shape[1]} tokens; the model's context is {spec.n_ctx}"
-        )
-    lengths = mask.sum(-1)
-    device = _running.model_device(model)
-    windows = [b.window for b in spec.blocks if b.window is not None]
-    for index in _batches(lengths, batch_size, min(windows, default=None)):
-        width = int(lengths[index].max())
-        t, m = tokens[index, :width].to(device), mask[index, :width].to(device)
-        yield (
-            index,
-            t,
-            m.bool(),
-            _running.run_with_cache(model, t, m, spec.names_filter(attention=True)),
-        )
-
-
-def _batches(lengths: Tensor, batch_size: int, window: int | None) -> list[Tensor]:
-    """Text indices by length, `batch_size` at most a batch, and with a sliding window, no
-    text padded by `window` tokens or more: a padded query whose window then holds no valid
-    key gets a NaN row from Hugging Face's eager attention, which spreads over its whole
-    example in the next layer."""
-    order, n = lengths.argsort(stable=True).tolist(), lengths.tolist()
-    batches, start = [], 0
-    for i in range(1, len(order) + 1):
-        last = i == len(order) or i - start == batch_size
-        if last or (window and n[order[i]] - n[order[start]] >= window):
-            batches.append(torch.tensor(order[start:i]))
-            start = i
-    return batches
-
-
-def _pearson(a: Tensor, b: Tensor, allowed: Tensor) -> Tensor:
-    w = allowed.to(a.dtype)
-    count = w.sum((-2, -1))
-    da = (a - (a * w).sum((-2, -1), keepdim=True) / count[..., None, None]) * w
-    db = (b - (b * w).sum((-2, -1), keepdim=True) / count[..., None, None]) * w
-    cov = (da * db).sum((-2, -1))
-    return cov / (da.square().sum((-2, -1)) * db.square().sum((-2, -1))).sqrt()
-
-
-def _categories(model: Any, spec: ModelSpec) -> tuple[tuple[str, ...], dict[int, int]]:
-    tok = model.tokenizer
-    if tok is None:
-        raise ValueError("the model has no tokenizer: token categories need one")
-    named = (
-        [("BOS", tok.bos_token_id)]
-        if spec.causal
-        else [("[CLS]", tok.cls_token_id), ("[SEP]", tok.sep_token_id)]
-    )
-    named = [(name, i) for name, i in named if i is not None]
-    names = (*(name for name, _ in named), "punctuation", "other")
-    return names, {i: c for c, (_, i) in enumerate(named)}
-
-
-def _categorise(model: Any, tokens: Tensor, special: dict[int, int], n: int) -> Tensor:
-    """Category index per token: a special token, punctuation (n - 2) or other (n - 1)."""
-    kind = {}
-    for i in tokens.unique().tolist():
-        text = model.tokenizer.decode([i]).strip()
-        punct = bool(text) and all(unicodedata.category(ch).startswith("P") for ch in text)
-        kind[i] = special.get(i, n - 2 if punct else n - 1)
-    return tokens.cpu().apply_(kind.__getitem__).to(tokens.device)
 
 
 # -- the projection ---------------------------------------------------------------------------
@@ -573,21 +374,11 @@ def _source(cache: Any, model: Any) -> tuple[Any, ModelSpec]:
     return model, _adapters.model_spec(model)
 
 
-def _layer_index(spec: ModelSpec, layer: int) -> int:
-    if not -spec.n_layers <= layer < spec.n_layers:
-        raise ValueError(f"layer {layer} out of range: the model has {spec.n_layers} blocks")
-    return layer % spec.n_layers
-
-
-def _layers(spec: ModelSpec, layers: Sequence[int] | None) -> list[int]:
-    if layers is not None and not len(layers):
-        raise ValueError("no layers asked for")
-    return [_layer_index(spec, L) for L in (range(spec.n_layers) if layers is None else layers)]
-
-
-def _spec_layers(model: Any, layers: Sequence[int] | None) -> tuple[ModelSpec, list[int]]:
+def names_filter(model: Any, blocks: Sequence[int] | None = None):
+    """The ``names_filter`` caching what effective attention (and `attention_null_space`)
+    reads: ``hook_pattern`` and ``hook_v`` of `blocks` (all by default)."""
     spec = _adapters.model_spec(model)
-    return spec, _layers(spec, layers)
+    return spec.names_filter(layers=_layers.blocks(spec, blocks), attention=True)
 
 
 def _check_cache(cache: Any, spec: ModelSpec, layers: Sequence[int]) -> None:
@@ -597,17 +388,14 @@ def _check_cache(cache: Any, spec: ModelSpec, layers: Sequence[int]) -> None:
         raise ValueError(
             f"the cache lacks {missing[:4]}{' ...' if len(missing) > 4 else ''}, which "
             "effective attention reads; cache them with model.run_with_cache(tokens, "
-            "names_filter=tl_decomp.model_spec(model).names_filter(attention=True))"
+            "names_filter=tl_decomp.attention_names_filter(model))"
         )
 
 
 __all__ = [
-    "AttentionCorrelation",
     "NullSpace",
-    "SpecialTokenAttention",
-    "attention_correlation",
     "attention_null_space",
     "effective_attention",
     "effective_attention_layers",
-    "special_token_attention",
+    "names_filter",
 ]

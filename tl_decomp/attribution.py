@@ -35,16 +35,17 @@ from torch import Tensor
 from torch.func import jvp, vmap
 from tqdm import tqdm
 
-from tl_decomp import _adapters, _running
+from tl_decomp import _adapters, _checks, _layers, _running
 from tl_decomp._adapters import ModelSpec
-from tl_decomp._repr import short_repr
+from tl_decomp._layers import Layer
+from tl_decomp._repr import Tabular, short_repr
 
 Method = Literal["exact", "estimate"]
 Wrt = Literal["layer0", "embed"]
 
 
 @dataclass(frozen=True)
-class AttributionResult:
+class AttributionResult(Tabular):
     """Hidden Token Attribution: ``contributions[l, b, i].sum() == 1`` for every real query.
 
     Attributes:
@@ -62,7 +63,7 @@ class AttributionResult:
     contributions: Float[Tensor, "layer batch query_pos key_pos"]
     norms: Float[Tensor, "layer batch query_pos key_pos"]
     norms_stderr: Float[Tensor, "layer batch query_pos key_pos"] | None
-    layers: tuple[int, ...]
+    layers: tuple[Layer, ...]
     tokens: Int[Tensor, "batch pos"]
     attention_mask: Int[Tensor, "batch pos"]
     method: str
@@ -98,6 +99,14 @@ class AttributionResult:
         own = self.queries().nonzero()[:, 1]
         return (top != own).to(self.contributions.dtype).mean(-1)
 
+    def rows(self) -> list[dict[str, Any]]:
+        """One record per layer: ``layer``, ``own`` (`own_token`) and ``p_tilde``."""
+        own, p = self.own_token().tolist(), self.p_tilde().tolist()
+        return [
+            {"layer": _layers.name(L), "own": o, "p_tilde": q}
+            for L, o, q in zip(self.layers, own, p, strict=True)
+        ]
+
     def by_offset(
         self, max_offset: int | None = None
     ) -> tuple[Int[Tensor, " offset"], Float[Tensor, "layer offset"]]:
@@ -120,8 +129,8 @@ class AttributionResult:
         return offsets, total / valid.sum((0, 2)).clamp_min(1)
 
 
-def _layer_sites(spec: ModelSpec, layers: Sequence[int]) -> list[str]:
-    return [spec.layer0 if L == 0 else spec.blocks[L - 1].out for L in layers]
+def _layer_sites(spec: ModelSpec, layers: Sequence[Layer]) -> list[str]:
+    return [_layers.site(spec, L) for L in layers]
 
 
 def _replace(x: Tensor, tensor: Tensor, *, hook: Any) -> Tensor:
@@ -136,7 +145,7 @@ def _runner(model: Any, spec: ModelSpec, tokens: Tensor, source: str, sites: lis
     """``x -> hidden states [layer 1 pos d_model]`` of `tokens` with the `source` activation
     replaced by ``x``; the run stops after the deepest site."""
     mask = torch.ones_like(tokens)
-    order = [spec.layer0] + [b.out for b in spec.blocks]
+    order = [spec.layer0] + [b.out for b in spec.blocks] + [spec.final]
     last = max(sites, key=order.index)
 
     def run(x: Tensor) -> Tensor:
@@ -245,31 +254,19 @@ def _sq_norms(
 
 def _check(
     spec: ModelSpec,
-    layers: Sequence[int] | None,
+    layers: Sequence[Layer] | None,
     method: str,
     wrt: str,
     n_probes: int,
     chunk_size: int | None,
-) -> tuple[int, ...]:
-    layers = tuple(range(1, spec.n_layers + 1)) if layers is None else tuple(layers)
-    if not layers:
-        raise ValueError("layers is empty: ask for at least one layer")
-    for L in layers:
-        if not 0 <= L <= spec.n_layers:
-            raise ValueError(
-                f"layer {L} out of range: layers run 0 (the layer-0 input) to "
-                f"{spec.n_layers} (the last block's output)"
-            )
-    if method not in ("exact", "estimate"):
-        raise ValueError(f"method must be 'exact' or 'estimate', not {method!r}")
-    if wrt not in ("layer0", "embed"):
-        raise ValueError(f"wrt must be 'layer0' or 'embed', not {wrt!r}")
-    if method == "estimate" and n_probes < 2:
-        raise ValueError(
-            f"n_probes must be at least 2 to estimate a standard error, not {n_probes}"
-        )
-    if chunk_size is not None and chunk_size < 1:
-        raise ValueError(f"chunk_size must be positive, not {chunk_size}")
+) -> tuple[Layer, ...]:
+    layers = _layers.resolve_many(spec, layers, default=range(1, spec.n_layers + 1))
+    _checks.choice(method, "method", ("exact", "estimate"))
+    _checks.choice(wrt, "wrt", ("layer0", "embed"))
+    # at least 2 probes: a standard error needs two
+    _checks.integer(n_probes, "n_probes", least=2 if method == "estimate" else None)
+    if chunk_size is not None:
+        _checks.integer(chunk_size, "chunk_size", least=1)
     return layers
 
 
@@ -277,7 +274,7 @@ def hidden_token_attribution(
     model: Any,
     input: str | Sequence[str] | Tensor,
     *,
-    layers: Sequence[int] | None = None,
+    layers: Sequence[Layer] | None = None,
     method: Method = "exact",
     n_probes: int = 16,
     wrt: Wrt = "layer0",
@@ -294,7 +291,8 @@ def hidden_token_attribution(
     Args:
         model: a TransformerBridge, HookedTransformer or HookedEncoder.
         input: a text, a list of texts (right-padded), or token ids ``[batch pos]``.
-        layers: which hidden states, 0 (the layer-0 input) to ``n_layers``; default
+        layers: residual-stream indices, 0 (the layer-0 input) to ``n_layers`` (negatives
+            from the end; ``"final"``: a decoder's final-norm output); default
             ``1..n_layers``.
         method: ``exact`` (full Jacobian blocks, ``pos * d_model`` JVPs per example) or
             ``estimate`` (``pos * n_probes`` JVPs; see `AttributionResult.stderr`).
@@ -322,6 +320,7 @@ def hidden_token_attribution(
     """
     spec = _adapters.model_spec(model)
     layers = _check(spec, layers, method, wrt, n_probes, chunk_size)
+    _checks.integer(seed, "seed")
     tokens, mask = _running.as_tokens(model, spec, input, attention_mask)
     if (mask.cummin(-1).values != mask).any():
         raise ValueError("only right padding is supported: each mask row must be 1...1 0...0")

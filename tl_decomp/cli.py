@@ -3,26 +3,45 @@
 tl-decomp decompose "The cat sat on the mat." --model minilm
 tl-decomp stats --model smollm2 --sentences 200
 tl-decomp report "The cat sat on the mat." --model minilm -o report.html
+
+Layers are residual-stream indices, as everywhere in tl_decomp: 0 is the layer-0 input,
+l the output of block l-1, negatives count from the end, "final" is a decoder's final-norm
+output. Every option is checked before the model loads.
 """
 
 from __future__ import annotations
 
 import argparse
+import json
 import sys
 from collections.abc import Sequence
+from importlib.metadata import PackageNotFoundError, version
 from pathlib import Path
+from typing import Any
 
 from tl_decomp.models import BUNDLED
 
 
+def _version() -> str:
+    try:
+        return version("tl-decomp")
+    except PackageNotFoundError:  # a source tree on sys.path, not installed
+        return "unknown"
+
+
 def _parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(prog="tl-decomp", description=__doc__.splitlines()[0])
+    p.add_argument("--version", action="version", version=f"%(prog)s {_version()}")
     sub = p.add_subparsers(dest="command", required=True)
-    d = sub.add_parser("decompose", help="share of i, h, f, c in every layer for one text")
+    d = sub.add_parser("decompose", help="share of each term at every layer for one text")
     d.add_argument("text")
+    d.add_argument(
+        "--layers", type=_layer_list, metavar="L,L", help="layers, e.g. 0,3,-1,final (all)"
+    )
+    d.add_argument("--granularity", choices=("coarse", "layer", "head", "expert"), default="coarse")
     s = sub.add_parser("stats", help="mean ± std shares per layer over the shipped corpus")
-    s.add_argument("--sentences", type=int, default=200, help="corpus sentences (default 200)")
-    s.add_argument("--batch-size", type=int, default=16)
+    s.add_argument("--sentences", type=_positive, default=200, help="corpus sentences (200)")
+    s.add_argument("--batch-size", type=_positive, default=16)
     r = sub.add_parser(
         "report",
         help="one self-contained HTML page (opens offline): every view, plots and tables",
@@ -35,29 +54,33 @@ def _parser() -> argparse.ArgumentParser:
         "--output",
         default="report.html",
         metavar="PATH",
-        help="where to write the page (report.html)",
+        help="where to write the page; an existing file is replaced (report.html)",
     )
     r.add_argument(
-        "--attention-layers", type=_layers, metavar="L,L", help="blocks to show, e.g. 0,5 (all)"
+        "--attention-blocks",
+        type=_int_list,
+        metavar="B,B",
+        help="blocks whose attention to show, e.g. 0,-1 (all)",
     )
     r.add_argument(
         "--attribution-layers",
-        type=_layers,
-        default=(1, 2, 3),
+        type=_layer_list,
         metavar="L,L",
-        help="hidden-state layers (0 = input) for attribution, e.g. 1,6; '' skips it (1,2,3)",
+        help="layers for attribution, e.g. 1,6; '' skips it (1,2,3)",
     )
     r.add_argument("--exact", action="store_true", help="exact attribution (slow) not estimate")
-    r.add_argument("--probes", type=int, default=8, metavar="N", help="probes per token (8)")
+    r.add_argument("--probes", type=_at_least_2, default=8, metavar="N", help="per token (8)")
     r.add_argument("--query", type=int, metavar="POS", help="token whose attribution to show")
     r.add_argument(
         "--corpus",
-        type=int,
+        type=_non_negative,
         default=0,
         metavar="N",
-        help="also fit a linear identifiability map on N sentences of the shipped corpus (0)",
+        help="also fit a linear identifiability map on N corpus sentences (0)",
     )
-    r.add_argument("--max-tokens", type=int, default=48, metavar="N", help="refuse longer (48)")
+    r.add_argument(
+        "--max-tokens", type=_positive, default=128, metavar="N", help="refuse longer texts (128)"
+    )
     r.add_argument("--no-progress", action="store_true", help="no progress bar")
     for q in (d, s, r):
         q.add_argument(
@@ -67,52 +90,112 @@ def _parser() -> argparse.ArgumentParser:
         )
     for q in (d, s):
         q.add_argument("--centering", choices=("correction", "terms"), default="correction")
+        out = q.add_mutually_exclusive_group()
+        out.add_argument("--json", action="store_true", help="the table as JSON records")
+        out.add_argument("--csv", action="store_true", help="the table as CSV")
     return p
 
 
-def _layers(value: str) -> tuple[int, ...]:
+def _int(value: str, least: int, what: str) -> int:
+    try:
+        n = int(value)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"not an integer: {value!r}") from None
+    if n < least:
+        raise argparse.ArgumentTypeError(f"must be {what}, not {n}")
+    return n
+
+
+def _positive(value: str) -> int:
+    return _int(value, 1, "at least 1")
+
+
+def _non_negative(value: str) -> int:
+    return _int(value, 0, "0 or more")
+
+
+def _at_least_2(value: str) -> int:
+    return _int(value, 2, "at least 2")
+
+
+def _int_list(value: str) -> tuple[int, ...]:
     try:
         return tuple(int(v) for v in value.replace(",", " ").split())
     except ValueError:
-        raise argparse.ArgumentTypeError(
-            f"not a comma-separated list of layers: {value!r}"
-        ) from None
+        raise argparse.ArgumentTypeError(f"not a comma-separated list of ints: {value!r}") from None
+
+
+def _layer_list(value: str) -> tuple[int | str, ...]:
+    out: list[int | str] = []
+    for v in value.replace(",", " ").split():
+        if v == "final":
+            out.append(v)
+            continue
+        try:
+            out.append(int(v))
+        except ValueError:
+            raise argparse.ArgumentTypeError(
+                f"not a layer: {v!r} (an int, negatives from the end, or 'final')"
+            ) from None
+    return tuple(out)
+
+
+def _print_rows(rows: list[dict[str, Any]], args: argparse.Namespace, text: str) -> None:
+    """The table as text, JSON records or CSV (pandas, installed with TransformerLens)."""
+    if args.json:
+        print(json.dumps(rows, ensure_ascii=False, indent=1))
+    elif args.csv:
+        import pandas as pd
+
+        print(pd.DataFrame(rows).to_csv(index=False), end="")
+    else:
+        print(text)
 
 
 def _decompose(args: argparse.Namespace) -> int:
+    from tl_decomp import _page
     from tl_decomp.decompose import decompose_layers
     from tl_decomp.models import load_model
 
     if not args.text.strip():
         raise ValueError("TEXT is empty")
     model = load_model(args.model)
-    ds = decompose_layers(model, args.text, centering=args.centering)
-    ids = ds[0].tokens
-    assert ids is not None  # decompose_layers always records its input
-    tokens = model.tokenizer.convert_ids_to_tokens(ids[0].tolist())
-    print(f"{args.model}: {len(tokens)} tokens: {' '.join(tokens)}")
-    print("mean share <e,t>/|e|^2 over tokens (the four sum to 1)")
-    print(f"{'layer':>6} " + "".join(f"{k:>8}" for k in ds[0].labels) + f"{'max rel err':>14}")
-    for d in ds:
-        row = "".join(f"{v:>8.3f}" for v in d.shares()[:, 0].mean(-1).tolist())
-        name = "final" if d.layer is None else str(d.layer + 1)
-        print(f"{name:>6} {row}{d.relative_error:>14.2e}")
+    ds = decompose_layers(
+        model, args.text, layers=args.layers, granularity=args.granularity, centering=args.centering
+    )
+    rows = [
+        {"layer": str(d.layer)}
+        | dict(zip(d.labels, d.shares()[:, 0][:, d.mask()[0]].mean(-1).tolist(), strict=True))
+        | {"max rel err": d.relative_error}
+        for d in ds
+    ]
+    tokens = model.tokenizer.convert_ids_to_tokens(ds[0].tokens[0].tolist())  # type: ignore[index]
+    head = f"{args.model}: {len(tokens)} tokens: {' '.join(tokens)}\n"
+    head += "mean share <e,t>/|e|^2 over tokens (each row sums to 1)\n"
+    _print_rows(rows, args, head + _page.text_table(rows))
     return 0
 
 
 def _stats(args: argparse.Namespace) -> int:
+    """Under ``torchrun --nproc_per_node=N -m tl_decomp.cli stats``: each rank takes its share
+    of the corpus (a gloo or NCCL group started here if none is), rank 0 prints."""
+    from tl_decomp import _distributed
     from tl_decomp.corpus import load_corpus
     from tl_decomp.models import load_model
     from tl_decomp.stats import corpus_statistics
 
-    model = load_model(args.model)
-    stats = corpus_statistics(
-        model, load_corpus(args.sentences), batch_size=args.batch_size, centering=args.centering
-    )
-    print(
-        f"{args.model}: {stats.n_tokens} tokens, max relative error {stats.max_relative_error:.2e}"
-    )
-    print(stats.table())
+    corpus = load_corpus(args.sentences)  # before the model: a bad count fails at once
+    with _distributed.from_environment():
+        model = load_model(args.model)
+        stats = corpus_statistics(
+            model, corpus, batch_size=args.batch_size, centering=args.centering, progress=False
+        )
+        main = _distributed.is_main()  # read before the group is gone
+    if not main:
+        return 0
+    head = f"{args.model}: {stats.n_tokens} tokens, max relative error "
+    head += f"{stats.max_relative_error:.2e}\n"
+    _print_rows(stats.rows(), args, head + stats.table())
     return 0
 
 
@@ -132,7 +215,7 @@ def _report(args: argparse.Namespace) -> int:
         args.text,
         out,
         model_name=args.model,
-        attention_layers=args.attention_layers,
+        attention_blocks=args.attention_blocks,
         attribution_layers=args.attribution_layers,
         attribution_method="exact" if args.exact else "estimate",
         n_probes=args.probes,
@@ -153,9 +236,9 @@ def main(argv: Sequence[str] | None = None) -> int:
     args = _parser().parse_args(argv)
     try:
         return {"decompose": _decompose, "stats": _stats, "report": _report}[args.command](args)
-    except (ValueError, ModuleNotFoundError, NotImplementedError, OSError) as err:
+    except (ValueError, TypeError, ModuleNotFoundError, NotImplementedError, OSError) as err:
         print(f"tl-decomp: error: {err}", file=sys.stderr)
-        return 2 if isinstance(err, ValueError) else 1
+        return 2 if isinstance(err, (ValueError, TypeError)) else 1
 
 
 if __name__ == "__main__":

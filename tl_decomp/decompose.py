@@ -15,6 +15,7 @@ import math
 import warnings
 from collections.abc import Iterator, Sequence
 from dataclasses import dataclass, field, replace
+from functools import partial
 from typing import Any, Literal
 
 import einops
@@ -22,11 +23,12 @@ import torch
 from jaxtyping import Float, Int
 from torch import Tensor
 
-from tl_decomp import _adapters, _experts, _running
+from tl_decomp import _adapters, _checks, _experts, _layers, _running
+from tl_decomp._layers import Layer
 from tl_decomp._repr import short_repr
 from tl_decomp._spec import InexactDecompositionError, ModelSpec, Norm
 
-Granularity = Literal["coarse", "layer", "head", "expert"]
+Granularity = Literal["coarse", "layer", "head", "source", "expert"]
 Centering = Literal["correction", "terms"]
 KINDS = ("i", "h", "f", "c")
 
@@ -41,7 +43,9 @@ class Decomposition:
         kinds: the paper's term each factor belongs to: ``i``, ``h``, ``f`` or ``c``.
         target: the model's own activation at `site`.
         site: the hook the target was read from.
-        layer: block index whose output this is; None for the final embedding.
+        layer: the residual-stream index (0 = the layer-0 input, ``l`` = the output of block
+            ``l - 1``) or ``"final"`` (a decoder's final-norm output), as TransformerLens's
+            ``accumulated_resid`` numbers them.
         tokens, attention_mask: the input (mask 1 = real token, 0 = padding).
         max_abs_error: ``max |factors.sum(0) - target|`` over every position, padding included.
     """
@@ -53,7 +57,7 @@ class Decomposition:
     kinds: tuple[str, ...]
     target: Float[Tensor, "batch pos d_model"]
     site: str
-    layer: int | None
+    layer: Layer
     tokens: Int[Tensor, "batch pos"] | None
     attention_mask: Int[Tensor, "batch pos"] | None
     max_abs_error: float
@@ -205,14 +209,17 @@ class DecompositionRecipe:
     def for_model(cls, model: Any, **options: Any) -> DecompositionRecipe:
         """A recipe for `model`; raises `NotImplementedError` on unsupported architectures."""
         recipe = cls(spec=_adapters.model_spec(model), model=model, **options)
-        if recipe.granularity not in ("coarse", "layer", "head", "expert"):
+        if recipe.granularity not in ("coarse", "layer", "head", "source", "expert"):
             raise ValueError(
-                f"granularity must be coarse, layer, head or expert, not {recipe.granularity!r}"
+                "granularity must be coarse, layer, head, source or expert, "
+                f"not {recipe.granularity!r}"
             )
         if recipe.granularity == "expert" and not recipe.moe_layers:
             raise ValueError("granularity='expert' needs a mixture-of-experts model")
         if recipe.centering not in ("correction", "terms"):
             raise ValueError(f"centering must be 'correction' or 'terms', not {recipe.centering!r}")
+        _checks.dtype(recipe.dtype)
+        _checks.integer(recipe.chunk_size, "chunk_size", least=1)
         return recipe
 
     @property
@@ -222,6 +229,8 @@ class DecompositionRecipe:
 
     @property
     def hooks(self) -> list[str]:
+        if self.granularity == "source":  # the values each head reads, key by key
+            return self.spec.hooks() + [blk.v for blk in self.spec.blocks]
         if self.granularity != "expert":
             return self.spec.hooks()
         extra = [self.spec.blocks[L].mlp_in for L in self.moe_layers]
@@ -243,9 +252,11 @@ class DecompositionRecipe:
         return self.spec.dtype
 
     # -- labels -----------------------------------------------------------------------------
-    def _layout(self) -> dict[str, str]:
-        """Every label the decomposition can hold, with its kind (i, h, f or c)."""
+    def _layout(self, cache: Any = None) -> dict[str, str]:
+        """Every label the decomposition can hold, with its kind (i, h, f or c). Granularity
+        ``source`` has one row per key position, so it needs the `cache` to count them."""
         spec, g = self.spec, self.granularity
+        keys = range(cache[spec.blocks[0].pattern].shape[-1] if g == "source" else 0)
         if g == "coarse":
             return {k: k for k in KINDS}
         rows = {label: "i" for label, _ in (spec.embeds if self.split_input else [("input", "")])}
@@ -253,6 +264,8 @@ class DecompositionRecipe:
         for L in range(spec.n_layers):
             if g == "head":
                 rows.update({f"L{L}H{h}": "h" for h in range(spec.n_heads)})
+            elif g == "source":  # L3H7K5: what head 7 of block 3 read at key position 5
+                rows.update({f"L{L}H{h}K{k}": "h" for h in range(spec.n_heads) for k in keys})
             else:
                 rows[f"{L}_attn_out"] = "h"
             if L in moe:
@@ -325,6 +338,8 @@ class DecompositionRecipe:
                 zh = einops.rearrange(z[:, :, sl], "b q h dh -> h (b q) dh")
                 torch.bmm(zh, W_O[sl], out=einops.rearrange(rows, "h b q m -> h (b q) m"))
                 post.apply_(rows)
+        elif self.granularity == "source":
+            self._sources(st, L, cache, z, post, dt)
         else:
             out = einops.einsum(z, W_O, "b q h dh, h dh m -> b q m")
             st.add(self._label("h", f"{L}_attn_out"), post(out))
@@ -333,6 +348,22 @@ class DecompositionRecipe:
         if bias is not None:
             st.add(self._label("c", "attn_bias"), post(bias))
         self._post_corrections(st, blk.attn_post, post, blk.residual_scale, cache, dt)
+
+    def _sources(self, st: _Stack, L: int, cache: Any, z: Tensor, post: _Map, dt) -> None:
+        """Each head's bias-free output split by key position, ``A[q, k] (v_k - b_V) W_O``,
+        straight into the stack: summed over k, the head's term of granularity ``head``."""
+        spec, W_O = self.spec, self.spec.blocks[L].W_O.to(dt)
+        a = cache[spec.blocks[L].pattern]
+        n = a.shape[-1]
+        for start in range(0, spec.n_heads, self.chunk_size):
+            sl = slice(start, start + self.chunk_size)
+            ac, v = a[:, sl].to(dt), _head_values(spec, L, cache, sl, dt)
+            _check_values(spec, L, ac, v, z[:, :, sl], dt)
+            labels = [f"L{L}H{h}K{k}" for h in range(spec.n_heads)[sl] for k in range(n)]
+            rows = einops.rearrange(st.claim(labels), "(h k) b q m -> h k b q m", k=n)
+            vo = einops.einsum(v, W_O[sl], "b k h dh, h dh m -> h k b m")
+            torch.mul(einops.rearrange(ac, "b h q k -> h k b q 1"), vo[:, :, :, None], out=rows)
+            post.apply_(rows)
 
     def _mlp(self, st: _Stack, L: int, cache: Any, dt: torch.dtype, routing) -> None:
         blk = self.spec.blocks[L]
@@ -363,30 +394,27 @@ class DecompositionRecipe:
     def iter_layers(
         self,
         cache: Any,
-        layers: Sequence[int] | None = None,
+        layers: Sequence[Layer] | None = None,
         *,
-        final: bool = True,
         tokens: Tensor | None = None,
         attention_mask: Tensor | None = None,
         routing: _experts.Routing | None = None,
     ) -> Iterator[Decomposition]:
-        """One pass over the blocks, yielding the decomposition of each requested block output.
+        """One pass over the blocks, yielding the decomposition at each requested layer.
 
-        `routing` (granularity ``expert``): what each block's experts module received, as
-        `tl_decomp.decompose` captures it while it runs the model.
+        `layers`: residual-stream indices (0 = the layer-0 input, ``n_layers`` = the last
+        block's output, negatives from the end) and ``"final"``, yielded in depth order;
+        None: all of them. `routing` (granularity ``expert``): what each block's experts
+        module received, as `tl_decomp.decompose` captures it while it runs the model.
 
         Memory: one factor buffer plus the decomposition being yielded; consume each before
         asking for the next to keep a single layer alive.
         """
         spec = self.spec
-        wanted = set(range(spec.n_layers) if layers is None else layers)
-        for L in wanted:
-            if not 0 <= L < spec.n_layers:
-                raise ValueError(f"layer {L} out of range: the model has {spec.n_layers} blocks")
+        wanted = sorted(_layers.resolve_many(spec, layers), key=partial(_layers.depth, spec))
         self._check_cache(cache)
         dt = self.compute_dtype()
-        like = cache[spec.embeds[0][1]]
-        st = _Stack(self._layout(), like, dt)
+        st = _Stack(self._layout(cache), cache[spec.embeds[0][1]], dt)
         if self.split_input or not spec.input:
             for label, hook in spec.embeds:
                 st.add(self._label("i", label if self.split_input else "input"), cache[hook].to(dt))
@@ -394,53 +422,48 @@ class DecompositionRecipe:
             st.add(self._label("i", "input"), cache[spec.input].to(dt))
         if spec.embed_ln is not None:
             self._norm(st, spec.embed_ln, cache, dt)
-        last = spec.n_layers - 1 if final else max(wanted, default=-1)
-        separate_final = final and spec.final != spec.blocks[-1].out
-        final_yield = None if separate_final else max(wanted, default=None)
-        for L in range(last + 1):
-            blk = spec.blocks[L]
-            self._attention(st, L, cache, dt)
-            if blk.ln1 is not None:
-                self._norm(st, blk.ln1, cache, dt)
-            self._mlp(st, L, cache, dt, routing)
-            if blk.ln2 is not None:
-                self._norm(st, blk.ln2, cache, dt)
-            if L in wanted:
-                copy = final_yield != L  # later layers keep writing into the buffer
-                yield self._result(st, cache, blk.out, L, tokens, attention_mask, copy)
-        if separate_final:
-            if spec.ln_final is not None:
+        last = wanted[-1]
+        for r in range(_layers.depth(spec, last) + 1):
+            if r > 0 and r <= spec.n_layers:
+                self._block(st, r - 1, cache, dt, routing)
+            elif r > spec.n_layers and spec.ln_final is not None:
                 self._norm(st, spec.ln_final, cache, dt)
-            yield self._result(st, cache, spec.final, None, tokens, attention_mask, False)
+            layer = "final" if r > spec.n_layers else r
+            if layer in wanted:  # later layers keep writing into the buffer: copy
+                yield self._result(st, cache, layer, tokens, attention_mask, layer != last)
+
+    def _block(self, st: _Stack, L: int, cache: Any, dt: torch.dtype, routing) -> None:
+        blk = self.spec.blocks[L]
+        self._attention(st, L, cache, dt)
+        if blk.ln1 is not None:
+            self._norm(st, blk.ln1, cache, dt)
+        self._mlp(st, L, cache, dt, routing)
+        if blk.ln2 is not None:
+            self._norm(st, blk.ln2, cache, dt)
 
     def decompose(
         self,
         cache: Any,
-        layer: int | None = None,
+        layer: Layer | None = "final",
         *,
         tokens: Tensor | None = None,
         attention_mask: Tensor | None = None,
         routing: _experts.Routing | None = None,
     ) -> Decomposition:
-        """The decomposition of block `layer`'s output, or of the final embedding (None)."""
-        spec = self.spec
-        if layer is None and spec.final == spec.blocks[-1].out:
-            layer = spec.n_layers - 1  # encoders: the final embedding is the last block's output
-        if layer is not None and layer < 0:
-            layer += spec.n_layers
-        layers = [] if layer is None else [layer]
+        """The decomposition at residual-stream index `layer` (``"final"``: the final
+        embedding)."""
         it = self.iter_layers(
             cache,
-            layers,
-            final=layer is None,
+            [_layers.resolve(self.spec, layer)],
             tokens=tokens,
             attention_mask=attention_mask,
             routing=routing,
         )
         return next(iter(it))
 
-    def _result(self, st: _Stack, cache, site: str, layer: int | None, tokens, mask, copy):
+    def _result(self, st: _Stack, cache, layer: Layer, tokens, mask, copy):
         factors, labels, kinds = st.snapshot(copy)
+        site = _layers.site(self.spec, layer)
         target = cache[site]
         if mask is not None and not torch.isfinite(target).all():
             # Sliding windows leave padded queries with no key: the model's own state there
@@ -480,7 +503,7 @@ class DecompositionRecipe:
             raise ValueError(
                 f"the cache lacks {len(missing)} hook(s) the decomposition reads, e.g. "
                 f"{missing[:5]}; cache them with "
-                "model.run_with_cache(tokens, names_filter=recipe.names_filter)"
+                "model.run_with_cache(tokens, names_filter=td.decomposition_names_filter(model))"
             )
 
     def _check_exact(self, err: float, scale: float, site: str, layer, dtype) -> None:
@@ -494,36 +517,69 @@ class DecompositionRecipe:
                 "tl_decomp did not derive; please report it"
             )
 
-    def _rounded(self, layer: int | None) -> bool:
-        """Whether a norm computed in float32 lies on the way to block `layer`'s output (None:
-        the final embedding)."""
+    def _rounded(self, layer: Layer) -> bool:
+        """Whether a norm computed in float32 lies on the way to `layer`."""
         spec = self.spec
-        blocks = spec.blocks if layer is None else spec.blocks[: layer + 1]
+        blocks = spec.blocks[: _layers.depth(spec, layer)]
         norms = [spec.embed_ln, *(n for b in blocks for n in b.norms())]
-        norms += [spec.ln_final] if layer is None else []
+        norms += [spec.ln_final] if layer == "final" else []
         return any(n is not None and n.rounds for n in norms)
 
     def _first_non_finite(self, cache: Any) -> str:
         return next((h for h in self.hooks if not torch.isfinite(cache[h]).all()), "unknown")
 
 
-def _run(model: Any, options: dict[str, Any], input: Any, attention_mask: Tensor | None):
-    """Build the recipe, tokenise, and cache exactly what it reads: one forward pass."""
-    recipe = DecompositionRecipe.for_model(model, **options)
+def _head_values(
+    spec: ModelSpec, L: int, cache: Any, heads: slice, dt: torch.dtype, value_bias: bool = False
+) -> Float[Tensor, "batch key_pos head_index d_head"]:
+    """The values query heads `heads` of block `L` read (their KV heads under grouped-query
+    attention), without ``b_V`` unless `value_bias`: ``hook_v`` holds it (`_check_values`)."""
+    blk = spec.blocks[L]
+    v = cache[blk.v]
+    v = v[:, :, heads] if v.shape[2] == spec.n_heads else v[:, :, list(spec.kv_head[heads])]
+    v = v.to(dt)
+    return v if value_bias or blk.b_V is None else v - blk.b_V[heads].to(dt)
+
+
+def _check_values(spec: ModelSpec, L: int, a: Tensor, v: Tensor, z: Tensor, dt) -> None:
+    """Refuse unless ``z == pattern @ v`` (both with ``b_V`` or both without): only then do
+    the terms per key position sum to the heads' outputs. Output gates (Laguna, AFMoE) and
+    norms between the heads and ``W_O`` (BitNet) break it. NaN rows (padded queries that see
+    no key in a sliding window) are left to the sum's own check."""
+    diff = einops.einsum(a, v, "b h q k, b k h dh -> b q h dh") - z
+    err = diff.abs().nan_to_num(0.0).max().item()
+    scale = max(z.abs().nan_to_num(0.0).max().item(), 1e-30)
+    if err > spec.tolerance(dt, True) * scale:
+        blk = spec.blocks[L]
+        raise NotImplementedError(
+            f"splitting heads by key position on {spec.architecture}: block {L}'s {blk.z} is "
+            f"not {blk.pattern} times {blk.v} (relative error {err / scale:.2g}; an output gate "
+            "or a norm between the heads and W_O?); granularity='head' splits them exactly"
+        )
+
+
+def _run(model: Any, recipe: DecompositionRecipe, input: Any, attention_mask: Tensor | None):
+    """Tokenise, and cache exactly what the recipe reads: one forward pass."""
     tokens, mask = _running.as_tokens(model, recipe.spec, input, attention_mask)
     device = _running.model_device(model)
     tokens, mask = tokens.to(device), mask.to(device)
     moe = list(recipe.moe_layers) if recipe.granularity == "expert" else []
     with _running.exclusive(model), _experts.capture(model, moe) as routing:
         cache = _running.run_with_cache(model, tokens, mask, recipe.names_filter)
-    return recipe, cache, tokens, mask, routing
+    return cache, tokens, mask, routing
+
+
+def _pos(recipe: DecompositionRecipe, cache: Any) -> torch.Size:
+    """``[batch pos]`` of the run a cache holds."""
+    recipe._check_cache(cache)
+    return cache[recipe.spec.embeds[0][1]].shape[:2]
 
 
 def decompose(
     model: Any,
-    input: str | Sequence[str] | Tensor,
+    input: str | Sequence[str] | Tensor | Any,
     *,
-    layer: int | None = None,
+    layer: Layer = "final",
     granularity: Granularity = "coarse",
     centering: Centering = "correction",
     attention_mask: Tensor | None = None,
@@ -538,10 +594,15 @@ def decompose(
 
     Args:
         model: a TransformerBridge, HookedTransformer or HookedEncoder.
-        input: a text, a list of texts (right-padded; padding is masked), or token ids.
-        layer: block whose output to decompose (negative counts from the end); None for the
-            final embedding (BERT: the last block's output, reported as that layer; decoders:
-            the ``ln_final`` output the unembedding reads, reported as layer None).
+        input: a text, a list of texts (right-padded; padding is masked), token ids, or an
+            ``ActivationCache`` of your own run holding the hooks the decomposition reads
+            (``names_filter=td.decomposition_names_filter(model, granularity=...)``; give its
+            `attention_mask` if the batch was padded). A cache is not run again.
+        layer: residual-stream index, as in TransformerLens's ``accumulated_resid``: 0 is the
+            layer-0 input, ``l`` the output of block ``l - 1``, negatives count from the end
+            (``-1`` = the last block's output); ``"final"`` (default) is the final embedding
+            the unembedding reads (decoders: the ``ln_final`` output; encoders: layer
+            ``n_layers``, reported so).
         granularity: ``coarse`` (i, h, f, c), ``layer`` (attention and MLP per layer),
             ``head`` (attention per layer and head) or ``expert`` (as ``layer``, with each
             mixture-of-experts MLP split into ``L_expertE`` terms and ``L_shared_expert``).
@@ -570,16 +631,20 @@ def decompose(
         split_correction=split_correction,
         dtype=dtype,
     )
-    recipe, cache, tokens, mask, routing = _run(model, options, input, attention_mask)
+    recipe = DecompositionRecipe.for_model(model, **options)
+    layer = _layers.resolve(recipe.spec, layer)
+    if _checks.is_cache(input):  # the user's own run: nothing to run again
+        mask = None if attention_mask is None else _checks.mask(attention_mask, _pos(recipe, input))
+        return recipe.decompose(input, layer, attention_mask=mask)
+    cache, tokens, mask, routing = _run(model, recipe, input, attention_mask)
     return recipe.decompose(cache, layer, tokens=tokens, attention_mask=mask, routing=routing)
 
 
 def decompose_layers(
     model: Any,
-    input: str | Sequence[str] | Tensor,
+    input: str | Sequence[str] | Tensor | Any,
     *,
-    layers: Sequence[int] | None = None,
-    final: bool = True,
+    layers: Sequence[Layer] | None = None,
     granularity: Granularity = "coarse",
     centering: Centering = "correction",
     attention_mask: Tensor | None = None,
@@ -587,17 +652,19 @@ def decompose_layers(
     split_correction: bool = False,
     dtype: torch.dtype | None = None,
 ) -> list[Decomposition]:
-    """The decomposition at every block output (and the final embedding) from one forward pass.
+    """The decomposition at every layer from one forward pass.
 
-    Returns one `Decomposition` per block in `layers` (all by default), followed by the final
-    embedding (layer None) when `final` and it is a different site (decoders' ``ln_final``).
-    For corpora, `DecompositionRecipe.iter_layers` yields the same one layer at a time.
+    Returns one `Decomposition` per residual-stream index in `layers`, in depth order: by
+    default 0 (the layer-0 input) .. ``n_layers`` (the last block's output), then ``"final"``
+    where the final embedding is a separate site (a decoder's ``ln_final``), as
+    TransformerLens's ``accumulated_resid`` orders them. For corpora,
+    `DecompositionRecipe.iter_layers` yields the same one layer at a time.
 
     Example:
         >>> from tl_decomp.models import tiny_model
         >>> ds = decompose_layers(tiny_model("gpt2"), ["the cat", "a dog sat"])
         >>> [d.layer for d in ds]
-        [0, 1, 2, None]
+        [0, 1, 2, 3, 'final']
         >>> max(d.relative_error for d in ds) < 1e-4
         True
     """
@@ -608,11 +675,20 @@ def decompose_layers(
         split_correction=split_correction,
         dtype=dtype,
     )
-    recipe, cache, tokens, mask, routing = _run(model, options, input, attention_mask)
-    it = recipe.iter_layers(
-        cache, layers, final=final, tokens=tokens, attention_mask=mask, routing=routing
-    )
+    recipe = DecompositionRecipe.for_model(model, **options)
+    layers = _layers.resolve_many(recipe.spec, layers)
+    if _checks.is_cache(input):
+        mask = None if attention_mask is None else _checks.mask(attention_mask, _pos(recipe, input))
+        return list(recipe.iter_layers(input, layers, attention_mask=mask))
+    cache, tokens, mask, routing = _run(model, recipe, input, attention_mask)
+    it = recipe.iter_layers(cache, layers, tokens=tokens, attention_mask=mask, routing=routing)
     return list(it)
 
 
-__all__ = ["Decomposition", "DecompositionRecipe", "decompose", "decompose_layers"]
+def names_filter(model: Any, **options: Any) -> Any:
+    """The ``names_filter`` caching exactly what `decompose` reads with these options
+    (``granularity``, ``split_input``, ...), for ``model.run_with_cache``."""
+    return DecompositionRecipe.for_model(model, **options).names_filter
+
+
+__all__ = ["Decomposition", "DecompositionRecipe", "decompose", "decompose_layers", "names_filter"]

@@ -24,10 +24,11 @@ from jaxtyping import Bool, Float, Int
 from torch import Tensor, nn
 from tqdm import tqdm
 
-from tl_decomp import _adapters, _running
+from tl_decomp import _adapters, _distributed, _layers, _running
 from tl_decomp._adapters import ModelSpec
+from tl_decomp._layers import Layer
 from tl_decomp._maps import Distance, Mapping, fit_maps
-from tl_decomp._repr import short_repr
+from tl_decomp._repr import Tabular, short_repr
 
 Lookup = Literal["sequence", "vocab"]
 Match = Literal["token", "position"]
@@ -94,7 +95,7 @@ class Vocab:
 
 
 @dataclass(frozen=True)
-class IdentifiabilityResult:
+class IdentifiabilityResult(Tabular):
     """Identifiability rates per layer, from a map fitted on `train` and scored on `test`.
 
     Attributes:
@@ -112,7 +113,7 @@ class IdentifiabilityResult:
     __repr__ = short_repr
 
     rates: Float[Tensor, " layer"]
-    layers: tuple[int, ...]
+    layers: tuple[Layer, ...]
     correct: Bool[Tensor, "layer token"]
     token_ids: Int[Tensor, " token"]
     positions: Int[Tensor, " token"]
@@ -126,7 +127,14 @@ class IdentifiabilityResult:
     train: tuple[int, ...] = ()
     test: tuple[int, ...] = ()
 
-    def rate(self, layer: int) -> float:
+    def rows(self) -> list[dict[str, Any]]:
+        """One record per layer: ``layer``, ``identified`` (the rate)."""
+        return [
+            {"layer": _layers.name(L), "identified": r}
+            for L, r in zip(self.layers, self.rates.tolist(), strict=True)
+        ]
+
+    def rate(self, layer: Layer) -> float:
         """The identifiability rate at `layer` (a layer number, not an index into `rates`)."""
         return float(self.rates[self.layers.index(layer)])
 
@@ -210,7 +218,7 @@ def _at_least_float32(batches: Iterable[StateBatch]) -> Iterator[StateBatch]:
 def identifiability_from_states(
     train: Iterable[StateBatch],
     test: Iterable[StateBatch],
-    layers: Sequence[int],
+    layers: Sequence[Layer],
     *,
     mapping: Mapping = "linear",
     distance: Distance = "cosine",
@@ -223,46 +231,36 @@ def identifiability_from_states(
     """Fit ``g_l: e^l -> e^0`` on the `train` batches, score the `test` batches.
 
     For hidden states gathered elsewhere; `token_identifiability` gathers them from a model.
-    Each iterable is read once. `vocab` switches to the vocabulary lookup.
+    Each iterable is read once. `vocab` switches to the vocabulary lookup. Under
+    `torch.distributed`, each rank passes its `_distributed.deal` share of the batches: the
+    linear map's normal equations are summed over ranks and the scored tokens gathered back
+    in batch order, so every rank returns the one-process result (the linear map to
+    rounding; ``mapping="mlp"`` is refused).
     """
     if match == "position" and vocab is not None:
         raise ValueError("match='position' needs lookup='sequence' (vocabulary items have none)")
     train, test = _at_least_float32(train), _at_least_float32(test)
     maps = fit_maps(train, len(layers), mapping, distance, seed, max_mlp_tokens)
-    correct, ids, pos, seqs, cross = [], [], [], [], None
-    for batch in test:
-        if vocab is not None and batch.offsets is None:
-            raise ValueError("lookup='vocab' needs StateBatch.offsets")
-        m = batch.mask.bool()
-        correct.append(
-            torch.cat(
-                [
-                    _score(maps[k : k + 1], batch.states[k], batch, distance, vocab, match)
-                    for k in range(len(layers))
-                ]
-            )
-        )
-        if cross_layer:
-            hits = torch.stack(
-                [_score(maps, x, batch, distance, vocab, match).sum(-1) for x in batch.states],
-                1,
-            )
-            cross = hits if cross is None else cross + hits
-        ids.append(batch.tokens[m])
-        pos.append(torch.arange(m.shape[1], device=m.device).expand_as(m)[m])
-        s = batch.sequences if batch.sequences is not None else torch.arange(m.shape[0])
-        seqs.append(s.to(m.device)[:, None].expand_as(m)[m])
-    if not correct:
+    with _distributed.guard():
+        scored = _score_split(test, maps, layers, distance, vocab, cross_layer, match)
+    per_batch = scored[0]
+    if _distributed.active():  # every rank's batches, back in the batches' order
+        per_batch = _distributed.undeal([tuple(t.cpu() for t in b) for b in per_batch])
+    cross = None
+    if cross_layer:  # a rank without test batches still joins the sum
+        zero = torch.zeros(len(layers), len(layers), dtype=torch.long)
+        cross = _distributed.all_sum(zero if scored[1] is None else scored[1])
+    if not per_batch:
         raise ValueError("the test split holds no tokens")
-    hit = torch.cat(correct, 1)
+    hit, ids, pos, seqs = (torch.cat(parts, -1) for parts in zip(*per_batch, strict=True))
     n = hit.shape[1]
     return IdentifiabilityResult(
         rates=hit.double().mean(1),
         layers=tuple(layers),
         correct=hit,
-        token_ids=torch.cat(ids),
-        positions=torch.cat(pos),
-        sequences=torch.cat(seqs),
+        token_ids=ids,
+        positions=pos,
+        sequences=seqs,
         maps=maps,
         mapping=mapping,
         distance=distance,
@@ -270,6 +268,39 @@ def identifiability_from_states(
         cross=None if cross is None else cross.double() / n,
         match=match,
     )
+
+
+def _score_split(
+    test: Iterable[StateBatch],
+    maps: Sequence[nn.Module],
+    layers: Sequence[Layer],
+    distance: Distance,
+    vocab: Vocab | None,
+    cross_layer: bool,
+    match: Match,
+) -> tuple[list[tuple[Tensor, Tensor, Tensor, Tensor]], Tensor | None]:
+    """Per test batch: (correct [layer n], token ids, positions, sequences); cross hits."""
+    per_batch, cross = [], None
+    for batch in test:
+        if vocab is not None and batch.offsets is None:
+            raise ValueError("lookup='vocab' needs StateBatch.offsets")
+        m = batch.mask.bool()
+        correct = torch.cat(
+            [
+                _score(maps[k : k + 1], batch.states[k], batch, distance, vocab, match)
+                for k in range(len(layers))
+            ]
+        )
+        if cross_layer:
+            hits = torch.stack(
+                [_score(maps, x, batch, distance, vocab, match).sum(-1) for x in batch.states],
+                1,
+            )
+            cross = hits if cross is None else cross + hits
+        pos = torch.arange(m.shape[1], device=m.device).expand_as(m)[m]
+        s = batch.sequences if batch.sequences is not None else torch.arange(m.shape[0])
+        per_batch.append((correct, batch.tokens[m], pos, s.to(m.device)[:, None].expand_as(m)[m]))
+    return per_batch, cross
 
 
 def _capture(store: dict[str, Tensor], site: str, tensor: Tensor, *, hook: Any) -> None:
@@ -281,18 +312,20 @@ def _gather(
     spec: ModelSpec,
     corpus: Sequence[str],
     order: Sequence[int],
-    layers: Sequence[int],
+    layers: Sequence[Layer],
     batch_size: int,
     vocab: bool,
     bar: Any,
 ) -> Iterator[StateBatch]:
     """Hidden states of `corpus[order]`, a batch at a time; the run stops at the deepest layer."""
-    sites = [spec.layer0] + [spec.blocks[L - 1].out for L in layers if L > 0]
+    deepest = max(layers, key=lambda L: _layers.depth(spec, L))
+    sites = [spec.layer0] + [_layers.site(spec, L) for L in layers if L != 0]
+    sites.append(_layers.site(spec, deepest))  # the run stops after the last site
     embeds = [h for _, h in spec.embeds] if vocab else []
     W_E = _running.embedding_matrix(model) if vocab else None
     device = _running.model_device(model)
-    for start in range(0, len(order), batch_size):
-        idx = list(order[start : start + batch_size])
+    batches = [list(order[i : i + batch_size]) for i in range(0, len(order), batch_size)]
+    for _, idx in _distributed.deal(batches):  # under torch.distributed: this rank's share
         tokens, mask = _running.tokenize(model, [corpus[i] for i in idx], encoder=not spec.causal)
         if tokens.shape[1] > spec.n_ctx:
             raise ValueError(
@@ -305,7 +338,7 @@ def _gather(
             _running.run_with_hooks(model, tokens, mask, hooks, stop_after=sites[-1])
         _running.check_finite({s: got[s] for s in dict.fromkeys(sites)}, mask)
         e0 = got[spec.layer0]
-        states = torch.stack([e0 if L == 0 else got[spec.blocks[L - 1].out] for L in layers])
+        states = torch.stack([got[_layers.site(spec, L)] for L in layers])
         offsets = None if W_E is None else sum(got[h] for h in embeds) - W_E[tokens]
         yield StateBatch(tokens, mask, e0, states, offsets, torch.tensor(idx, device=device))
         bar.update(len(idx))
@@ -314,22 +347,16 @@ def _gather(
 def _check(
     spec: ModelSpec,
     corpus: Sequence[str],
-    layers: Sequence[int] | None,
+    layers: Sequence[Layer] | None,
     options: dict[str, tuple[str, tuple[str, ...]]],
     test_fraction: float,
-) -> tuple[int, ...]:
+) -> tuple[Layer, ...]:
     for name, (value, allowed) in options.items():
         if value not in allowed:
             raise ValueError(f"{name} must be one of {allowed}, not {value!r}")
     if isinstance(corpus, str) or len(corpus) == 0:
         raise ValueError("the corpus is empty (or a single string): pass a list of texts")
-    layers = tuple(range(spec.n_layers + 1)) if layers is None else tuple(layers)
-    bad = [L for L in layers if not 0 <= L <= spec.n_layers]
-    if bad or not layers:
-        raise ValueError(
-            f"layer {bad[:1] or 'list empty'} out of range: layers run 0 (the "
-            f"layer-0 input) to {spec.n_layers} (the last block's output)"
-        )
+    layers = _layers.resolve_many(spec, layers, default=range(spec.n_layers + 1))
     if not 0 < test_fraction < 1:
         raise ValueError(f"test_fraction must be strictly between 0 and 1, not {test_fraction}")
     return layers
@@ -359,7 +386,7 @@ def token_identifiability(
     mapping: Mapping = "linear",
     distance: Distance = "cosine",
     lookup: Lookup = "sequence",
-    layers: Sequence[int] | None = None,
+    layers: Sequence[Layer] | None = None,
     seed: int = 0,
     test_fraction: float = 0.2,
     batch_size: int = 32,
@@ -383,7 +410,8 @@ def token_identifiability(
         lookup: among the layer-0 vectors of the token's own sequence (``sequence``) or of
             every vocabulary item at the token's position (``vocab``; costs ``d_vocab`` dot
             products per token and layer).
-        layers: 0 (the layer-0 input) to ``n_layers``; default all.
+        layers: residual-stream indices, 0 (the layer-0 input) to ``n_layers`` (negatives
+            from the end; ``"final"``: a decoder's final-norm output); default 0..n_layers.
         seed: seeds the split and the MLP.
         test_fraction: share of sequences held out for scoring.
         batch_size: sequences per forward pass (memory is per batch, not per corpus).
@@ -424,7 +452,8 @@ def token_identifiability(
     train, test = _split(corpus, test_fraction, seed, mapping)
     vocab = Vocab.for_model(model, spec) if lookup == "vocab" else None
     total = len(test) + (len(train) if mapping != "naive" else 0)
-    with tqdm(total=total, disable=not progress, desc="sequences") as bar:
+    bar_on = progress and _distributed.is_main()
+    with tqdm(total=total, disable=not bar_on, desc="sequences") as bar:
         gather = functools.partial(
             _gather,
             model,

@@ -111,8 +111,8 @@ def logit_attribution(d: Any, tokens: Any, incorrect: Any = None) -> LogitAttrib
         labels.append("b_U")
     logits = _own_logits(model, recipe, d, tokens, incorrect)
     err = (values.sum(0) - logits).abs().max().item()
-    # The lens runs the model's own final norm, float32-rounding ones included: layer None.
-    recipe._check_exact(err, logits.abs().max().item(), "the unembedding", None, dt)
+    # The lens runs the model's own final norm, float32-rounding ones included.
+    recipe._check_exact(err, logits.abs().max().item(), "the unembedding", "final", dt)
     return LogitAttribution(values, tuple(labels), logits, lens, err)
 
 

@@ -20,14 +20,14 @@ from jaxtyping import Float
 from torch import Tensor
 from tqdm.auto import tqdm
 
-from tl_decomp import _mlm, _running
+from tl_decomp import _checks, _mlm, _running
 from tl_decomp._probes import selector, subset_names
-from tl_decomp._repr import short_repr
+from tl_decomp._repr import Tabular, short_repr
 from tl_decomp.decompose import DecompositionRecipe
 
 
 @dataclass(frozen=True)
-class MaskedPrediction:
+class MaskedPrediction(Tabular):
     """Top-1 masked-token prediction from each subset's sum, through the model's MLM head.
 
     Attributes:
@@ -47,6 +47,14 @@ class MaskedPrediction:
     model_accuracy: float
     n_masked: int
     corruption: str = "single"
+
+    def rows(self) -> list[dict[str, Any]]:
+        """One record per subset: ``subset``, ``accuracy``, ``agreement``."""
+        return [
+            {"subset": s, "accuracy": a, "agreement": g}
+            for s, a, g in zip(self.subsets, self.accuracy.tolist(), self.agreement.tolist(),
+                               strict=True)
+        ]  # fmt: skip
 
     def __str__(self) -> str:
         rows = [f"{'subset':<9}{'accuracy %':>12}{'agrees with model %':>22}"]
@@ -125,14 +133,17 @@ def masked_prediction(
         >>> m.subsets[-1], m.agreement[-1].item()
         ('i+h+f+c', 1.0)
     """
-    if isinstance(texts, str) or len(texts) == 0:
-        raise ValueError("expected a non-empty list of texts")
-    if corruption not in ("single", "bert15"):
-        raise ValueError(f"corruption must be 'single' or 'bert15', not {corruption!r}")
+    if isinstance(texts, str):
+        raise TypeError("texts must be a list of texts, not one str")
+    texts = _checks.texts(texts, "texts")
+    _checks.choice(corruption, "corruption", ("single", "bert15"))
+    _checks.integer(batch_size, "batch_size", least=1)
+    _checks.integer(seed, "seed")
     subsets = subset_names(subsets)
     recipe = DecompositionRecipe.for_model(model)
     if recipe.spec.causal:
         raise NotImplementedError("masked-token prediction needs a masked-LM (encoder) model")
+    _running.check_lengths(model, recipe.spec, texts)
     tok, dev = model.tokenizer, _running.model_device(model)
     gen, sel = torch.Generator().manual_seed(seed), selector(subsets)
     hits, same, own, n = torch.zeros(len(subsets)), torch.zeros(len(subsets)), 0.0, 0

@@ -10,6 +10,7 @@ prediction from subsets (section 4) in `tl_decomp.masked`.
 
 from __future__ import annotations
 
+import numbers
 from collections.abc import Hashable, Sequence
 from dataclasses import dataclass
 from typing import Any, Literal
@@ -20,10 +21,11 @@ from jaxtyping import Float, Int
 from torch import Tensor
 from tqdm.auto import tqdm
 
-from tl_decomp import _mlm, _running
+from tl_decomp import _checks, _distributed, _layers, _mlm, _running
+from tl_decomp._layers import Layer
 from tl_decomp._probes import SUBSETS, fit_predict, macro_f1, selector, subset_names
 from tl_decomp._probes import split as split_occurrences
-from tl_decomp._repr import short_repr
+from tl_decomp._repr import Tabular, short_repr
 from tl_decomp.datasets import as_labelled
 from tl_decomp.decompose import DecompositionRecipe
 
@@ -38,7 +40,7 @@ class WordFactors:
         factors: ``[factor occurrence d_model]``, factors ``i, h, f, c`` in that order.
         labels: class index of each occurrence into `classes`.
         classes: the distinct labels, sorted.
-        layer: the block output decomposed (None: a decoder's final embedding).
+        layer: the residual-stream index decomposed, or ``"final"``.
         max_relative_error: worst ``|sum of factors - activation|`` over the batches.
     """
 
@@ -47,7 +49,7 @@ class WordFactors:
     factors: Float[Tensor, "factor occurrence d_model"]
     labels: Int[Tensor, " occurrence"]
     classes: tuple[Hashable, ...]
-    layer: int | None
+    layer: Layer
     max_relative_error: float
 
     def take(self, index: Tensor) -> WordFactors:
@@ -85,7 +87,7 @@ def word_factors(
     model: Any,
     dataset: Any,
     *,
-    layer: int | None = None,
+    layer: Layer = "final",
     batch_size: int = 16,
     progress: bool = True,
 ) -> WordFactors:
@@ -93,13 +95,15 @@ def word_factors(
 
     Each sentence is fed as its words joined by single spaces; a word split into several
     word-pieces gets the sum of its pieces' factors. Memory: one batch's cache plus
-    ``4 * d_model`` numbers per occurrence (what a probe trains on).
+    ``4 * d_model`` numbers per occurrence (what a probe trains on). Under
+    `torch.distributed` each rank decomposes its share of the batches and every rank
+    returns every occurrence, in dataset order.
 
     Args:
         model: a TransformerBridge, HookedTransformer or HookedEncoder with a fast tokenizer.
         dataset: ``(words, labels)`` (lists of sentences of words / per-word labels) or a
             `LabelledWords` such as `load_pos()`.
-        layer: block output to decompose (None: the final embedding).
+        layer: residual-stream index to decompose (``"final"``: the final embedding).
 
     Example:
         >>> from tl_decomp.models import tiny_model
@@ -110,35 +114,47 @@ def word_factors(
     """
     data = as_labelled(dataset)
     recipe = DecompositionRecipe.for_model(model)
-    spec, dev = recipe.spec, _running.model_device(model)
+    layer = _layers.resolve(recipe.spec, layer)
     index = {c: k for k, c in enumerate(data.classes)}
-    chunks, worst, site = [], 0.0, layer
-    starts = range(0, len(data), batch_size)
-    for start in tqdm(starts, desc="word factors", disable=not progress, unit="batch"):
-        sentences = data.words[start : start + batch_size]
-        texts, spans = zip(*[(t, (s, e)) for t, s, e in map(_spans, sentences)], strict=True)
-        tokens, mask, offsets = _mlm.tokenize_offsets(model, texts, encoder=not spec.causal)
-        if tokens.shape[1] > spec.n_ctx:
-            raise ValueError(f"a sentence has {tokens.shape[1]} tokens; context is {spec.n_ctx}")
-        cache = _running.run_with_cache(model, tokens.to(dev), mask.to(dev), recipe.names_filter)
-        d = recipe.decompose(cache, layer, tokens=tokens, attention_mask=mask)
-        owner = _owners(offsets, list(spans)).to(d.factors.device)
-        n = sum(len(s) for s in sentences)
-        pieces = torch.bincount(owner[owner >= 0], minlength=n)
-        if (pieces == 0).any():
-            k = int((pieces == 0).nonzero()[0])
-            flat = [w for s in sentences for w in s]
-            raise ValueError(f"word {flat[k]!r} produced no token with this tokenizer")
-        pooled = d.factors.new_zeros((4, n, spec.d_model))
-        chunks.append(pooled.index_add_(1, owner[owner >= 0], d.factors[:, owner >= 0]).cpu())
-        worst, site = max(worst, d.relative_error), d.layer
-        del cache, d
+    starts = _distributed.deal(range(0, len(data), batch_size))  # one process: every batch
+    chunks, worst = [], 0.0
+    bar = progress and _distributed.is_main()
+    with _distributed.guard():
+        for _, start in tqdm(starts, desc="word factors", disable=not bar, unit="batch"):
+            chunk, error = _word_batch(model, recipe, layer, data.words[start : start + batch_size])
+            chunks.append(chunk)
+            worst = max(worst, error)
+    chunks = _distributed.undeal(chunks)  # under torch.distributed: every rank's, in order
     labels = torch.tensor([index[x] for s in data.labels for x in s])
-    return WordFactors(torch.cat(chunks, 1), labels, data.classes, site, worst)
+    return WordFactors(
+        torch.cat(chunks, 1), labels, data.classes, layer, _distributed.all_max(worst)
+    )
+
+
+def _word_batch(
+    model: Any, recipe: DecompositionRecipe, layer: Layer, sentences: Sequence[Sequence[str]]
+) -> tuple[Float[Tensor, "factor word d_model"], float]:
+    """Each word's factors (its pieces' summed) in one batch of sentences; the batch's error."""
+    spec, dev = recipe.spec, _running.model_device(model)
+    texts, spans = zip(*[(t, (s, e)) for t, s, e in map(_spans, sentences)], strict=True)
+    tokens, mask, offsets = _mlm.tokenize_offsets(model, texts, encoder=not spec.causal)
+    if tokens.shape[1] > spec.n_ctx:
+        raise ValueError(f"a sentence has {tokens.shape[1]} tokens; context is {spec.n_ctx}")
+    cache = _running.run_with_cache(model, tokens.to(dev), mask.to(dev), recipe.names_filter)
+    d = recipe.decompose(cache, layer, tokens=tokens, attention_mask=mask)
+    owner = _owners(offsets, list(spans)).to(d.factors.device)
+    n = sum(len(s) for s in sentences)
+    pieces = torch.bincount(owner[owner >= 0], minlength=n)
+    if (pieces == 0).any():
+        k = int((pieces == 0).nonzero()[0])
+        flat = [w for s in sentences for w in s]
+        raise ValueError(f"word {flat[k]!r} produced no token with this tokenizer")
+    pooled = d.factors.new_zeros((4, n, spec.d_model))
+    return pooled.index_add_(1, owner[owner >= 0], d.factors[:, owner >= 0]).cpu(), d.relative_error
 
 
 @dataclass(frozen=True)
-class ProbeTable:
+class ProbeTable(Tabular):
     """Test-split scores per subset and seed, and how often two subsets' probes agree.
 
     Attributes:
@@ -151,7 +167,7 @@ class ProbeTable:
         classes: the label set.
         n_occurrences: word occurrences split into train / validation / test.
         chance: the most frequent class's share of all occurrences.
-        layer: the block output probed (None: the final embedding).
+        layer: the residual-stream index probed, or ``"final"``.
         split: ``per_seed`` (a new 80/10/10 split per seed) or ``fixed`` (the paper's).
     """
 
@@ -166,7 +182,7 @@ class ProbeTable:
     classes: tuple[Hashable, ...]
     n_occurrences: int
     chance: float
-    layer: int | None
+    layer: Layer
     split: str = "per_seed"
 
     def _metric(self, metric: str) -> Tensor:
@@ -186,6 +202,13 @@ class ProbeTable:
     def agreement(self) -> Float[Tensor, "subset subset"]:
         """Pairwise prediction agreement between subsets (rows and columns: `subsets`)."""
         return self.pairwise_agreement
+
+    def rows(self) -> list[dict[str, Any]]:
+        """One record per subset: mean and std over seeds of accuracy and macro-F1."""
+        cols = {f"{m} {k}": getattr(self, k)(m).tolist() for m in ("accuracy", "macro_f1")
+                for k in ("mean", "std")}  # fmt: skip
+        return [{"subset": s} | {c: v[i] for c, v in cols.items()}
+                for i, s in enumerate(self.subsets)]  # fmt: skip
 
     def table(self, digits: int = 1) -> str:
         """Mean ± std over seeds per subset, in percent."""
@@ -228,6 +251,28 @@ class ProbeTable:
         ax.set_yticks(ticks, self.subsets)
         ax.figure.colorbar(im, ax=ax, label="prediction agreement")
         return ax
+
+
+def _options(probe, seeds, subsets, split, hidden, C, alpha, max_iter, n_jobs):
+    """Every probing option checked (before any model run, in `probe_subsets`)."""
+    _checks.choice(probe, "probe", ("linear", "mlp", "knn"))
+    _checks.choice(split, "split", ("per_seed", "fixed"))
+    if isinstance(seeds, numbers.Integral) and not isinstance(seeds, bool):
+        seeds = range(_checks.integer(seeds, "seeds", least=1))
+    seeds = _checks.seeds(seeds)
+    max_iter = max_iter if max_iter is not None else 20 if probe == "mlp" else 300
+    _checks.integer(max_iter, "max_iter", least=1)
+    _checks.integer(n_jobs, "n_jobs")
+    if n_jobs == 0:
+        raise ValueError("n_jobs must be a positive count or negative (joblib), not 0")
+    if hidden is not None:
+        _checks.integer(hidden, "hidden", least=1)
+    C = tuple(_checks.number(c, "C", low=0.0) for c in C)
+    alpha = tuple(_checks.number(a, "alpha", low=0.0) for a in alpha)
+    if not C or not alpha:
+        raise ValueError("C and alpha need at least one candidate each")
+    opts = dict(hidden=hidden, C=C, alpha=alpha, max_iter=max_iter, n_jobs=n_jobs)
+    return subset_names(subsets), seeds, opts
 
 
 def probe_factors(
@@ -277,26 +322,16 @@ def probe_factors(
         >>> y = torch.arange(400) % 2
         >>> x = torch.randn(4, 400, 8, generator=g)
         >>> x[1, :, 0] += 4 * y  # only h carries the label
-        >>> t = probe_factors(WordFactors(x, y, ("a", "b"), None, 0.0), probe="knn",
+        >>> t = probe_factors(WordFactors(x, y, ("a", "b"), "final", 0.0), probe="knn",
         ...                   seeds=2, subsets=["i", "h"], progress=False)
         >>> [a > 0.8 for a in t.mean().tolist()]  # accuracy: i at chance, h far above
         [False, True]
     """
-    subsets = subset_names(subsets)
-    seeds = tuple(range(seeds)) if isinstance(seeds, int) else tuple(seeds)
-    if not seeds:
-        raise ValueError("no seeds")
-    if probe not in ("linear", "mlp", "knn"):
-        raise ValueError(f"probe must be 'linear', 'mlp' or 'knn', not {probe!r}")
+    options = (probe, seeds, subsets, split, hidden, C, alpha, max_iter, n_jobs)
+    subsets, seeds, opts = _options(*options)
     n, n_classes = wf.labels.shape[0], len(wf.classes)
     if n < 10:
         raise ValueError(f"{n} word occurrences: an 80/10/10 split needs at least 10")
-    if split not in ("per_seed", "fixed"):
-        raise ValueError(f"split must be 'per_seed' or 'fixed', not {split!r}")
-    max_iter = max_iter if max_iter is not None else 20 if probe == "mlp" else 300
-    if not C or not alpha or max_iter < 1 or n_jobs == 0 or (hidden is not None and hidden < 1):
-        raise ValueError("C and alpha need candidates; max_iter, hidden and n_jobs must be >= 1")
-    opts = dict(hidden=hidden, C=tuple(C), alpha=tuple(alpha), max_iter=max_iter, n_jobs=n_jobs)
     sel, x = selector(subsets), wf.factors.float()
     acc, f1, agree = [], [], torch.zeros(len(subsets), len(subsets))
     for seed in tqdm(seeds, desc=f"{probe} probes", disable=not progress, unit="seed"):
@@ -328,7 +363,7 @@ def probe_subsets(
     dataset: Any,
     *,
     probe: Probe = "linear",
-    layer: int | None = None,
+    layer: Layer = "final",
     seeds: int | Sequence[int] = 5,
     subsets: str | Sequence[str] = "all",
     batch_size: int = 16,
@@ -346,7 +381,7 @@ def probe_subsets(
         dataset: ``(words, labels)``: a list of sentences, each a list of words, and a
             parallel list of per-word labels; or `load_pos()`.
         probe: ``linear``, ``mlp`` or ``knn``.
-        layer: block output to probe (None: the final embedding).
+        layer: residual-stream index to probe (``"final"``: the final embedding).
         seeds: a number of seeds or the seeds themselves.
         subsets: ``"all"`` or names such as ``["h", "i+h+f+c"]``.
 
@@ -363,6 +398,12 @@ def probe_subsets(
         >>> len(t.subsets), t.subsets[-1], t.agreement().diagonal().tolist() == [1.0] * 15
         (15, 'i+h+f+c', True)
     """
+    keys = ("split", "hidden", "C", "alpha", "max_iter", "n_jobs")
+    defaults = dict(split="per_seed", hidden=None, C=(0.01, 0.1, 1.0, 10.0),
+                    alpha=(1e-4, 1e-2, 1.0), max_iter=None, n_jobs=1)  # fmt: skip
+    if unknown := set(options) - set(keys):
+        raise TypeError(f"probe_subsets got unknown options {sorted(unknown)}")
+    _options(probe, seeds, subsets, *(options.get(k, defaults[k]) for k in keys))
     wf = word_factors(model, dataset, layer=layer, batch_size=batch_size, progress=progress)
     return probe_factors(
         wf, probe=probe, seeds=seeds, subsets=subsets, progress=progress, **options

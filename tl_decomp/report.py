@@ -13,7 +13,6 @@ from __future__ import annotations
 
 import math
 import os
-import tempfile
 import time
 from collections.abc import Sequence
 from dataclasses import dataclass, field
@@ -25,9 +24,9 @@ from jaxtyping import Float
 from torch import Tensor
 from tqdm.auto import tqdm
 
-from tl_decomp import _adapters, _page, _running
-from tl_decomp.decompose import Decomposition, decompose_layers
-from tl_decomp.views import layer_name
+from tl_decomp import _adapters, _checks, _layers, _page, _running
+from tl_decomp._layers import Layer
+from tl_decomp.decompose import Decomposition
 
 
 @dataclass(frozen=True)
@@ -36,9 +35,9 @@ class Report:
 
     Attributes:
         text, tokens: the input and its token strings (as data; the page escapes them).
-        decompositions: `decompose_layers` at every block output (and a decoder's final).
-        attention_layers, patterns, effective: raw and effective attention of those blocks,
-            ``[layer head_index query_pos key_pos]``; `null_space` their diagnostics.
+        decompositions: `decompose_layers` at every layer (0 .. n_layers, a decoder's final).
+        attention_blocks, patterns, effective: raw and effective attention of those blocks,
+            ``[block head_index query_pos key_pos]``; `null_space` their diagnostics.
         identifiability: token identifiability of the text's own tokens (naive map, cosine).
         corpus_identifiability: a linear map fitted on shipped corpus sentences, or None.
         attribution: Hidden Token Attribution of the text, or None; `query` the position
@@ -50,9 +49,9 @@ class Report:
     tokens: tuple[str, ...]
     causal: bool
     decompositions: tuple[Decomposition, ...]
-    attention_layers: tuple[int, ...]
-    patterns: Float[Tensor, "layer head_index query_pos key_pos"]
-    effective: Float[Tensor, "layer head_index query_pos key_pos"]
+    attention_blocks: tuple[int, ...]
+    patterns: Float[Tensor, "block head_index query_pos key_pos"]
+    effective: Float[Tensor, "block head_index query_pos key_pos"]
     null_space: Any
     identifiability: Any
     corpus_identifiability: Any = None
@@ -63,16 +62,17 @@ class Report:
     meta: dict[str, str] = field(default_factory=dict, compare=False, repr=False)
 
     def layer_rows(self) -> list[dict[str, Any]]:
-        """One row per hidden-state layer: mean shares, error, identifiability, attribution.
+        """One row per layer (residual-stream index): mean shares, error, identifiability,
+        attribution.
 
         Keys (in order): ``layer``, the factor labels, ``rel. error``, ``identified`` (this
         text, naive map), ``identified (corpus)``, ``own`` (median own-token contribution)
-        and ``P̃``; None where a method does not cover that layer.
+        and ``P̃``; None where a method was not run at that layer.
         """
-        cells: dict[int | None, dict[str, Any]] = {}
+        cells: dict[Any, dict[str, Any]] = {}
         for d in self.decompositions:
             shares = d.shares()[:, 0][:, d.mask()[0]].mean(-1).tolist()
-            cell = cells.setdefault(None if d.layer is None else d.layer + 1, {})
+            cell = cells.setdefault(d.layer, {})
             cell.update(zip(d.labels, shares, strict=True), **{"rel. error": d.relative_error})
         columns = [*self.decompositions[0].labels, "rel. error"]
         for key, res in (("identified", self.identifiability),
@@ -86,19 +86,19 @@ class Report:
             own, p = a.own_token().tolist(), a.p_tilde().tolist()
             for L, o, q in zip(a.layers, own, p, strict=True):
                 cells.setdefault(L, {}).update({"own": o, "P̃": q})
-        order = sorted(cells, key=lambda L: math.inf if L is None else L)
-        return [{"layer": layer_name(L), **{c: cells[L].get(c) for c in columns}} for L in order]
+        order = sorted(cells, key=lambda L: math.inf if L == "final" else L)
+        return [{"layer": _layers.name(L), **{c: cells[L].get(c) for c in columns}} for L in order]
 
     def attention_rows(self) -> list[dict[str, Any]]:
         """One row per block, means over heads: rank(T), null-space dimension, and
         ``||A - A_eff||_F / ||A||_F`` (mean and max over heads)."""
         ns = self.null_space
         return [
-            {"block": L, "keys": int(ns.n_keys[0]), "rank(T)": ns.rank[i, 0].double().mean().item(),
-             "null dim": ns.null_dim[i, 0].double().mean().item(),
+            {"block": L, "keys": int(ns.n_keys[0]), "rank(T)": _mean(ns.rank[i, 0]),
+             "null dim": _mean(ns.null_dim[i, 0]),
              "‖A−A_eff‖/‖A‖": ns.relative_norm[i, 0].mean().item(),
              "max over heads": ns.relative_norm[i, 0].max().item()}
-            for i, L in enumerate(ns.layers)
+            for i, L in enumerate(ns.blocks)
         ]  # fmt: skip
 
     def summary(self) -> str:
@@ -116,36 +116,19 @@ class Report:
 
         Atomic: the page goes to a temporary file beside `path`, which then replaces it, so a
         crash or a full disk never leaves half a page. An existing regular file is replaced;
-        a symbolic link or a directory is refused (`check_path`).
+        a symbolic link or a directory is refused (`check_path`). The one writer of reports
+        and saved views: `tl_decomp._files.atomic_write`.
         """
-        out = check_path(path)
-        data = self.html().encode("utf-8")
-        fd, tmp = tempfile.mkstemp(prefix=f".{out.name}.", suffix=".tmp", dir=out.parent)
-        try:
-            with os.fdopen(fd, "wb") as f:
-                f.write(data)
-                f.flush()
-                os.fsync(f.fileno())
-            os.chmod(tmp, 0o644)
-            os.replace(tmp, out)
-        except BaseException:
-            Path(tmp).unlink(missing_ok=True)
-            raise
-        return out
+        from tl_decomp import _files
+
+        return _files.atomic_write(path, self.html(), what="the report")[0]
 
 
 def check_path(path: str | os.PathLike[str]) -> Path:
     """`path` if a report can be written there; else ValueError saying why (before any work)."""
-    out = Path(path)
-    if out.is_symlink():
-        raise ValueError(f"cannot write the report to {out}: it is a symbolic link (not followed)")
-    if out.is_dir():
-        raise ValueError(f"cannot write the report to {out}: it is a directory")
-    if not out.parent.is_dir():
-        raise ValueError(f"cannot write the report to {out}: no directory {out.parent}")
-    if not os.access(out.parent, os.W_OK) or (out.exists() and not os.access(out, os.W_OK)):
-        raise ValueError(f"cannot write the report to {out}: permission denied")
-    return out
+    from tl_decomp import _files
+
+    return _files.check_path(path, what="the report")
 
 
 def report(
@@ -154,28 +137,30 @@ def report(
     path: str | os.PathLike[str] | None = None,
     *,
     model_name: str | None = None,
-    attention_layers: Sequence[int] | None = None,
-    attribution_layers: Sequence[int] | None = (1, 2, 3),
+    attention_blocks: Sequence[int] | None = None,
+    attribution_layers: Sequence[Layer] | None = None,
     attribution_method: Literal["estimate", "exact"] = "estimate",
     n_probes: int = 8,
     query: int | None = None,
     corpus_sentences: int = 0,
-    max_tokens: int = 48,
+    max_tokens: int = 128,
     progress: bool = True,
 ) -> Report:
     """Analyse `text` with every method of the library and write one HTML page.
 
     Defaults suit MiniLM on a CPU (a sentence in seconds): attribution is estimated
-    (`n_probes` random directions per token) on three layers only.
+    (`n_probes` random directions per token) on layers 1-3 only. One forward pass caches what
+    the decomposition and effective attention read.
 
     Args:
         model: a TransformerBridge, HookedTransformer or HookedEncoder.
         text: one short text.
         path: where to write the page; None writes nothing (`Report.write` later).
         model_name: shown on the page; default the model's ``cfg.model_name``.
-        attention_layers: blocks whose raw and effective attention to show; default all.
-        attribution_layers: hidden-state layers (0..n_layers) for Hidden Token Attribution;
-            None or empty skips it (it is the costly part: the run goes as deep as the deepest).
+        attention_blocks: blocks whose raw and effective attention to show; default all.
+        attribution_layers: residual-stream indices (0 .. n_layers, negatives from the end)
+            for Hidden Token Attribution; default 1, 2, 3 (those the model has); empty skips
+            it (it is the costly part: the run goes as deep as the deepest).
         attribution_method: ``estimate`` or ``exact`` (``pos * d_model`` JVPs).
         n_probes: random directions per token for ``estimate``.
         query: the position whose contributions are shown token by token (default: middle).
@@ -191,19 +176,26 @@ def report(
         >>> rep.tokens
         ('[CLS]', 'the', 'cat', 'sat', 'on', 'the', 'mat', '[SEP]')
         >>> [row["layer"] for row in rep.layer_rows()]
-        ['layer 0', 'layer 1', 'layer 2', 'layer 3']
+        ['0', '1', '2', '3']
         >>> rep.html().count("var CircuitsVis=")  # the bundle, once
         1
     """
     from tl_decomp.attribution import hidden_token_attribution
 
+    if not isinstance(text, str):
+        raise TypeError(f"text must be one str, not {type(text).__name__}")
     if not text.strip():
         raise ValueError("the text is empty")
+    _checks.texts(text, "text")
     out = None if path is None else check_path(path)
     start = time.perf_counter()
     spec = _adapters.model_spec(model)
-    _check_options(spec.n_layers, attention_layers, attribution_layers, attribution_method,
-                   n_probes)  # fmt: skip
+    blocks = _layers.blocks(spec, attention_blocks, "attention_blocks")
+    if attribution_layers is None:
+        attribution_layers = range(1, min(3, spec.n_layers) + 1)
+    hta = tuple(attribution_layers)  # empty: skipped
+    hta = _layers.resolve_many(spec, hta, "attribution_layers") if hta else ()
+    _check_options(attribution_method, n_probes, corpus_sentences, max_tokens, query)
     ids, mask = _running.tokenize(model, text, encoder=not spec.causal)
     ids, mask = ids.to(_running.model_device(model)), mask.to(_running.model_device(model))
     n = ids.shape[1]
@@ -212,14 +204,12 @@ def report(
     q = n // 2 if query is None else query
     if not -n <= q < n:
         raise ValueError(f"query {q} out of range: the text has {n} tokens")
-    blocks = tuple(range(spec.n_layers) if attention_layers is None else attention_layers)
     jobs = {  # the steps of the progress bar
-        "decomposition": lambda: tuple(decompose_layers(model, ids)),
-        "effective attention": lambda: _attention(model, spec, ids, mask, blocks),
+        "decomposition and attention": lambda: _one_pass(model, spec, ids, mask, blocks),
         "identifiability": lambda: _identifiability(model, text, corpus_sentences, progress),
         "attribution": lambda: hidden_token_attribution(
-            model, ids, layers=attribution_layers, method=attribution_method,
-            n_probes=n_probes, progress=progress) if attribution_layers else None,
+            model, ids, layers=hta, method=attribution_method,
+            n_probes=n_probes, progress=progress) if hta else None,
     }  # fmt: skip
     got: dict[str, Any] = {}
     with tqdm(total=len(jobs) + 1, desc="report", disable=not progress) as bar:
@@ -228,11 +218,11 @@ def report(
             got[name] = job()
             bar.update()
         bar.set_postfix_str("page")
-        raw, eff, null = got["effective attention"]
+        decompositions, raw, eff, null = got["decomposition and attention"]
         rep = Report(
             model_name=model_name or str(getattr(model.cfg, "model_name", type(model).__name__)),
             text=text, tokens=tuple(model.tokenizer.convert_ids_to_tokens(ids[0].tolist())),
-            causal=spec.causal, decompositions=got["decomposition"], attention_layers=blocks,
+            causal=spec.causal, decompositions=decompositions, attention_blocks=blocks,
             patterns=raw, effective=eff, null_space=null, identifiability=got["identifiability"][0],
             corpus_identifiability=got["identifiability"][1], attribution=got["attribution"],
             query=q % n, d_head=spec.d_head, seconds=time.perf_counter() - start, meta=_versions(),
@@ -243,15 +233,28 @@ def report(
     return rep
 
 
-def _attention(model: Any, spec: Any, ids: Tensor, mask: Tensor, blocks: tuple[int, ...]):
-    """Raw and effective patterns of the blocks ``[layer head q k]``, and their diagnostics."""
-    from tl_decomp.attention import attention_null_space, effective_attention_layers
+def _one_pass(model: Any, spec: Any, ids: Tensor, mask: Tensor, blocks: tuple[int, ...]):
+    """Every layer's decomposition, and raw and effective patterns of the blocks
+    ``[block head q k]`` with their diagnostics, from one forward pass; effective attention
+    computed once."""
+    from tl_decomp.attention import _null_space, effective_attention_layers
+    from tl_decomp.decompose import DecompositionRecipe
 
-    names = spec.names_filter(layers=blocks, attention=True)
-    cache = _running.run_with_cache(model, ids, mask, names)
-    eff = effective_attention_layers(cache, blocks, model=model)[:, 0]
+    recipe = DecompositionRecipe.for_model(model)
+    attention = spec.names_filter(layers=blocks, attention=True)
+    names = lambda name: recipe.names_filter(name) or attention(name)  # noqa: E731
+    with _running.exclusive(model):
+        cache = _running.run_with_cache(model, ids, mask, names)
+    decompositions = tuple(recipe.iter_layers(cache, tokens=ids, attention_mask=mask))
+    eff = effective_attention_layers(cache, blocks, model=model, attention_mask=mask)
     raw = torch.stack([cache[spec.blocks[L].pattern][0] for L in blocks]).to(eff.dtype)
-    return raw, eff, attention_null_space(cache, blocks, model=model)
+    null = _null_space(cache, spec, blocks, mask, eff)
+    return decompositions, raw, eff[:, 0], null
+
+
+def _mean(t: Tensor) -> int | float:
+    """A mean over heads, an int where every head agrees (ranks, dimensions)."""
+    return int(t[0]) if bool((t == t[0]).all()) else round(t.double().mean().item(), 2)
 
 
 def _identifiability(model: Any, text: str, corpus_sentences: int, progress: bool):
@@ -268,28 +271,14 @@ def _identifiability(model: Any, text: str, corpus_sentences: int, progress: boo
     return own, token_identifiability(model, load_corpus(corpus_sentences), progress=progress)
 
 
-def _check_options(
-    n_layers: int,
-    attention: Sequence[int] | None,
-    attribution: Sequence[int] | None,
-    method: str,
-    n_probes: int,
-) -> None:
+def _check_options(method: str, n_probes: int, corpus: int, max_tokens: int, query: Any) -> None:
     """The cheap checks, before any model run."""
-    bad = [L for L in attention or () if not 0 <= L < n_layers]
-    if bad or (attention is not None and not attention):
-        raise ValueError(
-            f"attention layers {list(attention or ())} out of range: blocks run 0 to {n_layers - 1}"
-        )
-    bad = [L for L in attribution or () if not 0 <= L <= n_layers]
-    if bad:
-        raise ValueError(
-            f"attribution layer {bad[0]} out of range: layers run 0 (the input) to {n_layers}"
-        )
-    if method not in ("estimate", "exact"):
-        raise ValueError(f"attribution_method must be 'estimate' or 'exact', not {method!r}")
-    if method == "estimate" and n_probes < 2:
-        raise ValueError(f"n_probes must be at least 2, not {n_probes}")
+    _checks.choice(method, "attribution_method", ("estimate", "exact"))
+    _checks.integer(n_probes, "n_probes", least=2 if method == "estimate" else None)
+    _checks.integer(corpus, "corpus_sentences", least=0)
+    _checks.integer(max_tokens, "max_tokens", least=1)
+    if query is not None:
+        _checks.integer(query, "query")
 
 
 def _versions() -> dict[str, str]:

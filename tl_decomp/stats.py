@@ -16,8 +16,9 @@ from jaxtyping import Float
 from torch import Tensor
 from tqdm.auto import tqdm
 
-from tl_decomp import _adapters, _running
-from tl_decomp._repr import short_repr
+from tl_decomp import _adapters, _distributed, _layers, _running
+from tl_decomp._layers import Layer
+from tl_decomp._repr import Tabular, short_repr
 from tl_decomp.decompose import Decomposition, DecompositionRecipe, Granularity
 
 Statistic = Literal["shares", "norm_ratios", "cosines"]
@@ -27,13 +28,14 @@ Statistic = Literal["shares", "norm_ratios", "cosines"]
 class LayerStats:
     """Mean and std of a statistic per site (rows) and factor (columns), over real tokens.
 
-    ``layers[r]`` is the block whose output row ``r`` describes (None: the final embedding).
+    ``layers[r]`` is the residual-stream index row ``r`` describes (0 = the layer-0 input,
+    ``l`` = the output of block ``l - 1``, ``"final"`` = a decoder's final-norm output).
     """
 
     __repr__ = short_repr
 
     statistic: str
-    layers: tuple[int | None, ...]
+    layers: tuple[Layer, ...]
     labels: tuple[str, ...]
     mean: Float[Tensor, "site factor"]
     std: Float[Tensor, "site factor"]
@@ -50,11 +52,34 @@ class LayerStats:
                 f"{f'{m:.{digits}f}±{s:.{digits}f}':>{width}}"
                 for m, s in zip(self.mean[r].tolist(), self.std[r].tolist(), strict=False)
             )
-            rows.append(f"{'final' if layer is None else layer + 1:>5}  {cells}")
+            rows.append(f"{_layers.name(layer):>5}  {cells}")
         return "\n".join(rows)
 
     def __str__(self) -> str:
         return self.table()
+
+    def rows(self) -> list[dict[str, Any]]:
+        """One record per layer and factor: ``layer``, ``factor``, ``mean``, ``std`` (a factor
+        a layer does not hold yet is left out)."""
+        return [
+            {"layer": _layers.name(layer), "factor": label, "mean": m, "std": s}
+            for r, layer in enumerate(self.layers)
+            for label, m, s in zip(self.labels, self.mean[r].tolist(), self.std[r].tolist(),
+                                   strict=True)
+            if m == m  # not NaN
+        ]  # fmt: skip
+
+    def to_pandas(self) -> Any:
+        """`rows` as a long `pandas.DataFrame`."""
+        import pandas as pd
+
+        return pd.DataFrame(self.rows(), columns=["layer", "factor", "mean", "std"])
+
+    def plot(self, ax: Any = None) -> Any:
+        """Mean (± std band) per factor against the layer; returns the matplotlib axes."""
+        from tl_decomp import plots
+
+        return plots.layer_stats(self, ax)
 
 
 class _Moments:
@@ -67,11 +92,14 @@ class _Moments:
 
     def update(self, x: Float[Tensor, "token factor"]) -> None:
         x = x.double()
-        n_b = x.shape[0]
+        if x.shape[0]:
+            mean = x.mean(0)
+            self.merge(x.shape[0], mean, ((x - mean) ** 2).sum(0))
+
+    def merge(self, n_b: int, mean_b: Tensor, m2_b: Tensor) -> None:
+        """Fold in another stream's count, mean and M2 (a batch's, or another rank's)."""
         if n_b == 0:
             return
-        mean_b = x.mean(0)
-        m2_b = ((x - mean_b) ** 2).sum(0)
         if self.mean is None or self.m2 is None:
             self.n, self.mean, self.m2 = n_b, mean_b, m2_b
             return
@@ -101,43 +129,72 @@ def corpus_statistics(
     statistic: Statistic = "shares",
     granularity: Granularity = "coarse",
     centering: Literal["correction", "terms"] = "correction",
+    layers: Sequence[Layer] | None = None,
     batch_size: int = 16,
     progress: bool = True,
 ) -> LayerStats:
     """Mean ± std per layer of a per-token statistic of each term, over a corpus.
 
-    Every block output and (decoders) the final embedding; padding excluded. Memory is one
-    batch's decomposition, whatever the corpus size.
+    At each residual-stream index in `layers` (default: 0 .. ``n_layers`` and, decoders,
+    ``"final"``); padding excluded. Memory is one batch's decomposition, whatever the corpus
+    size. Texts run in batches of similar length. Under an initialised `torch.distributed`
+    process group (``torchrun``), each rank decomposes its share of the batches and every
+    rank returns the merged result, equal to one process's to rounding (about 1e-15).
 
     Example:
         >>> from tl_decomp.models import tiny_model
         >>> s = corpus_statistics(tiny_model("bert"), ["the cat sat", "a dog ran ."],
         ...                       progress=False)
         >>> s.labels, tuple(s.mean.shape)
-        (('i', 'h', 'f', 'c'), (3, 4))
-        >>> bool(torch.allclose(s.mean.sum(1), torch.ones(3, dtype=torch.float64)))
+        (('i', 'h', 'f', 'c'), (4, 4))
+        >>> bool(torch.allclose(s.mean.nansum(1), torch.ones(4, dtype=torch.float64)))
         True
     """
     recipe = DecompositionRecipe.for_model(model, granularity=granularity, centering=centering)
-    moments: dict[int | None, _Moments] = {}
-    site_labels: dict[int | None, tuple[str, ...]] = {}
+    layers = _layers.resolve_many(recipe.spec, layers)
+    if isinstance(texts, str) or not len(texts):
+        raise ValueError("expected a non-empty list of texts")
+    moments: dict[Layer, _Moments] = {}
+    site_labels: dict[Layer, tuple[str, ...]] = {}
     worst = 0.0
-    for batch in _batches(texts, batch_size, progress, f"decomposing ({statistic})"):
-        tokens, mask = _running.tokenize(model, batch, encoder=not recipe.spec.causal)
-        if tokens.shape[1] > recipe.spec.n_ctx:
-            raise ValueError(f"a text has {tokens.shape[1]} tokens; context is {recipe.spec.n_ctx}")
-        device = _running.model_device(model)
-        cache = _running.run_with_cache(
-            model, tokens.to(device), mask.to(device), recipe.names_filter
-        )
-        for d in recipe.iter_layers(cache, tokens=tokens, attention_mask=mask):
-            values = getattr(d, statistic)()  # [factor batch pos]
-            keep = d.mask().to(values.device)
-            moments.setdefault(d.layer, _Moments()).update(values[:, keep].T)
-            site_labels[d.layer] = d.labels
-            worst = max(worst, d.relative_error)
-        del cache
+    batches = _distributed.deal(_distributed.length_batches([len(t) for t in texts], batch_size))
+    bar = progress and _distributed.is_main()
+    with _distributed.guard():
+        for _, index in tqdm(batches, desc=f"decomposing ({statistic})", disable=not bar):
+            batch = [texts[i] for i in index]
+            tokens, mask = _running.tokenize(model, batch, encoder=not recipe.spec.causal)
+            if tokens.shape[1] > recipe.spec.n_ctx:
+                raise ValueError(
+                    f"a text has {tokens.shape[1]} tokens; context is {recipe.spec.n_ctx}"
+                )
+            device = _running.model_device(model)
+            cache = _running.run_with_cache(
+                model, tokens.to(device), mask.to(device), recipe.names_filter
+            )
+            for d in recipe.iter_layers(cache, layers, tokens=tokens, attention_mask=mask):
+                values = getattr(d, statistic)()  # [factor batch pos]
+                keep = d.mask().to(values.device)
+                moments.setdefault(d.layer, _Moments()).update(values[:, keep].T)
+                site_labels[d.layer] = d.labels
+                worst = max(worst, d.relative_error)
+            del cache
+    moments, site_labels, worst = _merge_ranks(moments, site_labels, worst)
     return _finish(statistic, moments, site_labels, worst)
+
+
+def _merge_ranks(moments, site_labels, worst):
+    """Every rank's moments merged by Chan's formula in rank order (identity in one process)."""
+    if not _distributed.active():
+        return moments, site_labels, worst
+    mine = {k: (m.n, m.mean.cpu(), m.m2.cpu()) for k, m in moments.items() if m.mean is not None}
+    merged: dict[Layer, _Moments] = {}
+    labels: dict[Layer, tuple[str, ...]] = {}
+    for theirs, their_labels, their_worst in _distributed.all_gather((mine, site_labels, worst)):
+        for k, (n, mean, m2) in theirs.items():
+            merged.setdefault(k, _Moments()).merge(n, mean, m2)
+        labels |= their_labels
+        worst = max(worst, their_worst)
+    return merged, labels, worst  # every rank lists the layers in one order
 
 
 def _finish(statistic, moments, site_labels, worst) -> LayerStats:
@@ -161,7 +218,7 @@ def _finish(statistic, moments, site_labels, worst) -> LayerStats:
 
 
 @dataclass(frozen=True)
-class CheckpointComparison:
+class CheckpointComparison(Tabular):
     """The same statistic for two checkpoints on the same inputs; ``delta = b - a``."""
 
     __repr__ = short_repr
@@ -173,11 +230,19 @@ class CheckpointComparison:
     def delta(self) -> Tensor:
         return self.b.mean - self.a.mean
 
+    def rows(self) -> list[dict[str, Any]]:
+        """One record per layer and factor: the two means and their difference."""
+        return [
+            {"layer": a["layer"], "factor": a["factor"], "a": a["mean"], "b": b["mean"],
+             "delta": b["mean"] - a["mean"]}
+            for a, b in zip(self.a.rows(), self.b.rows(), strict=True)
+        ]  # fmt: skip
+
     def table(self, digits: int = 3) -> str:
         rows = ["layer  " + "".join(f"{'Δ' + label:>10}" for label in self.a.labels)]
         for r, layer in enumerate(self.a.layers):
             cells = "".join(f"{v:>+10.{digits}f}" for v in self.delta[r].tolist())
-            rows.append(f"{'final' if layer is None else layer + 1:>5}  {cells}")
+            rows.append(f"{_layers.name(layer):>5}  {cells}")
         return "\n".join(rows)
 
 
@@ -194,7 +259,7 @@ def compare_checkpoints(
         >>> c = compare_checkpoints(tiny_model("bert"), tiny_model("bert", processed=True),
         ...                         ["the cat sat"], progress=False)
         >>> tuple(c.delta.shape)
-        (3, 4)
+        (4, 4)
     """
     sa, sb = _adapters.model_spec(model_a), _adapters.model_spec(model_b)
     if (sa.n_layers, sa.d_model) != (sb.n_layers, sb.d_model):
@@ -231,7 +296,7 @@ def anisotropy(d: Decomposition) -> Float[Tensor, " factor"]:
 
 
 @dataclass(frozen=True)
-class FFLinearity:
+class FFLinearity(Tabular):
     """R² of the best affine map from MLP input to MLP output, per layer.
 
     ``protocol="heldout"``: R² pooled over output dimensions, on held-out sentences;
@@ -246,6 +311,10 @@ class FFLinearity:
     n_test: int
     held_out: tuple[int, ...]  # indices of the sentences scored (paper: none held out)
     protocol: str = "heldout"
+
+    def rows(self) -> list[dict[str, Any]]:
+        """One record per block: ``block``, ``r2``."""
+        return [{"block": L, "r2": r} for L, r in enumerate(self.r2.tolist())]
 
 
 class _Suff:

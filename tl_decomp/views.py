@@ -1,14 +1,16 @@
 """circuitsvis views of tl_decomp results: thin adapters, no computation (SPEC section 5).
 
 Each view takes result objects (and, optionally, the token strings), picks the numbers to
-show, and hands them to a circuitsvis React component. It returns circuitsvis's own
-`RenderedHTML`, so it displays in Jupyter like any circuitsvis view; `report` mounts the same
-`Component`s on one self-contained page with the JavaScript bundle inlined once.
+show, and hands them to circuitsvis React components. It returns a `View`, a circuitsvis
+`RenderedHTML` that Jupyter displays as any circuitsvis view, but which inlines circuitsvis's
+1.3 MB bundle only in the first view a kernel displays (later ones reuse it; the trade-off is
+in `tl_decomp._html`); ``view.local_src`` stays self-contained and ``view.save(path)`` writes
+one offline page. `report` mounts the same `Component`s on its own page.
 
-Numbering: hidden states are numbered as in the papers, layer 0 being the layer-0 input and
-layer ``l`` the output of block ``l - 1`` (`AttributionResult.layers`,
-`IdentifiabilityResult.layers`; a `Decomposition` of block ``L`` is layer ``L + 1``); heads
-keep TransformerLens's block index (``L0H3`` is head 3 of block 0).
+Numbering: ``layer`` is TransformerLens's residual-stream index (`Decomposition.layer`,
+`AttributionResult.layers`, `IdentifiabilityResult.layers`): layer 0 is the layer-0 input,
+layer ``l`` the output of block ``l - 1``, and ``"final"`` a decoder's final-norm output;
+heads keep TransformerLens's block index (``L0H3`` is head 3 of block 0).
 
 Token strings are data: ``ColoredTokens``/``ColoredTokensMulti`` insert each token into the
 page as HTML (circuitsvis 1.43 sets ``innerHTML``), so those views pass them HTML-escaped; in
@@ -19,16 +21,14 @@ from __future__ import annotations
 
 import html
 from collections.abc import Sequence
-from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any
 
 import torch
-from circuitsvis.utils import render as _cv
-from circuitsvis.utils.convert_props import convert_props
-from circuitsvis.utils.render import RenderedHTML
 from jaxtyping import Float
 from torch import Tensor
 
+from tl_decomp._html import Component, View, resend_bundle
+from tl_decomp._layers import Layer
 from tl_decomp.decompose import Decomposition
 
 if TYPE_CHECKING:
@@ -36,50 +36,9 @@ if TYPE_CHECKING:
     from tl_decomp.identifiability import IdentifiabilityResult
 
 
-@dataclass(frozen=True)
-class Component:
-    """One circuitsvis React component and the props it receives (JSON-ready, camelCase).
-
-    `render` makes the same call circuitsvis's own helpers make:
-    ``circuitsvis.utils.render.render(name, **props)``.
-    """
-
-    name: str
-    props: dict[str, Any] = field(hash=False)
-    title: str = ""
-
-    def render(self) -> RenderedHTML:
-        """circuitsvis's rendering, with its inline props made safe inside ``<script>``:
-        circuitsvis writes them with a plain ``json.dumps``, so a token ``</script>`` would
-        end the script and run whatever follows it in the notebook."""
-        out = _cv.render(self.name, **self.props)
-        raw = convert_props(self.props)
-        safe = _script_safe(raw)
-        return RenderedHTML(out.local_src.replace(raw, safe), out.cdn_src.replace(raw, safe))
-
-
-def _script_safe(js: str) -> str:
-    """JSON that cannot close a ``<script>`` or open markup: ``<``, ``>``, ``&`` and the two
-    line separators as ``\\u`` escapes, which JavaScript reads back as the same characters."""
-    for ch in "<>&\u2028\u2029":
-        js = js.replace(ch, f"\\u{ord(ch):04x}")
-    return js
-
-
-def components_html(components: Sequence[Component]) -> RenderedHTML:
-    """One `RenderedHTML` for components shown side by side (one: circuitsvis's own)."""
-    rendered = [c.render() for c in components]
-    if len(rendered) == 1 and not components[0].title:
-        return rendered[0]
-
-    def row(sources: list[str]) -> str:
-        cells = "".join(
-            f'<div style="flex: 1 1 0; min-width: 0"><h4>{html.escape(c.title)}</h4>{src}</div>'
-            for c, src in zip(components, sources, strict=True)
-        )
-        return f'<div style="display: flex; gap: 16px">{cells}</div>'
-
-    return RenderedHTML(row([r.local_src for r in rendered]), row([r.cdn_src for r in rendered]))
+def components_html(components: Sequence[Component]) -> View:
+    """One `View` of components shown side by side."""
+    return View(components)
 
 
 def _token_strings(ids: Tensor | None, tokens: Sequence[str] | None, n: int) -> list[str]:
@@ -105,9 +64,9 @@ def _escaped(tokens: Sequence[str]) -> list[str]:
     return [html.escape(t, quote=False) for t in tokens]
 
 
-def layer_name(layer: int | None) -> str:
-    """``"layer 3"``; ``"final"`` for a decoder's final embedding (layer None)."""
-    return "final" if layer is None else f"layer {layer}"
+def layer_name(layer: Layer) -> str:
+    """``"layer 3"`` for residual-stream index 3; ``"final"`` for a decoder's final embedding."""
+    return "final" if layer == "final" else f"layer {layer}"
 
 
 # -- attention ------------------------------------------------------------------------------
@@ -116,7 +75,7 @@ def attention_components(
     effective: Float[Tensor, "head_index query_pos key_pos"],
     tokens: Sequence[str],
     *,
-    layer: int,
+    block: int,
     causal: bool,
 ) -> tuple[Component, Component]:
     """The two `AttentionHeads` of `attention_view` on one colour scale (zero is white)."""
@@ -125,7 +84,7 @@ def attention_components(
     bound = max(raw.abs().max().item(), eff.abs().max().item(), 1e-12)
     common = {
         "tokens": list(tokens),
-        "attentionHeadNames": [f"L{layer}H{h}" for h in range(raw.shape[0])],
+        "attentionHeadNames": [f"L{block}H{h}" for h in range(raw.shape[0])],
         "maxValue": bound,
         "minValue": -bound,
         "maskUpperTri": causal,
@@ -143,18 +102,18 @@ def attention_view(
     effective: Float[Tensor, "batch head_index query_pos key_pos"],
     tokens: Sequence[str] | None = None,
     *,
-    layer: int,
+    block: int,
     causal: bool,
     batch: int = 0,
-) -> RenderedHTML:
-    """Raw and effective attention of every head of block `layer`, side by side.
+) -> View:
+    """Raw and effective attention of every head of block `block`, side by side.
 
     Args:
-        pattern: ``cache["pattern", layer]``.
-        effective: ``tl_decomp.effective_attention(cache, layer)``.
+        pattern: ``cache["pattern", block]``.
+        effective: ``tl_decomp.effective_attention(cache, block)``.
         tokens: the example's token strings (``model.to_str_tokens(text)``); the patterns are
             cropped to their length, which drops right padding. Default: positions.
-        layer: the block index, for the head names (``L{layer}H{h}``).
+        block: the block index, for the head names (``L{block}H{h}``).
         causal: mask the upper triangle (decoders); False for bidirectional models.
         batch: which example.
 
@@ -165,15 +124,15 @@ def attention_view(
         >>> _, cache = model.run_with_cache(torch.arange(5, 14)[None],
         ...     names_filter=model_spec(model).names_filter(attention=True))
         >>> view = attention_view(cache["blocks.1.attn.hook_pattern"],
-        ...                       effective_attention(cache, 1), layer=1, causal=False)
+        ...                       effective_attention(cache, 1), block=1, causal=False)
         >>> type(view).__name__
-        'RenderedHTML'
+        'View'
     """
     n = pattern.shape[-1] if tokens is None else len(tokens)
     if n > pattern.shape[-1]:
         raise ValueError(f"{n} token strings for {pattern.shape[-1]} positions")
     strings = _token_strings(None, tokens, n)
-    parts = attention_components(pattern[batch], effective[batch], strings, layer=layer,
+    parts = attention_components(pattern[batch], effective[batch], strings, block=block,
                                  causal=causal)  # fmt: skip
     return components_html(parts)
 
@@ -194,7 +153,7 @@ def shares_components(
     values, labels = [], []
     for d in ds:
         values.append(d.shares()[:, batch, :n].T)  # [pos factor]
-        prefix = "" if len(ds) == 1 else f"{layer_name(_paper_layer(d))}: "
+        prefix = "" if len(ds) == 1 else f"{layer_name(d.layer)}: "
         labels += [prefix + label for label in d.labels]
     props = {
         "tokens": _escaped(_token_strings(ids, tokens, n)),
@@ -204,16 +163,12 @@ def shares_components(
     return (Component("ColoredTokensMulti", props, "share <e, t> / |e|² per token"),)
 
 
-def _paper_layer(d: Decomposition) -> int | None:
-    return None if d.layer is None else d.layer + 1
-
-
 def shares_view(
     decompositions: Decomposition | Sequence[Decomposition],
     tokens: Sequence[str] | None = None,
     *,
     batch: int = 0,
-) -> RenderedHTML:
+) -> View:
     """Each token coloured by the share ``<e, t> / ||e||^2`` of one factor (pick it above).
 
     Args:
@@ -226,9 +181,9 @@ def shares_view(
         >>> from tl_decomp import decompose_layers, tiny_model
         >>> ds = decompose_layers(tiny_model("bert"), "the cat sat")
         >>> shares_components(ds)[0].props["labels"][:5]
-        ['layer 1: i', 'layer 1: h', 'layer 1: f', 'layer 1: c', 'layer 2: i']
+        ['layer 0: i', 'layer 0: h', 'layer 0: f', 'layer 0: c', 'layer 1: i']
         >>> type(shares_view(ds)).__name__
-        'RenderedHTML'
+        'View'
     """
     return components_html(shares_components(decompositions, tokens, batch=batch))
 
@@ -269,7 +224,7 @@ def identifiability_view(
     tokens: Sequence[str] | None = None,
     *,
     sequence: int | None = None,
-) -> RenderedHTML:
+) -> View:
     """Identifiability per layer: the rates, or one test sequence's tokens.
 
     Args:
@@ -287,7 +242,7 @@ def identifiability_view(
         >>> identifiability_components(res)[0].props["tokens"]
         ['layer 0', 'layer 1', 'layer 2', 'layer 3']
         >>> type(identifiability_view(res, sequence=res.test[0])).__name__
-        'RenderedHTML'
+        'View'
     """
     return components_html(identifiability_components(result, tokens, sequence=sequence))
 
@@ -326,7 +281,7 @@ def attribution_view(
     *,
     query: int | None = None,
     batch: int = 0,
-) -> RenderedHTML:
+) -> View:
     """Hidden Token Attribution: one query token's contributions, or every layer's matrix.
 
     Args:
@@ -345,13 +300,14 @@ def attribution_view(
         >>> attribution_components(hta, query=2)[0].props["labels"]
         ['layer 0', 'layer 3']
         >>> type(attribution_view(hta)).__name__
-        'RenderedHTML'
+        'View'
     """
     return components_html(attribution_components(result, tokens, query=query, batch=batch))
 
 
 __all__ = [
     "Component",
+    "View",
     "attention_components",
     "attention_view",
     "attribution_components",
@@ -360,6 +316,7 @@ __all__ = [
     "identifiability_components",
     "identifiability_view",
     "layer_name",
+    "resend_bundle",
     "shares_components",
     "shares_view",
 ]

@@ -1,0 +1,213 @@
+"""The public interface: one layer convention, a cache in wherever a cache suffices, one
+validation layer (clear errors before any work), tables and plots of every result."""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+import torch
+from conftest import cached_model
+from helpers import NoHooksLeft, assert_close
+
+import tl_decomp as td
+
+TEXTS = ["the cat sat on the mat", "a dog ran"]
+TYPED = "typechecking parameter"  # beartype's words, for checks the annotations already make
+
+
+@pytest.mark.parametrize("arch", ["gpt2", "bert"])
+def test_layers_are_residual_stream_indices_as_in_transformer_lens(arch):
+    model = cached_model(arch)
+    spec = td.model_spec(model)
+    n = spec.n_layers
+    ds = td.decompose_layers(model, TEXTS)
+    final = ("final",) if arch == "gpt2" else ()
+    assert [d.layer for d in ds] == [*range(n + 1), *final]
+    _, cache = model.run_with_cache(ds[0].tokens, attention_mask=ds[0].attention_mask)
+    for d in ds:  # the index TransformerLens's accumulated_resid uses for the same state
+        if d.layer != "final":
+            want = cache["resid_pre", d.layer] if d.layer < n else cache["resid_post", n - 1]
+            assert_close(d.target, want, torch.float64, f"layer {d.layer}")
+    assert td.decompose(model, TEXTS, layer=-1).layer == n  # negatives as in Python
+    assert td.decompose(model, TEXTS, layer=-(n + 1)).layer == 0
+    assert td.decompose(model, TEXTS).layer == ("final" if arch == "gpt2" else n)
+
+
+@pytest.mark.parametrize(
+    ("layer", "error", "message"),
+    [
+        (True, TypeError, "layer must be an int"),
+        (4.0, TypeError, "layer must be an int"),
+        (4, ValueError, r"layer=4 is out of range: the residual-stream index runs 0..3"),
+        (-5, ValueError, "out of range"),
+        ("last", ValueError, "layer must be an int or 'final'"),
+    ],
+)
+def test_one_layer_checker(layer, error, message):
+    model = cached_model("gpt2")
+    # Under the test suite's runtime type checks (beartype), a value the annotation excludes
+    # is refused by the checker before ours; without them, ours says the same.
+    with NoHooksLeft(model), pytest.raises((error, TypeError), match=f"{message}|{TYPED}"):
+        td.decompose(model, "the cat", layer=layer)
+    with pytest.raises(error, match=message):
+        td._layers.resolve(td.model_spec(model), layer)
+
+
+def test_every_function_speaks_the_same_indices():
+    model = cached_model("gpt2")
+    ids = model.to_tokens("the cat sat on the mat")
+    hta = td.hidden_token_attribution(model, ids, layers=[0, -1, "final"], method="estimate")
+    assert hta.layers == (0, 3, "final")
+    assert [r["layer"] for r in hta.rows()] == ["0", "3", "final"]
+    res = td.token_identifiability(model, TEXTS * 3, layers=[-1, 0], progress=False)
+    assert res.layers == (3, 0)
+    stats = td.corpus_statistics(model, TEXTS, layers=[2, "final"], progress=False)
+    assert stats.layers == (2, "final")
+    names = td.attention_names_filter(model, blocks=[-1])
+    _, cache = model.run_with_cache(ids, names_filter=names)
+    spec = td.model_spec(model)
+    assert set(cache.keys()) == {spec.blocks[2].pattern, spec.blocks[2].v}
+    assert td.effective_attention(cache, -1).shape == cache["pattern", 2].shape
+    assert td.attention_null_space(cache, [-1]).blocks == (2,)
+    with pytest.raises(ValueError, match="block=3 is out of range: the block index runs 0..2"):
+        td.effective_attention(cache, 3)
+
+
+@pytest.mark.parametrize("granularity", ["coarse", "head"])
+def test_decompose_reads_the_users_cache_without_running(granularity):
+    model = cached_model("llama")
+    tokens = torch.tensor([[1, 5, 6, 7, 8], [1, 9, 10, 0, 0]])
+    mask = torch.tensor([[1, 1, 1, 1, 1], [1, 1, 1, 0, 0]])
+    names = td.decomposition_names_filter(model, granularity=granularity)
+    _, cache = model.run_with_cache(tokens, attention_mask=mask, names_filter=names)
+    ran = []
+    handle = model.register_forward_hook(lambda *_: ran.append(1))
+    try:
+        mine = td.decompose(model, cache, layer=2, granularity=granularity, attention_mask=mask)
+        every = td.decompose_layers(model, cache, granularity=granularity, attention_mask=mask)
+    finally:
+        handle.remove()
+    assert not ran  # nothing was run again
+    ref = td.decompose(model, tokens, layer=2, granularity=granularity, attention_mask=mask)
+    assert mine.labels == ref.labels
+    assert_close(mine.factors, ref.factors, torch.float64, "cache vs run")
+    assert [d.layer for d in every][-1] == "final"
+    with pytest.raises(ValueError, match="decomposition_names_filter"):
+        td.decompose(model, {"blocks.0.hook_in": cache["blocks.0.hook_in"]})
+
+
+def test_a_cache_where_text_is_expected_is_a_type_error():
+    model = cached_model("gpt2")
+    _, cache = model.run_with_cache(model.to_tokens("the cat"))
+    with NoHooksLeft(model), pytest.raises(TypeError, match="ActivationCache"):
+        td.hidden_token_attribution(model, cache)
+
+
+@pytest.mark.parametrize(
+    ("input", "kwargs", "error", "message"),
+    [
+        (None, {}, TypeError, "input must be a text, a list of texts or integer token ids"),
+        (7, {}, TypeError, "not int 7"),
+        (["the", 3], {}, TypeError, "input must be a str or a list of str"),
+        ([], {}, ValueError, "input is an empty list"),
+        (["the", "  "], {}, ValueError, r"input\[1\] is empty"),
+        ("a\ud800b", {}, ValueError, r"input\[0\] is not valid Unicode"),
+        (torch.tensor([[True, False]]), {}, TypeError, "integer dtype, not torch.bool"),
+        (torch.tensor([[1.0, 2.0]]), {}, TypeError, "integer dtype, not torch.float32"),
+        (torch.zeros(1, 2, 2, dtype=torch.long), {}, ValueError, r"\[batch pos\]"),
+        (torch.tensor([[1, 99999]]), {}, ValueError, "token id 99999 is outside"),
+        (
+            torch.tensor([[1, 2, 3]]),
+            {"attention_mask": torch.tensor([[1, 0.9, 1]])},
+            ValueError,
+            r"attention_mask must hold only 1 .* and 0 .*, not 0\.89",
+        ),
+        (torch.tensor([[1, 2]]), {"attention_mask": [1, 1]}, TypeError, "attention_mask must"),
+        ("the cat", {"granularity": "neuron"}, ValueError, "granularity must be"),
+        ("the cat", {"dtype": torch.long}, TypeError, "dtype must be a torch floating dtype"),
+    ],
+)
+def test_bad_input_is_refused_before_any_work(input, kwargs, error, message):
+    model = cached_model("gpt2")
+    ran = []
+    handle = model.register_forward_hook(lambda *_: ran.append(1))
+    try:
+        with NoHooksLeft(model), pytest.raises((error, TypeError), match=f"{message}|{TYPED}"):
+            td.decompose(model, input, **kwargs)
+    finally:
+        handle.remove()
+    assert not ran
+
+
+def test_ids_of_any_integer_dtype_and_numpy_arrays_work():
+    model = cached_model("gpt2")
+    ref = td.decompose(model, torch.tensor([[1, 5, 6]]))
+    for ids in (torch.tensor([[1, 5, 6]], dtype=torch.int8), np.array([[1, 5, 6]]), [1, 5, 6]):
+        if isinstance(ids, list):  # a list of ints is not text
+            with pytest.raises(TypeError, match="list of str"):
+                td.decompose(model, ids)
+            continue
+        assert_close(td.decompose(model, ids).factors, ref.factors, torch.float64, "ids")
+
+
+@pytest.mark.parametrize(
+    ("call", "message"),
+    [
+        (lambda m, c: td.effective_attention(c, 0, rtol=float("nan")), "rtol must be finite"),
+        (lambda m, c: td.effective_attention(c, 0, rtol=-1.0), "rtol must lie"),
+        (lambda m, c: td.effective_attention(c, 0, dtype=torch.float16), "dtype must be one of"),
+        (lambda m, c: td.effective_attention(c, True), "block must be an int"),
+        (lambda m, c: td.hidden_token_attribution(m, "x", n_probes=1, method="estimate"), "n_p"),
+        (lambda m, c: td.hidden_token_attribution(m, "x", chunk_size=0), "chunk_size must be"),
+        (lambda m, c: td.report(m, "the cat", corpus_sentences=-1, progress=False), "corpus_s"),
+        (lambda m, c: td.report(m, "the cat", max_tokens=0, progress=False), "max_tokens must"),
+        (lambda m, c: td.probe_subsets(m, ([["a"]], [["X"]]), probe="svm"), "probe must be one"),
+        (lambda m, c: td.probe_subsets(m, ([["a"]], [["X"]]), seeds=0), "seeds must be at least"),
+        (lambda m, c: td.probe_subsets(m, ([["a"]], [["X"]]), subsets=["q"]), "bad subset 'q'"),
+        (lambda m, c: td.probe_subsets(m, ([["a"]], [["X"]]), seeds=[1, 1]), "repeats a seed"),
+    ],
+)
+def test_options_are_checked_before_any_forward_pass(call, message):
+    model = cached_model("bert")
+    _, cache = model.run_with_cache(model.to_tokens("the cat sat"))
+    ran = []
+    handle = model.register_forward_hook(lambda *_: ran.append(1))
+    try:
+        with pytest.raises((ValueError, TypeError), match=f"{message}|{TYPED}"):
+            call(model, cache)
+    finally:
+        handle.remove()
+    assert not ran
+
+
+def test_masked_prediction_refuses_texts_longer_than_the_context_up_front():
+    model = cached_model("bert")
+    long = " ".join(["cat"] * (td.model_spec(model).n_ctx + 5))
+    with pytest.raises(ValueError, match=r"texts\[1\] has \d+ tokens; the model's context"):
+        td.masked_prediction(model, ["the cat", long], progress=False)
+
+
+def test_tables_and_plots():
+    pytest.importorskip("matplotlib")
+    import matplotlib
+
+    matplotlib.use("Agg")
+    model = cached_model("gpt2")
+    ds = td.decompose_layers(model, TEXTS)
+    stats = td.corpus_statistics(model, TEXTS, progress=False)
+    df = stats.to_pandas()
+    assert list(df.columns) == ["layer", "factor", "mean", "std"] and len(df) == 5 * 4
+    hta = td.hidden_token_attribution(model, TEXTS[0], layers=[1, 2], method="estimate")
+    res = td.token_identifiability(model, TEXTS * 3, progress=False)
+    corr = td.attention_correlation(model, TEXTS)
+    assert len(corr.to_pandas()) == 2 * 3 * 4 and "r" in str(corr)
+    assert res.to_pandas()["identified"].tolist() == res.rates.tolist()
+    assert hta.to_pandas().columns.tolist() == ["layer", "own", "p_tilde"]
+    for draw, arg in ((td.plots.shares, ds), (td.plots.layer_stats, stats),
+                      (td.plots.attribution, hta), (td.plots.attribution_by_offset, hta),
+                      (td.plots.identifiability, res),
+                      (td.plots.correlation_by_length, corr)):  # fmt: skip
+        ax = draw(arg)
+        assert ax.get_lines() or ax.collections, draw.__name__
+    ax = td.plots.shares(ds)
+    assert [t.get_text() for t in ax.get_xticklabels()] == ["0", "1", "2", "3", "final"]
