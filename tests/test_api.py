@@ -211,3 +211,23 @@ def test_tables_and_plots():
         assert ax.get_lines() or ax.collections, draw.__name__
     ax = td.plots.shares(ds)
     assert [t.get_text() for t in ax.get_xticklabels()] == ["0", "1", "2", "3", "final"]
+
+
+def test_identifiability_from_the_users_cache_equals_the_model_run():
+    model = cached_model("gpt2")
+    texts = ["the cat sat on the mat", "a dog ran to the park", "the bird sang"] * 2
+    ref = td.token_identifiability(model, texts, mapping="naive", test_fraction=0.5, seed=1,
+                                   progress=False)  # fmt: skip
+    batches = []
+    for idx in (ref.train, ref.test):
+        tokens = torch.nn.utils.rnn.pad_sequence(
+            [model.to_tokens(texts[i])[0] for i in idx], batch_first=True
+        )
+        mask = (torch.arange(tokens.shape[1]) < torch.tensor(
+            [model.to_tokens(texts[i]).shape[1] for i in idx])[:, None]).long()  # fmt: skip
+        _, cache = model.run_with_cache(
+            tokens, attention_mask=mask, names_filter=td.states_names_filter(model)
+        )
+        batches.append(td.states_from_cache(cache, tokens, attention_mask=mask))
+    res = td.identifiability_from_states([batches[0]], [batches[1]], ref.layers, mapping="naive")
+    assert res.rates.tolist() == ref.rates.tolist()

@@ -34,6 +34,8 @@ from tl_decomp.decompose import names_filter as decomposition_names_filter
 from tl_decomp.identifiability import (
     IdentifiabilityResult,
     identifiability_from_states,
+    states_from_cache,
+    states_names_filter,
     token_identifiability,
 )
 from tl_decomp.logit import LogitAttribution, logit_attribution
@@ -112,6 +114,8 @@ __all__ = [
     "probe_subsets",
     "report",
     "special_token_attention",
+    "states_from_cache",
+    "states_names_filter",
     "source_logit_attribution",
     "source_names_filter",
     "source_norms",

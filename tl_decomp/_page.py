@@ -76,7 +76,7 @@ def _body(rep: Report, slots: dict[str, str]) -> str:
         f"computed in {rep.seconds:.1f} s</p><blockquote>{_e(rep.text)}</blockquote>",
         "<section><h2>Summary</h2><p class=note>Layer 0 is the layer-0 input, layer l the "
         "output of block l−1, final a decoder's final-norm output; heads are named by block "
-        "(L0H3: block 0, head 3).</p>"
+        f"(L0H3: block 0, head 3).</p><p class=note>{_e(COLUMNS)}</p>"
         f"{_html_table(rep.layer_rows())}{_html_table(rep.attention_rows())}</section>",
         "<section><h2>Vector-factor decomposition</h2><p class=note>e = i + h + f + c; mean "
         "share ⟨e,t⟩/‖e‖² over the tokens (the four sum to 1).</p>"
@@ -103,6 +103,18 @@ def _body(rep: Report, slots: dict[str, str]) -> str:
     return "".join(parts)
 
 
+COLUMNS = (
+    "i, h, f, c: mean share ⟨e,t⟩/‖e‖² of each term over the text's tokens (they sum to 1). "
+    "rel. error: |sum of the terms − the model's own state| / |state|. identified: share of "
+    "tokens whose state, mapped back to layer 0, is nearest to their own layer-0 vector "
+    "(this text, naive map; (corpus): a linear map fitted on the corpus). own: median share "
+    "of a token's own input in its state (Hidden Token Attribution); P̃: share of tokens "
+    "whose largest contributor is another token. –: not computed at that layer (attribution "
+    "runs on the layers asked for). rank(T): rank of the head's value-output vectors over "
+    "the keys; null dim: keys − rank(T); ‖A−A_eff‖/‖A‖: the pattern's non-identifiable part."
+)
+
+
 def _identifiable_note(rep: Report) -> str:
     ns = rep.null_space
     if int(ns.null_dim.max()) > 0:
@@ -121,8 +133,8 @@ def _e(s: object) -> str:
 def _fmt(v: Any, column: str = "") -> str:
     if v is None:
         return "–"
-    if column in ("rank(T)", "null dim"):
-        return f"{v:.1f}"
+    if column in ("rank(T)", "null dim"):  # ints where every head agrees, else a mean
+        return str(v) if isinstance(v, int) else f"{v:.1f}"
     if isinstance(v, float):
         return f"{v:.2e}" if v != 0 and abs(v) < 1e-3 else f"{v:.3f}"
     return str(v)

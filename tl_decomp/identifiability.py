@@ -24,7 +24,7 @@ from jaxtyping import Bool, Float, Int
 from torch import Tensor, nn
 from tqdm import tqdm
 
-from tl_decomp import _adapters, _distributed, _layers, _running
+from tl_decomp import _adapters, _checks, _distributed, _layers, _running
 from tl_decomp._adapters import ModelSpec
 from tl_decomp._layers import Layer
 from tl_decomp._maps import Distance, Mapping, fit_maps
@@ -479,10 +479,47 @@ def token_identifiability(
     return replace(result, train=tuple(train), test=tuple(test))
 
 
+def states_names_filter(model: Any, layers: Sequence[Layer] | None = None) -> Any:
+    """The ``names_filter`` caching the hidden states `states_from_cache` reads."""
+    spec = _adapters.model_spec(model)
+    layers = _layers.resolve_many(spec, layers, default=range(spec.n_layers + 1))
+    return frozenset([spec.layer0, *(_layers.site(spec, L) for L in layers)]).__contains__
+
+
+def states_from_cache(
+    cache: Any,
+    tokens: Int[Tensor, "batch pos"],
+    layers: Sequence[Layer] | None = None,
+    *,
+    attention_mask: Tensor | None = None,
+    model: Any = None,
+) -> StateBatch:
+    """A `StateBatch` of your own run, for `identifiability_from_states`: the hidden states at
+    `layers` (default 0..n_layers) of the tokens the cache was run on."""
+    model = _running.cache_model(cache) or model
+    if model is None:
+        raise ValueError("this cache does not record the model it came from: pass model=")
+    spec = _adapters.model_spec(model)
+    layers = _layers.resolve_many(spec, layers, default=range(spec.n_layers + 1))
+    tokens = _checks.token_ids(tokens, "tokens")
+    mask = torch.ones_like(tokens) if attention_mask is None else attention_mask
+    mask = _checks.mask(mask, tokens.shape)
+    sites = [spec.layer0, *(_layers.site(spec, L) for L in layers)]
+    if missing := sorted(set(sites) - set(cache.keys())):
+        raise ValueError(
+            f"the cache lacks {missing}: run it with names_filter=states_names_filter(model)"
+        )
+    states = torch.stack([cache[_layers.site(spec, L)] for L in layers])
+    _running.check_finite({s: cache[s] for s in sites}, mask.to(states.device))
+    return StateBatch(tokens.to(states.device), mask.to(states.device), cache[spec.layer0], states)
+
+
 __all__ = [
     "IdentifiabilityResult",
     "StateBatch",
     "Vocab",
     "identifiability_from_states",
+    "states_from_cache",
+    "states_names_filter",
     "token_identifiability",
 ]

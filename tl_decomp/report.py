@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import math
 import os
+import textwrap
 import time
 from collections.abc import Sequence
 from dataclasses import dataclass, field
@@ -105,7 +106,8 @@ class Report:
         """The two tables as plain text, for a terminal."""
         head = f"{self.model_name}: {len(self.tokens)} tokens: {' '.join(self.tokens)}"
         return "\n\n".join([head, _page.text_table(self.layer_rows()),
-                            _page.text_table(self.attention_rows())])  # fmt: skip
+                            _page.text_table(self.attention_rows()),
+                            textwrap.fill(_page.COLUMNS, 100)])  # fmt: skip
 
     def html(self) -> str:
         """The page, self-contained: see the module docstring."""
