@@ -139,7 +139,9 @@ def as_tokens(
     if bad.numel():
         raise ValueError(f"{what} {int(bad[0])} is outside the vocabulary (0..{spec.d_vocab - 1})")
     if (mask.sum(-1) == 0).any():
-        raise ValueError("an example has no real token: its attention_mask row is all 0")
+        k = int((mask.sum(-1) == 0).nonzero()[0])
+        why = "the tokenizer gives it no token" if what != "token id" else "its mask row is all 0"
+        raise ValueError(f"example {k} has no real token: {why}")
     if tokens.shape[1] > spec.n_ctx:
         raise ValueError(f"input has {tokens.shape[1]} tokens; the model's context is {spec.n_ctx}")
     return tokens, mask
