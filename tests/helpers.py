@@ -1,4 +1,4 @@
-"""The project's tolerances, in one place (SPEC 1.4)."""
+"""The project's tolerances, in one place (docs/method.md §1.4)."""
 
 from __future__ import annotations
 

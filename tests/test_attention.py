@@ -1,4 +1,4 @@
-"""Effective attention (SPEC 2): against one SVD per row, and by its invariants."""
+"""Effective attention (docs/method.md §6): against one SVD per row, and by its invariants."""
 
 from __future__ import annotations
 

@@ -1,4 +1,4 @@
-"""Hidden Token Attribution (SPEC 4): exact against brute-force autograd, estimate by its
+"""Hidden Token Attribution (docs/method.md §8): exact against brute-force autograd, estimate by its
 statistics, rows summing to 1, causality, padding, hooks."""
 
 from __future__ import annotations

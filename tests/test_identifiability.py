@@ -1,4 +1,4 @@
-"""Token identifiability (SPEC 3): on constructed states where the answer is known, on tiny
+"""Token identifiability (docs/method.md §7): on constructed states where the answer is known, on tiny
 models, and on bad input."""
 
 from __future__ import annotations

@@ -1,4 +1,4 @@
-"""Projections onto the column space of T, one key set per query row (SPEC section 2).
+"""Projections onto the column space of T, one key set per query row (docs/method.md §6).
 
 The numerical core of `tl_decomp.attention`. Every function takes ``U`` (``[batch head pos k]``,
 zero rows at masked keys) with ``U U'^T = T T'^T``, so col(U) = col(T) and the singular values

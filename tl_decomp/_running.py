@@ -213,5 +213,5 @@ def embedding_matrix(model: Any) -> Tensor:
 
 
 def norm_eps(model: Any) -> float:
-    """The epsilon of the model's LayerNorms / RMSNorms (inside sigma, SPEC 1.1)."""
+    """The epsilon of the model's LayerNorms / RMSNorms (inside sigma, docs/method.md §1.1)."""
     return float(model.cfg.eps)

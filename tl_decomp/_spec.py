@@ -21,7 +21,7 @@ from typing import Any, Literal
 import torch
 from torch import Tensor
 
-# Relative tolerance of `factors.sum(0)` against the model's own activation (SPEC 1.4).
+# Relative tolerance of `factors.sum(0)` against the model's own activation (docs/method.md §1.4).
 # Half-precision models are decomposed in float32 against their own half-precision states.
 TOLERANCE = {torch.float64: 1e-9, torch.float32: 1e-4, torch.float16: 1e-2, torch.bfloat16: 5e-2}
 # A float64 model whose norm computes in float32 (Hugging Face's RMSNorm) carries float32

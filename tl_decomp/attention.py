@@ -3,7 +3,7 @@
 A head writes ``A T`` with ``T = V W_O`` (one output vector per key). Once there are more keys
 than ``rank(T) <= d_head``, any ``A + N`` with the rows of ``N`` in the left null space of
 ``T`` writes the same output, so only ``A_eff = A P`` is identifiable, ``P = T T^+`` being the
-projector onto the column space of ``T`` in key space (SPEC section 2).
+projector onto the column space of ``T`` in key space (docs/method.md §6).
 
 Each query row is projected onto exactly the keys it may see: all valid keys of its example
 (bidirectional), the valid keys up to itself (causal; the full ``T`` would leak future keys),

@@ -1,4 +1,4 @@
-"""Hidden Token Attribution (Brunner et al., ICLR 2020, section 5; SPEC section 4).
+"""Hidden Token Attribution (Brunner et al., ICLR 2020, section 5; docs/method.md §8).
 
 How much does input position ``j`` contribute to the hidden vector ``e_i^l``?
 

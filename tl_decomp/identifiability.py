@@ -1,4 +1,4 @@
-"""Token identifiability (Brunner et al., ICLR 2020, section 4; SPEC section 3).
+"""Token identifiability (Brunner et al., ICLR 2020, section 4; docs/method.md §7).
 
 Can the input token at position ``t`` be recovered from its hidden vector ``e_t^l``? A map
 ``g: e^l -> e^0`` is fitted on a training split of sequences, and a test token counts as

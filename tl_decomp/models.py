@@ -52,9 +52,9 @@ def load_model(
     if not key:
         raise ValueError(f"empty model name; bundled models: {', '.join(BUNDLED)}")
     if key in ("minilm", "all-minilm-l6-v2"):
-        path = _bundled.minilm_dir()
+        path, short = _bundled.minilm_dir(), "minilm"
     elif key in ("smollm2", "smollm2-135m-instruct"):
-        path = _bundled.smollm2_dir()
+        path, short = _bundled.smollm2_dir(), "smollm2"
     else:
         try:
             return TransformerBridge.boot_transformers(name, device=device, dtype=dtype)
@@ -63,7 +63,9 @@ def load_model(
                 f"could not load {name!r} ({err}). Bundled offline models: "
                 f"{', '.join(BUNDLED)}; other names need the Hugging Face hub."
             ) from err
-    return TransformerBridge.boot_transformers(str(path), device=device, dtype=dtype)
+    model = TransformerBridge.boot_transformers(str(path), device=device, dtype=dtype)
+    model.cfg.model_name = short  # what reports show, not the package's path
+    return model
 
 
 def _hf_config(arch: str) -> Any:

@@ -1,4 +1,4 @@
-"""circuitsvis views of tl_decomp results: thin adapters, no computation (SPEC section 5).
+"""circuitsvis views of tl_decomp results: thin adapters, no computation (docs/method.md §9).
 
 Each view takes result objects (and, optionally, the token strings), picks the numbers to
 show, and hands them to circuitsvis React components. It returns a `View`, a circuitsvis
