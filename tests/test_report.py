@@ -309,7 +309,7 @@ def test_report_on_each_model_class(kind):
     rep = report(cached_model("llama", kind), "the cat sat", progress=False)
     assert rep.tokens == ("[BOS]", "the", "cat", "sat") and rep.causal
     assert rep.patterns.shape == rep.effective.shape == (3, 4, 4, 4)
-    assert rep.html().count('class="cv"') == 3 * 2 + 4  # attention pairs, shares, ident., attr.
+    assert rep.html().count('class="cv"') == 3 * 3 + 4  # raw, effective, norm-based; the rest
 
 
 def test_page_is_self_contained():
@@ -414,7 +414,7 @@ def test_minilm_report_from_the_cli(tmp_path, capsys):
     assert_page_ok(page, path)
     assert_not_blank(page.png)
     heads = [c for c in page.dom["components"] if c["name"] == "AttentionHeads"]
-    assert len(heads) == 2 * 6 + 1  # raw and effective for 6 blocks; attribution matrices
+    assert len(heads) == 3 * 6 + 1  # raw, effective, norm-based for 6 blocks; attribution
     assert all(c["canvases"] == 13 for c in heads[:12])  # 12 heads and the zoomed one
 
 

@@ -18,6 +18,7 @@ import torch
 from circuitsvis.utils.render import RenderedHTML
 from conftest import cached_model
 
+import tl_decomp as td
 from tl_decomp import _html, decompose, decompose_layers, model_spec, views
 from tl_decomp.attention import effective_attention
 from tl_decomp.attribution import hidden_token_attribution
@@ -417,3 +418,17 @@ def test_a_view_without_the_bundle_says_how_to_get_it(tmp_path, session):
     got = open_fragments(path, wait=4)  # 3 s for a bundle, then circuitsvis's CDN
     # offline (CI): the note; online: mounted from the CDN. Never a blank output.
     assert got["mounted"] == 1 or "resend_bundle()" in got["text"]
+
+
+def test_attention_view_shows_norm_based_attention_as_a_third_panel():
+    model = cached_model("gpt2")
+    _, cache = model.run_with_cache(
+        torch.arange(5, 17)[None], names_filter=td.source_names_filter(model)
+    )
+    raw, eff = cache["pattern", 1], td.effective_attention(cache, 1)
+    nb = td.norm_based_attention(cache, 1)
+    shown_ = shown(views.attention_view(raw, eff, block=1, causal=True, norm_based=nb))
+    assert [name for name, _ in shown_] == ["AttentionHeads"] * 3
+    third = shown_[2][1]
+    assert third["minValue"] == 0 and third["attentionHeadNames"][0] == "L1H0"
+    assert torch.tensor(third["attention"]).sub(nb[0].float()).abs().max() < 1e-4  # 4 decimals

@@ -40,8 +40,9 @@ def _rows(rep: Report) -> list[tuple[str, Sequence[Component]]]:
         ("decomposition", views.shares_components(rep.decompositions, tokens))
     ]
     for i, L in enumerate(rep.attention_blocks):
+        nb = None if rep.norm_based is None else rep.norm_based[i]
         pair = views.attention_components(rep.patterns[i], rep.effective[i], tokens, block=L,
-                                          causal=rep.causal)  # fmt: skip
+                                          causal=rep.causal, norm_based=nb)  # fmt: skip
         rows.append((f"attention{L}", pair))
     ident = rep.identifiability
     rows.append(
@@ -82,8 +83,9 @@ def _body(rep: Report, slots: dict[str, str]) -> str:
         "share ⟨e,t⟩/‖e‖² over the tokens (the four sum to 1).</p>"
         f"{_plot_shares(rep)}{slots['decomposition']}</section>",
         "<section><h2>Effective attention</h2><p class=note>Left: the pattern A; right: "
-        "A·P, its identifiable part (P projects onto the column space of T = V W_O). Same "
-        "colour scale; red is negative.</p>"
+        "A·P, its identifiable part (P projects onto the column space of T = V W_O), on one "
+        "colour scale (red is negative); third, norm-based attention ‖A[q,k] f(x_k)‖ "
+        "(Kobayashi et al. 2020): how much of key k's value vector reaches query q.</p>"
         + _identifiable_note(rep)
         + "".join(f"<h3>block {L}</h3>{slots[f'attention{L}']}" for L in rep.attention_blocks)
         + "</section>",

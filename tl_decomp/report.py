@@ -38,7 +38,9 @@ class Report:
         text, tokens: the input and its token strings (as data; the page escapes them).
         decompositions: `decompose_layers` at every layer (0 .. n_layers, a decoder's final).
         attention_blocks, patterns, effective: raw and effective attention of those blocks,
-            ``[block head_index query_pos key_pos]``; `null_space` their diagnostics.
+            ``[block head_index query_pos key_pos]``; `null_space` their diagnostics;
+            `norm_based` Kobayashi et al.'s ``‖A[q,k] f(x_k)‖`` of the same heads (None where
+            a model's heads are not pattern times values).
         identifiability: token identifiability of the text's own tokens (naive map, cosine).
         corpus_identifiability: a linear map fitted on shipped corpus sentences, or None.
         attribution: Hidden Token Attribution of the text, or None; `query` the position
@@ -55,6 +57,7 @@ class Report:
     effective: Float[Tensor, "block head_index query_pos key_pos"]
     null_space: Any
     identifiability: Any
+    norm_based: Float[Tensor, "block head_index query_pos key_pos"] | None = None
     corpus_identifiability: Any = None
     attribution: Any = None
     query: int = 0
@@ -220,12 +223,13 @@ def report(
             got[name] = job()
             bar.update()
         bar.set_postfix_str("page")
-        decompositions, raw, eff, null = got["decomposition and attention"]
+        decompositions, raw, eff, null, norm_based = got["decomposition and attention"]
         rep = Report(
             model_name=model_name or str(getattr(model.cfg, "model_name", type(model).__name__)),
             text=text, tokens=tuple(model.tokenizer.convert_ids_to_tokens(ids[0].tolist())),
             causal=spec.causal, decompositions=decompositions, attention_blocks=blocks,
-            patterns=raw, effective=eff, null_space=null, identifiability=got["identifiability"][0],
+            patterns=raw, effective=eff, null_space=null, norm_based=norm_based,
+            identifiability=got["identifiability"][0],
             corpus_identifiability=got["identifiability"][1], attribution=got["attribution"],
             query=q % n, d_head=spec.d_head, seconds=time.perf_counter() - start, meta=_versions(),
         )  # fmt: skip
@@ -239,19 +243,24 @@ def _one_pass(model: Any, spec: Any, ids: Tensor, mask: Tensor, blocks: tuple[in
     """Every layer's decomposition, and raw and effective patterns of the blocks
     ``[block head q k]`` with their diagnostics, from one forward pass; effective attention
     computed once."""
+    from tl_decomp import sources
     from tl_decomp.attention import _null_space, effective_attention_layers
     from tl_decomp.decompose import DecompositionRecipe
 
     recipe = DecompositionRecipe.for_model(model)
-    attention = spec.names_filter(layers=blocks, attention=True)
-    names = lambda name: recipe.names_filter(name) or attention(name)  # noqa: E731
+    names = sources.names_filter(model)  # the decomposition's hooks, values and hook_z
     with _running.exclusive(model):
         cache = _running.run_with_cache(model, ids, mask, names)
     decompositions = tuple(recipe.iter_layers(cache, tokens=ids, attention_mask=mask))
     eff = effective_attention_layers(cache, blocks, model=model, attention_mask=mask)
     raw = torch.stack([cache[spec.blocks[L].pattern][0] for L in blocks]).to(eff.dtype)
     null = _null_space(cache, spec, blocks, mask, eff)
-    return decompositions, raw, eff[:, 0], null
+    try:
+        nb = torch.stack([sources.norm_based_attention(cache, L, attention_mask=mask)[0]
+                          for L in blocks])  # fmt: skip
+    except NotImplementedError:  # heads that are not pattern x values (gated, normed): no panel
+        nb = None
+    return decompositions, raw, eff[:, 0], null, nb
 
 
 def _mean(t: Tensor) -> int | float:

@@ -77,8 +77,10 @@ def attention_components(
     *,
     block: int,
     causal: bool,
-) -> tuple[Component, Component]:
-    """The two `AttentionHeads` of `attention_view` on one colour scale (zero is white)."""
+    norm_based: Float[Tensor, "head_index query_pos key_pos"] | None = None,
+) -> tuple[Component, ...]:
+    """The `AttentionHeads` of `attention_view`: raw and effective on one colour scale (zero
+    is white), then norm-based attention on its own (it is in activation units)."""
     n = len(tokens)
     raw, eff = pattern[:, :n, :n].double(), effective[:, :n, :n].double()
     bound = max(raw.abs().max().item(), eff.abs().max().item(), 1e-12)
@@ -89,12 +91,19 @@ def attention_components(
         "minValue": -bound,
         "maskUpperTri": causal,
     }
-    return (
+    panels = (
         Component("AttentionHeads", {"attention": raw.tolist(), **common}, "raw attention A"),
         Component(
             "AttentionHeads", {"attention": eff.tolist(), **common}, "effective attention A·P"
         ),
     )
+    if norm_based is None:
+        return panels
+    nb = norm_based[:, :n, :n].double()
+    scale = {"maxValue": max(nb.max().item(), 1e-12), "minValue": 0.0}
+    title = "norm-based attention ‖A f(x)‖ (Kobayashi et al.)"
+    return (*panels, Component("AttentionHeads", {"attention": nb.tolist(), **common, **scale},
+                               title))  # fmt: skip
 
 
 def attention_view(
@@ -105,8 +114,10 @@ def attention_view(
     block: int,
     causal: bool,
     batch: int = 0,
+    norm_based: Float[Tensor, "batch head_index query_pos key_pos"] | None = None,
 ) -> View:
-    """Raw and effective attention of every head of block `block`, side by side.
+    """Raw and effective attention of every head of block `block`, side by side; with
+    `norm_based`, Kobayashi et al.'s norm-based attention as a third panel.
 
     Args:
         pattern: ``cache["pattern", block]``.
@@ -116,6 +127,8 @@ def attention_view(
         block: the block index, for the head names (``L{block}H{h}``).
         causal: mask the upper triangle (decoders); False for bidirectional models.
         batch: which example.
+        norm_based: ``tl_decomp.norm_based_attention(cache, block)``: how much of each key's
+            value vector reaches each query, ``‖A[q,k] f(x_k)‖``.
 
     Example:
         >>> from tl_decomp import model_spec, tiny_model
@@ -132,8 +145,9 @@ def attention_view(
     if n > pattern.shape[-1]:
         raise ValueError(f"{n} token strings for {pattern.shape[-1]} positions")
     strings = _token_strings(None, tokens, n)
+    nb = None if norm_based is None else norm_based[batch]
     parts = attention_components(pattern[batch], effective[batch], strings, block=block,
-                                 causal=causal)  # fmt: skip
+                                 causal=causal, norm_based=nb)  # fmt: skip
     return components_html(parts)
 
 
