@@ -270,6 +270,35 @@ def _check(
     return layers
 
 
+def _per_example(model, spec, tokens, mask, source, layers, opts, progress):
+    """Squared Jacobian-block norms (and, estimated, their variances) ``[layer b q k]``, one
+    example at a time on its real tokens."""
+    method, n_probes, chunk_size, seed = opts
+    device, sites = tokens.device, _layer_sites(spec, layers)
+    shape = (len(layers), *tokens.shape, tokens.shape[1])
+    norm2: Tensor | None = None
+    var = torch.zeros(shape, dtype=torch.float64, device=device)
+    lengths = mask.sum(-1).tolist()
+    per_pos = spec.d_model if method == "exact" else n_probes
+    with tqdm(total=sum(lengths) * per_pos, disable=not progress, desc="JVPs") as bar:
+        for b, n in enumerate(lengths):
+            ids = tokens[b : b + 1, :n]
+            x0 = _source_activation(model, ids, source)
+            run = _runner(model, spec, ids, source, sites)
+            with torch.no_grad():  # a NaN would become NaN contributions and a wrong P̃
+                _running.check_finite({source: x0, **dict(zip(sites, run(x0), strict=True))})
+            chunk = chunk_size or max(16, min(1024, 2**22 // (n * spec.d_model)))
+            # Forward-mode AD levels are global to the process: one JVP loop at a time.
+            with _FORWARD_AD, _running.exclusive(model):
+                sq, v = _sq_norms(run, x0, method, n_probes, chunk, len(layers), seed + b, bar)
+            norm2 = torch.zeros(shape, dtype=sq.dtype, device=device) if norm2 is None else norm2
+            norm2[:, b, :n, :n] = sq
+            if v is not None:
+                var[:, b, :n, :n] = v
+    assert norm2 is not None
+    return norm2, var
+
+
 def hidden_token_attribution(
     model: Any,
     input: str | Sequence[str] | Tensor,
@@ -333,28 +362,9 @@ def hidden_token_attribution(
     device = _running.model_device(model)
     tokens, mask = tokens.to(device), mask.to(device)
     source = spec.layer0 if wrt == "layer0" else spec.embeds[0][1]
-    sites = _layer_sites(spec, layers)
-    shape = (len(layers), *tokens.shape, tokens.shape[1])
-    norm2: Tensor | None = None
-    var = torch.zeros(shape, dtype=torch.float64, device=device)
-    lengths = mask.sum(-1).tolist()
-    per_pos = spec.d_model if method == "exact" else n_probes
-    with tqdm(total=sum(lengths) * per_pos, disable=not progress, desc="JVPs") as bar:
-        for b, n in enumerate(lengths):
-            ids = tokens[b : b + 1, :n]
-            x0 = _source_activation(model, ids, source)
-            run = _runner(model, spec, ids, source, sites)
-            with torch.no_grad():  # a NaN would become NaN contributions and a wrong P̃
-                _running.check_finite({source: x0, **dict(zip(sites, run(x0), strict=True))})
-            chunk = chunk_size or max(16, min(1024, 2**22 // (n * spec.d_model)))
-            # Forward-mode AD levels are global to the process: one JVP loop at a time.
-            with _FORWARD_AD, _running.exclusive(model):
-                sq, v = _sq_norms(run, x0, method, n_probes, chunk, len(layers), seed + b, bar)
-            norm2 = torch.zeros(shape, dtype=sq.dtype, device=device) if norm2 is None else norm2
-            norm2[:, b, :n, :n] = sq
-            if v is not None:
-                var[:, b, :n, :n] = v
-    assert norm2 is not None
+    norm2, var = _per_example(
+        model, spec, tokens, mask, source, layers, (method, n_probes, chunk_size, seed), progress
+    )
     dtype = spec.dtype if spec.dtype in (torch.float32, torch.float64) else torch.float32
     norms = norm2.sqrt()
     contributions = norms / norms.sum(-1, keepdim=True).clamp_min(1e-30)

@@ -42,6 +42,22 @@ def _parser() -> argparse.ArgumentParser:
     s = sub.add_parser("stats", help="mean ± std shares per layer over the shipped corpus")
     s.add_argument("--sentences", type=_positive, default=200, help="corpus sentences (200)")
     s.add_argument("--batch-size", type=_positive, default=16)
+    r = _report_parser(sub)
+    for q in (d, s, r):
+        q.add_argument(
+            "--model",
+            default="minilm",
+            help=f"a bundled model ({', '.join(BUNDLED)}) or a hub name",
+        )
+    for q in (d, s):
+        q.add_argument("--centering", choices=("correction", "terms"), default="correction")
+        out = q.add_mutually_exclusive_group()
+        out.add_argument("--json", action="store_true", help="the table as JSON records")
+        out.add_argument("--csv", action="store_true", help="the table as CSV")
+    return p
+
+
+def _report_parser(sub: Any) -> argparse.ArgumentParser:
     r = sub.add_parser(
         "report",
         help="one self-contained HTML page (opens offline): every view, plots and tables",
@@ -82,18 +98,7 @@ def _parser() -> argparse.ArgumentParser:
         "--max-tokens", type=_positive, default=128, metavar="N", help="refuse longer texts (128)"
     )
     r.add_argument("--no-progress", action="store_true", help="no progress bar")
-    for q in (d, s, r):
-        q.add_argument(
-            "--model",
-            default="minilm",
-            help=f"a bundled model ({', '.join(BUNDLED)}) or a hub name",
-        )
-    for q in (d, s):
-        q.add_argument("--centering", choices=("correction", "terms"), default="correction")
-        out = q.add_mutually_exclusive_group()
-        out.add_argument("--json", action="store_true", help="the table as JSON records")
-        out.add_argument("--csv", action="store_true", help="the table as CSV")
-    return p
+    return r
 
 
 def _int(value: str, least: int, what: str) -> int:

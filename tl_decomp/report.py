@@ -187,20 +187,15 @@ def report(
     """
     from tl_decomp.attribution import hidden_token_attribution
 
-    if not isinstance(text, str):
-        raise TypeError(f"text must be one str, not {type(text).__name__}")
-    if not text.strip():
-        raise ValueError("the text is empty")
-    _checks.texts(text, "text")
     out = None if path is None else check_path(path)
     start = time.perf_counter()
     spec = _adapters.model_spec(model)
+    _check_options(text, attribution_method, n_probes, corpus_sentences, max_tokens, query)
     blocks = _layers.blocks(spec, attention_blocks, "attention_blocks")
     if attribution_layers is None:
         attribution_layers = range(1, min(3, spec.n_layers) + 1)
     hta = tuple(attribution_layers)  # empty: skipped
     hta = _layers.resolve_many(spec, hta, "attribution_layers") if hta else ()
-    _check_options(attribution_method, n_probes, corpus_sentences, max_tokens, query)
     ids, mask = _running.tokenize(model, text, encoder=not spec.causal)
     ids, mask = ids.to(_running.model_device(model)), mask.to(_running.model_device(model))
     n = ids.shape[1]
@@ -282,8 +277,15 @@ def _identifiability(model: Any, text: str, corpus_sentences: int, progress: boo
     return own, token_identifiability(model, load_corpus(corpus_sentences), progress=progress)
 
 
-def _check_options(method: str, n_probes: int, corpus: int, max_tokens: int, query: Any) -> None:
+def _check_options(
+    text: Any, method: str, n_probes: int, corpus: int, max_tokens: int, query: Any
+) -> None:
     """The cheap checks, before any model run."""
+    if not isinstance(text, str):
+        raise TypeError(f"text must be one str, not {type(text).__name__}")
+    if not text.strip():
+        raise ValueError("the text is empty")
+    _checks.texts(text, "text")
     _checks.choice(method, "attribution_method", ("estimate", "exact"))
     _checks.integer(n_probes, "n_probes", least=2 if method == "estimate" else None)
     _checks.integer(corpus, "corpus_sentences", least=0)
