@@ -8,12 +8,7 @@ from tl_decomp import plots, views
 from tl_decomp._adapters import ModelSpec, model_spec
 from tl_decomp._layers import Layer
 from tl_decomp._spec import InexactDecompositionError
-from tl_decomp.attention import (
-    NullSpace,
-    attention_null_space,
-    effective_attention,
-    effective_attention_layers,
-)
+from tl_decomp.attention import effective_attention, effective_attention_layers
 from tl_decomp.attention import names_filter as attention_names_filter
 from tl_decomp.attention_corpus import (
     AttentionCorrelation,
@@ -41,6 +36,7 @@ from tl_decomp.identifiability import (
 from tl_decomp.logit import LogitAttribution, logit_attribution
 from tl_decomp.masked import MaskedPrediction, masked_prediction
 from tl_decomp.models import load_model, tiny_model
+from tl_decomp.null_space import NullSpace, attention_null_space
 from tl_decomp.probing import (
     SUBSETS,
     ProbeTable,

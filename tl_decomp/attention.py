@@ -25,13 +25,12 @@ from typing import Any
 
 import einops
 import torch
-from jaxtyping import Float, Int, Shaped
+from jaxtyping import Float, Shaped
 from torch import Tensor
 
 from tl_decomp import _adapters, _checks, _layers, _running
 from tl_decomp._adapters import ModelSpec
 from tl_decomp._projection import causal, full_projection, serial, windowed
-from tl_decomp._repr import Tabular, short_repr
 
 
 @dataclass(frozen=True)
@@ -135,114 +134,6 @@ def effective_attention_layers(
     for i, L in enumerate(Ls[1:], 1):
         out[i] = _layer(cache, spec, L, attention_mask, opts)
     return out
-
-
-@dataclass(frozen=True)
-class NullSpace(Tabular):
-    """How much of each head's attention is not identifiable, per block, example and head.
-
-    ``rank`` and ``null_dim`` are those of the keys the example's last valid query sees:
-    all its valid keys in bidirectional and causal layers, so ``null_dim = n_keys - rank``.
-    In a sliding-window layer no query sees more than ``window`` keys, and a rank over the
-    whole example would describe no query's projection: there both describe the last query's
-    window (its valid keys among the last ``window`` positions), the kind of key set every
-    query past the first ``window`` has; which tokens fill it varies from query to query.
-
-    Attributes:
-        blocks: block indices, aligned with the first axis.
-        n_keys: valid keys per example.
-        rank: ``rank(T)`` over the keys the last valid query sees (tolerance as in
-            `effective_attention`).
-        null_dim: those keys' count minus ``rank``: the dimension of the left null space of
-            ``T`` restricted to them.
-        relative_norm: ``||A - A_eff||_F / ||A||_F`` over the entries every query may attend
-            to (all of them, not only the last query's).
-    """
-
-    __repr__ = short_repr
-
-    blocks: tuple[int, ...]
-    n_keys: Int[Tensor, " batch"]
-    rank: Int[Tensor, "n_layers batch head_index"]
-    null_dim: Int[Tensor, "n_layers batch head_index"]
-    relative_norm: Float[Tensor, "n_layers batch head_index"]
-
-    def rows(self) -> list[dict[str, Any]]:
-        """One row per block and head, averaged over examples (``pandas.DataFrame(rows)``)."""
-        mean = lambda t: t.double().nanmean(0).tolist()  # noqa: E731
-        return [
-            dict(block=L, head=h, rank=r, null_dim=d, relative_norm=n)
-            for i, L in enumerate(self.blocks)
-            for h, (r, d, n) in enumerate(
-                zip(
-                    *map(mean, (self.rank[i], self.null_dim[i], self.relative_norm[i])), strict=True
-                )
-            )
-        ]
-
-
-def attention_null_space(
-    cache: Any,
-    blocks: Sequence[int] | None = None,
-    *,
-    model: Any = None,
-    attention_mask: Shaped[Tensor, "batch pos"] | None = None,
-    value_bias: bool = True,
-    preserve_row_sums: bool = False,
-    rtol: float | None = None,
-    dtype: torch.dtype = torch.float64,
-) -> NullSpace:
-    """Per head: ``rank(T)``, the null-space dimension, and ``||A - A_eff||_F / ||A||_F``.
-
-    Options as in `effective_attention`.
-
-    Example:
-        >>> from tl_decomp.models import tiny_model
-        >>> model = tiny_model("bert", dtype=torch.float64)  # bidirectional, d_head 8
-        >>> names = _adapters.model_spec(model).names_filter(attention=True)
-        >>> _, cache = model.run_with_cache(torch.arange(5, 17)[None], names_filter=names)
-        >>> ns = attention_null_space(cache, [0])
-        >>> ns.n_keys.tolist(), ns.rank.tolist(), ns.null_dim.tolist()
-        ([12], [[[8, 8, 8, 8]]], [[[4, 4, 4, 4]]])
-    """
-    _, spec = _source(cache, model)
-    Ls = _layers.blocks(spec, blocks)
-    _check_cache(cache, spec, Ls)
-    opts = _Options(value_bias, preserve_row_sums, rtol, dtype)
-    return _null_space(cache, spec, Ls, attention_mask, None, opts)
-
-
-def _null_space(
-    cache: Any,
-    spec: ModelSpec,
-    Ls: Sequence[int],
-    attention_mask: Tensor | None,
-    effective: Tensor | None,
-    opts: _Options | None = None,
-) -> NullSpace:
-    """`attention_null_space`, reusing `effective` (``[block batch head q k]`` with the same
-    options) where the caller has it already."""
-    opts = opts or _Options()
-    ranks, null_dims, norms = [], [], []
-    for i, L in enumerate(Ls):
-        a = cache[spec.blocks[L].pattern].to(opts.dtype)
-        mask = _mask(a, attention_mask)
-        allowed = _allowed(mask, spec.causal, spec.blocks[L].window)
-        a = a.where(allowed, 0.0)
-        last = mask.shape[-1] - 1 - mask.flip(-1).int().argmax(-1)  # each example's last query
-        keys = allowed[torch.arange(len(last), device=last.device), 0, last]
-        u = _values(cache, spec, L, keys, opts)
-        with serial():
-            rank = full_projection(u, keys, _rtol(opts, spec, keys.sum(-1)))[2]
-        ranks.append(rank)
-        null_dims.append(keys.sum(-1)[:, None] - rank)
-        eff = _layer(cache, spec, L, mask, opts) if effective is None else effective[i]
-        diff = (a - eff.to(a.dtype)).flatten(2).norm(dim=-1)
-        norms.append(diff / a.flatten(2).norm(dim=-1))
-    n_keys = _mask(cache[spec.blocks[Ls[0]].pattern], attention_mask).sum(-1)
-    return NullSpace(
-        tuple(Ls), n_keys, torch.stack(ranks), torch.stack(null_dims), torch.stack(norms)
-    )
 
 
 # -- the projection ---------------------------------------------------------------------------
@@ -393,8 +284,6 @@ def _check_cache(cache: Any, spec: ModelSpec, layers: Sequence[int]) -> None:
 
 
 __all__ = [
-    "NullSpace",
-    "attention_null_space",
     "effective_attention",
     "effective_attention_layers",
     "names_filter",

@@ -239,8 +239,9 @@ def _one_pass(model: Any, spec: Any, ids: Tensor, mask: Tensor, blocks: tuple[in
     ``[block head q k]`` with their diagnostics, from one forward pass; effective attention
     computed once."""
     from tl_decomp import sources
-    from tl_decomp.attention import _null_space, effective_attention_layers
+    from tl_decomp.attention import effective_attention_layers
     from tl_decomp.decompose import DecompositionRecipe
+    from tl_decomp.null_space import _null_space
 
     recipe = DecompositionRecipe.for_model(model)
     names = sources.names_filter(model)  # the decomposition's hooks, values and hook_z
