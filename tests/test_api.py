@@ -231,3 +231,18 @@ def test_identifiability_from_the_users_cache_equals_the_model_run():
         batches.append(td.states_from_cache(cache, tokens, attention_mask=mask))
     res = td.identifiability_from_states([batches[0]], [batches[1]], ref.layers, mapping="naive")
     assert res.rates.tolist() == ref.rates.tolist()
+
+
+def test_a_tokenizer_larger_than_the_embedding_is_refused_by_name():
+    from dataclasses import replace
+
+    model = cached_model("gpt2")
+    small = replace(td.model_spec(model), d_vocab=8)  # as if the embedding had 8 rows
+    with pytest.raises(ValueError, match=r"the tokenizer gives id \d+ is outside the vocab"):
+        td._running.as_tokens(model, small, "the cat sat on the mat")
+
+
+def test_a_dict_is_read_as_a_cache_not_as_texts():
+    model = cached_model("gpt2")
+    with pytest.raises(ValueError, match="the cache lacks"):
+        td.decompose(model, {"the cat": 1})
