@@ -251,3 +251,12 @@ def test_nan_weights_raise_naming_the_first_site_in_every_analysis():
         effective_attention(cache, 1)
     with pytest.raises(ValueError, match=r"blocks\.2\..*NaN"):
         effective_attention(cache, 2)
+    # probing and the corpus statistics read the same decomposition and projection
+    import tl_decomp as td
+
+    with pytest.raises(ValueError, match=r"blocks\.1\..*NaN"):
+        td.corpus_statistics(model, texts, progress=False)
+    with pytest.raises(ValueError, match=r"blocks\.1\..*NaN"):
+        td.word_factors(model, ([["the", "cat"]], [["D", "N"]]), layer=2, progress=False)
+    with pytest.raises(ValueError, match=r"blocks\.1\..*NaN"):
+        td.attention_correlation(model, texts, blocks=[1])
