@@ -246,3 +246,29 @@ def test_a_dict_is_read_as_a_cache_not_as_texts():
     model = cached_model("gpt2")
     with pytest.raises(ValueError, match="the cache lacks"):
         td.decompose(model, {"the cat": 1})
+
+
+@pytest.mark.parametrize(
+    ("call", "message"),
+    [
+        (lambda m: td.corpus_statistics(m, TEXTS, statistic="mean"), "statistic must be one of"),
+        (lambda m: td.corpus_statistics(m, TEXTS, batch_size=0), "batch_size must be at least 1"),
+        (lambda m: td.corpus_statistics(m, "the cat"), "texts must be a list of texts"),
+        (lambda m: td.attention_correlation(m, TEXTS, batch_size=0), "batch_size must be"),
+        (lambda m: td.special_token_attention(m, []), "texts is an empty list"),
+        (lambda m: td.token_identifiability(m, TEXTS * 3, test_fraction=1.5), "test_fraction"),
+        (lambda m: td.token_identifiability(m, TEXTS * 3, batch_size=0), "batch_size must be"),
+        (lambda m: td.ff_linearity(m, TEXTS, batch_size=-1), "batch_size must be"),
+        (lambda m: td.corpus_statistics(m, ["cat " * 200]), r"texts\[0\] has \d+ tokens"),
+    ],
+)
+def test_corpus_options_are_checked_before_any_forward_pass(call, message):
+    model = cached_model("gpt2")
+    ran = []
+    handle = model.register_forward_hook(lambda *_: ran.append(1))
+    try:
+        with pytest.raises((ValueError, TypeError), match=f"{message}|{TYPED}"):
+            call(model)
+    finally:
+        handle.remove()
+    assert not ran

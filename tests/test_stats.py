@@ -97,9 +97,9 @@ def test_compare_checkpoints_is_the_difference_and_checks_shapes():
 
 def test_bad_corpus_inputs():
     model = cached_model("gpt2")
-    with pytest.raises(ValueError, match="non-empty"):
+    with pytest.raises(ValueError, match="texts is an empty list"):
         corpus_statistics(model, [], progress=False)
-    with pytest.raises(ValueError, match="non-empty"):
+    with pytest.raises(TypeError, match="a list of texts, not one str|typechecking"):
         corpus_statistics(model, "the cat", progress=False)  # type: ignore[arg-type]
     with pytest.raises(ValueError, match="two texts"):
         ff_linearity(model, ["the cat"], progress=False)

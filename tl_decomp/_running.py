@@ -71,6 +71,19 @@ def run_with_cache(
     return cache
 
 
+def check_corpus(
+    model: Any, spec: ModelSpec, texts: Any, batch_size: int, arg: str = "texts"
+) -> list[str]:
+    """The corpus functions' one input check, before any forward pass: a list of non-blank
+    texts, a positive batch size, every text within the context."""
+    if isinstance(texts, str):
+        raise TypeError(f"{arg} must be a list of texts, not one str")
+    texts = _checks.texts(texts, arg)
+    _checks.integer(batch_size, "batch_size", least=1)
+    check_lengths(model, spec, texts, arg)
+    return texts
+
+
 def check_lengths(model: Any, spec: ModelSpec, texts: Sequence[str], arg: str = "texts") -> None:
     """Every text fits the context, checked before any forward pass (a corpus's last batch
     would otherwise fail deep inside the model after minutes of work)."""

@@ -100,6 +100,7 @@ def attention_correlation(
     spec = _adapters.model_spec(model)
     Ls = _layers.blocks(spec, blocks)
     opts = _Options(value_bias, preserve_row_sums, rtol, dtype)
+    texts = _running.check_corpus(model, spec, texts, batch_size)
     lengths = torch.zeros(len(texts), dtype=torch.long)
     r = torch.zeros((len(texts), len(Ls), spec.n_heads), dtype=dtype)  # a rank's rows, else 0
     with _distributed.guard():
@@ -171,6 +172,7 @@ def special_token_attention(
     spec = _adapters.model_spec(model)
     Ls = _layers.blocks(spec, blocks)
     opts = _Options(value_bias, preserve_row_sums, rtol, dtype)
+    texts = _running.check_corpus(model, spec, texts, batch_size)
     names, special = _categories(model, spec)
     raw, eff = torch.zeros(2, len(Ls), len(names), dtype=dtype)
     seen, queries = torch.zeros(len(names), dtype=torch.long), torch.zeros((), dtype=torch.long)

@@ -354,11 +354,8 @@ def _check(
     for name, (value, allowed) in options.items():
         if value not in allowed:
             raise ValueError(f"{name} must be one of {allowed}, not {value!r}")
-    if isinstance(corpus, str) or len(corpus) == 0:
-        raise ValueError("the corpus is empty (or a single string): pass a list of texts")
     layers = _layers.resolve_many(spec, layers, default=range(spec.n_layers + 1))
-    if not 0 < test_fraction < 1:
-        raise ValueError(f"test_fraction must be strictly between 0 and 1, not {test_fraction}")
+    _checks.number(test_fraction, "test_fraction", low=0.0, high=1.0)
     return layers
 
 
@@ -449,6 +446,9 @@ def token_identifiability(
     )
     if match == "position" and lookup == "vocab":
         raise ValueError("match='position' needs lookup='sequence' (vocabulary items have none)")
+    corpus = _running.check_corpus(model, spec, corpus, batch_size, "corpus")
+    _checks.integer(seed, "seed")
+    _checks.integer(max_mlp_tokens, "max_mlp_tokens", least=1)
     train, test = _split(corpus, test_fraction, seed, mapping)
     vocab = Vocab.for_model(model, spec) if lookup == "vocab" else None
     total = len(test) + (len(train) if mapping != "naive" else 0)

@@ -16,7 +16,7 @@ from jaxtyping import Float
 from torch import Tensor
 from tqdm.auto import tqdm
 
-from tl_decomp import _adapters, _distributed, _layers, _running
+from tl_decomp import _adapters, _checks, _distributed, _layers, _running
 from tl_decomp._layers import Layer
 from tl_decomp._repr import Tabular, short_repr
 from tl_decomp.decompose import Decomposition, DecompositionRecipe, Granularity
@@ -150,10 +150,10 @@ def corpus_statistics(
         >>> bool(torch.allclose(s.mean.nansum(1), torch.ones(4, dtype=torch.float64)))
         True
     """
+    _checks.choice(statistic, "statistic", ("shares", "norm_ratios", "cosines"))
     recipe = DecompositionRecipe.for_model(model, granularity=granularity, centering=centering)
     layers = _layers.resolve_many(recipe.spec, layers)
-    if isinstance(texts, str) or not len(texts):
-        raise ValueError("expected a non-empty list of texts")
+    texts = _running.check_corpus(model, recipe.spec, texts, batch_size)
     moments: dict[Layer, _Moments] = {}
     site_labels: dict[Layer, tuple[str, ...]] = {}
     worst = 0.0
@@ -405,6 +405,7 @@ def ff_linearity(
         raise ValueError(f"protocol must be 'heldout' or 'paper', not {protocol!r}")
     if not 0 < test_fraction < 1:
         raise ValueError("test_fraction must lie strictly between 0 and 1")
+    texts = _running.check_corpus(model, spec, texts, batch_size)
     if len(texts) < 2:
         raise ValueError("ff_linearity needs at least two texts (one to fit, one to score)")
     gen = torch.Generator().manual_seed(seed)
