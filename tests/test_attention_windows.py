@@ -1,4 +1,5 @@
-"""Sliding-window attention (docs/method.md §6): each row is projected onto exactly the keys it sees.
+"""Sliding-window attention (docs/method.md §6): each row is projected onto exactly the keys
+it sees.
 
 Tiny random Mistral bridges (every layer windowed; window 6 <= d_head 8, so a window is a
 wide problem, and window 12 > d_head, a tall one) and a GPT-Neo bridge (global, then local

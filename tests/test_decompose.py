@@ -1,4 +1,5 @@
-"""The invariant (docs/method.md §1.4) and the behaviour of `decompose` on every tiny architecture."""
+"""The invariant (docs/method.md §1.4) and the behaviour of `decompose` on every tiny
+architecture."""
 
 from __future__ import annotations
 

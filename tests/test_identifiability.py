@@ -1,5 +1,5 @@
-"""Token identifiability (docs/method.md §7): on constructed states where the answer is known, on tiny
-models, and on bad input."""
+"""Token identifiability (docs/method.md §7): on constructed states where the answer is known,
+on tiny models, and on bad input."""
 
 from __future__ import annotations
 
