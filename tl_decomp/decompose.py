@@ -24,13 +24,15 @@ from jaxtyping import Float, Int
 from torch import Tensor
 
 from tl_decomp import _adapters, _checks, _experts, _layers, _running
+from tl_decomp._algebra import KINDS, Map, Rows, Stack
+from tl_decomp._algebra import check_values as _check_values  # noqa: F401  # sources.py
+from tl_decomp._algebra import head_values as _head_values
 from tl_decomp._layers import Layer
 from tl_decomp._repr import short_repr
 from tl_decomp._spec import InexactDecompositionError, ModelSpec, Norm
 
 Granularity = Literal["coarse", "layer", "head", "source", "expert"]
 Centering = Literal["correction", "terms"]
-KINDS = ("i", "h", "f", "c")
 
 
 @dataclass(frozen=True)
@@ -104,85 +106,6 @@ class Decomposition:
         if self.attention_mask is None:
             return torch.ones(self.target.shape[:2], dtype=torch.bool)
         return self.attention_mask.bool()
-
-
-class _Stack:
-    """Factor rows at fixed places in one buffer, in TransformerLens's order.
-
-    Terms enter in layout order, so the live non-correction rows are a growing prefix;
-    correction rows sit at the end. A finished stack is already ordered and needs no copy.
-    """
-
-    def __init__(self, kinds: dict[str, str], like: Tensor, dtype: torch.dtype):
-        self.kinds = kinds
-        self.slot = {label: k for k, label in enumerate(kinds)}  # _layout puts c rows last
-        self.n_terms = sum(kind != "c" for kind in kinds.values())
-        self.buf = like.new_empty((len(kinds), *like.shape), dtype=dtype)
-        self.touched: set[str] = set()
-        self.end = 0  # rows [0, end) hold live non-correction terms
-        if list(kinds) == list(KINDS):  # coarse stacks always hold i, h, f, c
-            self.buf.zero_()
-            self.touched, self.end = set(KINDS), 3
-
-    def add(self, label: str, value: Tensor) -> None:
-        k = self.slot[label]
-        if label in self.touched:
-            self.buf[k] += value
-        else:  # first write: the row holds uninitialised memory
-            self.buf[k].copy_(value)
-            self.touched.add(label)
-        if self.kinds[label] != "c":
-            self.end = max(self.end, k + 1)
-
-    def claim(self, labels: Sequence[str]) -> Tensor:
-        """The buffer rows of new consecutive labels (head outputs), to be written in place."""
-        k = self.slot[labels[0]]
-        self.touched.update(labels)
-        self.end = max(self.end, k + len(labels))
-        return self.buf[k : k + len(labels)]
-
-    def live(self) -> list[Tensor]:
-        """Views of every live row block, for in-place norm maps."""
-        c_rows = sorted(self.slot[label] for label in self.touched if self.kinds[label] == "c")
-        return [self.buf[: self.end], *(self.buf[k] for k in c_rows)]
-
-    def snapshot(self, copy: bool) -> tuple[Tensor, tuple[str, ...], tuple[str, ...]]:
-        """The live rows in order; a view of the buffer when `copy` is False and it can be."""
-        c_rows = sorted(self.slot[label] for label in self.touched if self.kinds[label] == "c")
-        rows = [*range(self.end), *c_rows]
-        labels = list(self.kinds)
-        if rows == list(range(len(rows))) and (self.end == self.n_terms or not c_rows):
-            factors = self.buf[: len(rows)]
-            factors = factors.clone() if copy else factors
-        else:
-            factors = self.buf.index_select(0, torch.tensor(rows, device=self.buf.device))
-        picked = tuple(labels[k] for k in rows)
-        return factors, picked, tuple(self.kinds[label] for label in picked)
-
-
-@dataclass(frozen=True)
-class _Map:
-    """``t -> gain * t`` (each term centred first where `center`): a norm with fixed sigma."""
-
-    gain: Tensor | float
-    center: bool
-
-    @property
-    def identity(self) -> bool:
-        return not self.center and isinstance(self.gain, float) and self.gain == 1.0
-
-    def __call__(self, t: Tensor) -> Tensor:
-        if self.identity:  # most blocks: no copy
-            return t
-        if self.center:
-            t = t - t.mean(-1, keepdim=True)
-        return t * self.gain
-
-    def apply_(self, t: Tensor) -> None:
-        if self.center:
-            t.sub_(t.mean(-1, keepdim=True))
-        if not self.identity:
-            t.mul_(self.gain)
 
 
 @dataclass(frozen=True)
@@ -287,34 +210,35 @@ class DecompositionRecipe:
         return fine
 
     # -- the algebra ------------------------------------------------------------------------
-    def _norm(self, st: _Stack, norm: Norm, cache: Any, dt: torch.dtype) -> None:
+    def _norm(self, st: Rows, norm: Norm, cache: Any, dt: torch.dtype) -> None:
         """Apply a norm with the forward pass's own mu and sigma to every live term."""
         m = self._sublayer(norm, 1.0, cache, dt)
         for live in st.live():
             m.apply_(live)
         self._post_corrections(st, norm, m, 1.0, cache, dt)
 
-    def _sublayer(self, norm: Norm | None, scale: float, cache: Any, dt: torch.dtype) -> _Map:
+    def _sublayer(self, norm: Norm | None, scale: float, cache: Any, dt: torch.dtype) -> Map:
         """What a sublayer's output goes through before the residual add: a post-sublayer
         norm (Gemma-2, OLMo-2) with the forward pass's own sigma, then a multiplier (Granite)."""
         if norm is None:
-            return _Map(scale, False)
+            return Map(scale, False)
         gain = scale / cache[norm.scale].to(dt)
-        gain = gain if norm.w is None else gain * norm.w.to(dt)
-        return _Map(gain, not norm.rms and self.centering == "terms")
+        w = None if norm.w is None else norm.w.to(dt)
+        return Map(gain, not norm.rms and self.centering == "terms", w)
 
-    def _post_corrections(self, st: _Stack, norm: Norm | None, m: _Map, scale: float, cache, dt):
+    def _post_corrections(self, st: Rows, norm: Norm | None, m: Map, scale: float, cache, dt):
         """A norm's centering and bias (times the sublayer's multiplier), into the correction
         term."""
         if norm is None:
             return
         if not norm.rms and self.centering == "correction":
-            mu = sum(cache[h].to(dt) for h in norm.inputs).mean(-1, keepdim=True)
-            st.add(self._label("c", "ln_center"), -mu * m.gain)
+            first = cache[norm.inputs[0]]
+            y = sum(cache[h].to(first.device, dt) for h in norm.inputs)
+            st.add(self._label("c", "ln_center"), m.scale(-y.mean(-1, keepdim=True)))
         if norm.b is not None:
             st.add(self._label("c", "ln_bias"), scale * norm.b.to(dt))
 
-    def _attention(self, st: _Stack, L: int, cache: Any, dt: torch.dtype) -> None:
+    def _attention(self, st: Rows, L: int, cache: Any, dt: torch.dtype) -> None:
         blk = self.spec.blocks[L]
         z = cache[blk.z].to(dt)
         if z.ndim == 3:  # the output projection's input, heads flattened
@@ -333,11 +257,15 @@ class DecompositionRecipe:
             for start in range(0, self.spec.n_heads, self.chunk_size):
                 sl = slice(start, start + self.chunk_size)
                 heads = [f"L{L}H{h}" for h in range(self.spec.n_heads)[sl]]
-                rows = st.claim(heads)
-                # Straight into the buffer: no head-sized temporary, no second copy.
+                rows = st.claim(heads, z.device)
                 zh = einops.rearrange(z[:, :, sl], "b q h dh -> h (b q) dh")
-                torch.bmm(zh, W_O[sl], out=einops.rearrange(rows, "h b q m -> h (b q) m"))
+                flat = einops.rearrange(rows, "h b q m -> h (b q) m")
+                if flat.device == zh.device:  # straight into the rows: no second copy
+                    torch.bmm(zh, W_O[sl], out=flat)
+                else:  # computed where the block lives, moved where it is summed
+                    flat.copy_(torch.bmm(zh, W_O[sl]))
                 post.apply_(rows)
+                st.commit(heads, rows)
         elif self.granularity == "source":
             self._sources(st, L, cache, z, post, dt)
         else:
@@ -349,7 +277,7 @@ class DecompositionRecipe:
             st.add(self._label("c", "attn_bias"), post(bias))
         self._post_corrections(st, blk.attn_post, post, blk.residual_scale, cache, dt)
 
-    def _sources(self, st: _Stack, L: int, cache: Any, z: Tensor, post: _Map, dt) -> None:
+    def _sources(self, st: Rows, L: int, cache: Any, z: Tensor, post: Map, dt) -> None:
         """Each head's bias-free output split by key position, ``A[q, k] (v_k - b_V) W_O``,
         straight into the stack: summed over k, the head's term of granularity ``head``."""
         spec, W_O = self.spec, self.spec.blocks[L].W_O.to(dt)
@@ -360,12 +288,18 @@ class DecompositionRecipe:
             ac, v = a[:, sl].to(dt), _head_values(spec, L, cache, sl, dt)
             _check_values(spec, L, ac, v, z[:, :, sl], dt)
             labels = [f"L{L}H{h}K{k}" for h in range(spec.n_heads)[sl] for k in range(n)]
-            rows = einops.rearrange(st.claim(labels), "(h k) b q m -> h k b q m", k=n)
+            claimed = st.claim(labels, v.device)
+            rows = einops.rearrange(claimed, "(h k) b q m -> h k b q m", k=n)
             vo = einops.einsum(v, W_O[sl], "b k h dh, h dh m -> h k b m")
-            torch.mul(einops.rearrange(ac, "b h q k -> h k b q 1"), vo[:, :, :, None], out=rows)
+            weight = einops.rearrange(ac, "b h q k -> h k b q 1")
+            if rows.device == vo.device:
+                torch.mul(weight, vo[:, :, :, None], out=rows)
+            else:
+                rows.copy_(weight * vo[:, :, :, None])
             post.apply_(rows)
+            st.commit(labels, claimed)
 
-    def _mlp(self, st: _Stack, L: int, cache: Any, dt: torch.dtype, routing) -> None:
+    def _mlp(self, st: Rows, L: int, cache: Any, dt: torch.dtype, routing) -> None:
         blk = self.spec.blocks[L]
         if blk.mlp_out is None:
             return
@@ -414,32 +348,90 @@ class DecompositionRecipe:
         wanted = sorted(_layers.resolve_many(spec, layers), key=partial(_layers.depth, spec))
         self._check_cache(cache)
         dt = self.compute_dtype()
-        st = _Stack(self._layout(cache), cache[spec.embeds[0][1]], dt)
+        st = Stack(self._layout(cache), cache[spec.embeds[0][1]], dt)
+        last = wanted[-1]
+        for layer in self._walk(st, cache, wanted, dt, routing):
+            # later layers keep writing into the buffer: copy
+            yield self._result(st, cache, layer, tokens, attention_mask, layer != last)
+
+    def iter_reduced(
+        self,
+        cache: Any,
+        statistic: Any,
+        layers: Sequence[Layer] | None = None,
+        *,
+        attention_mask: Tensor | None = None,
+        routing: _experts.Routing | None = None,
+    ) -> Iterator[Any]:
+        """`tl_decomp.reduce.Reduced` at each requested layer, in depth order: one statistic
+        of every factor, equal to the materialised `Decomposition`'s, without its stack.
+
+        `statistic`: ``"shares"``, ``"norm_ratios"``, ``"cosines"``, ``("logit", tokens)``
+        or ``("logit", tokens, incorrect)`` (as `Decomposition.logit_attrs`). Memory: one
+        chunk of `chunk_size` heads, the input and correction terms, one running sum, and
+        ``[factor batch pos]`` values per requested layer; independent of the number of
+        heads. Each result is checked exact as `iter_layers` checks its stack.
+
+        Example:
+            >>> from tl_decomp.models import tiny_model
+            >>> model = tiny_model("gpt2", dtype=torch.float64)
+            >>> recipe = DecompositionRecipe.for_model(model, granularity="head")
+            >>> _, cache = model.run_with_cache("the cat sat", names_filter=recipe.names_filter)
+            >>> r = next(recipe.iter_reduced(cache, "shares", [-1]))
+            >>> r.labels[:3], tuple(r.values.shape)
+            (('input', 'L0H0', 'L0H1'), (17, 1, 4))
+            >>> bool(torch.allclose(r.values.sum(0), torch.ones(1, 4, dtype=torch.float64)))
+            True
+        """
+        from tl_decomp.reduce import iter_reduced
+
+        return iter_reduced(
+            self, cache, statistic, layers, attention_mask=attention_mask, routing=routing
+        )
+
+    def _steps(self, wanted: Sequence[Layer]) -> list[tuple[str, Any]]:
+        """The walk up to the deepest of `wanted`, in forward order: ``("input", None)``,
+        ``("norm", Norm)`` (a norm on the residual stream), ``("attn", block)``,
+        ``("mlp", block)`` and ``("layer", layer)`` (a residual-stream index reached)."""
+        spec = self.spec
+        deepest = max(_layers.depth(spec, layer) for layer in wanted)
+        steps: list[tuple[str, Any]] = [("input", None)]
+        steps += [("norm", spec.embed_ln)] if spec.embed_ln is not None else []
+        steps.append(("layer", 0))
+        for L, blk in enumerate(spec.blocks[: min(deepest, spec.n_layers)]):
+            steps.append(("attn", L))
+            steps += [("norm", blk.ln1)] if blk.ln1 is not None else []
+            steps.append(("mlp", L))
+            steps += [("norm", blk.ln2)] if blk.ln2 is not None else []
+            steps.append(("layer", L + 1))
+        if deepest > spec.n_layers:
+            steps += [("norm", spec.ln_final)] if spec.ln_final is not None else []
+            steps.append(("layer", "final"))
+        return steps
+
+    def _walk(self, st: Rows, cache: Any, wanted: Sequence[Layer], dt, routing) -> Iterator[Layer]:
+        """Every step of `_steps` on `st` (a `Stack`, or a streamed reduction), yielding each
+        wanted layer once its terms are all in; ``st.pos`` is the step running."""
+        for i, (op, arg) in enumerate(self._steps(wanted)):
+            st.pos = i
+            if op == "input":
+                self._input(st, cache, dt)
+            elif op == "norm":
+                self._norm(st, arg, cache, dt)
+            elif op == "attn":
+                self._attention(st, arg, cache, dt)
+            elif op == "mlp":
+                self._mlp(st, arg, cache, dt, routing)
+            elif arg in wanted:
+                yield arg
+
+    def _input(self, st: Rows, cache: Any, dt: torch.dtype) -> None:
+        spec = self.spec
         if self.split_input or not spec.input:
             for label, hook in spec.embeds:
                 st.add(self._label("i", label if self.split_input else "input"), cache[hook].to(dt))
         else:  # the summed embeddings as the model holds them (scaled: Gemma, Granite)
             st.add(self._label("i", "input"), cache[spec.input].to(dt))
-        if spec.embed_ln is not None:
-            self._norm(st, spec.embed_ln, cache, dt)
-        last = wanted[-1]
-        for r in range(_layers.depth(spec, last) + 1):
-            if r > 0 and r <= spec.n_layers:
-                self._block(st, r - 1, cache, dt, routing)
-            elif r > spec.n_layers and spec.ln_final is not None:
-                self._norm(st, spec.ln_final, cache, dt)
-            layer = "final" if r > spec.n_layers else r
-            if layer in wanted:  # later layers keep writing into the buffer: copy
-                yield self._result(st, cache, layer, tokens, attention_mask, layer != last)
-
-    def _block(self, st: _Stack, L: int, cache: Any, dt: torch.dtype, routing) -> None:
-        blk = self.spec.blocks[L]
-        self._attention(st, L, cache, dt)
-        if blk.ln1 is not None:
-            self._norm(st, blk.ln1, cache, dt)
-        self._mlp(st, L, cache, dt, routing)
-        if blk.ln2 is not None:
-            self._norm(st, blk.ln2, cache, dt)
 
     def decompose(
         self,
@@ -461,10 +453,10 @@ class DecompositionRecipe:
         )
         return next(iter(it))
 
-    def _result(self, st: _Stack, cache, layer: Layer, tokens, mask, copy):
+    def _result(self, st: Stack, cache, layer: Layer, tokens, mask, copy):
         factors, labels, kinds = st.snapshot(copy)
         site = _layers.site(self.spec, layer)
-        target = cache[site]
+        target = cache[site].to(factors.device)  # where the terms were summed
         if mask is not None and not torch.isfinite(target).all():
             # Sliding windows leave padded queries with no key: the model's own state there
             # is NaN. Padding carries no meaning; zero it so it poisons no statistic.
@@ -527,35 +519,6 @@ class DecompositionRecipe:
 
     def _first_non_finite(self, cache: Any) -> str:
         return next((h for h in self.hooks if not torch.isfinite(cache[h]).all()), "unknown")
-
-
-def _head_values(
-    spec: ModelSpec, L: int, cache: Any, heads: slice, dt: torch.dtype, value_bias: bool = False
-) -> Float[Tensor, "batch key_pos head_index d_head"]:
-    """The values query heads `heads` of block `L` read (their KV heads under grouped-query
-    attention), without ``b_V`` unless `value_bias`: ``hook_v`` holds it (`_check_values`)."""
-    blk = spec.blocks[L]
-    v = cache[blk.v]
-    v = v[:, :, heads] if v.shape[2] == spec.n_heads else v[:, :, list(spec.kv_head[heads])]
-    v = v.to(dt)
-    return v if value_bias or blk.b_V is None else v - blk.b_V[heads].to(dt)
-
-
-def _check_values(spec: ModelSpec, L: int, a: Tensor, v: Tensor, z: Tensor, dt) -> None:
-    """Refuse unless ``z == pattern @ v`` (both with ``b_V`` or both without): only then do
-    the terms per key position sum to the heads' outputs. Output gates (Laguna, AFMoE) and
-    norms between the heads and ``W_O`` (BitNet) break it. NaN rows (padded queries that see
-    no key in a sliding window) are left to the sum's own check."""
-    diff = einops.einsum(a, v, "b h q k, b k h dh -> b q h dh") - z
-    err = diff.abs().nan_to_num(0.0).max().item()
-    scale = max(z.abs().nan_to_num(0.0).max().item(), 1e-30)
-    if err > spec.tolerance(dt, True) * scale:
-        blk = spec.blocks[L]
-        raise NotImplementedError(
-            f"splitting heads by key position on {spec.architecture}: block {L}'s {blk.z} is "
-            f"not {blk.pattern} times {blk.v} (relative error {err / scale:.2g}; an output gate "
-            "or a norm between the heads and W_O?); granularity='head' splits them exactly"
-        )
 
 
 def _run(model: Any, recipe: DecompositionRecipe, input: Any, attention_mask: Tensor | None):
@@ -651,7 +614,8 @@ def decompose_layers(
     split_input: bool = False,
     split_correction: bool = False,
     dtype: torch.dtype | None = None,
-) -> list[Decomposition]:
+    reduce: Any = None,
+) -> list[Any]:
     """The decomposition at every layer from one forward pass.
 
     Returns one `Decomposition` per residual-stream index in `layers`, in depth order: by
@@ -660,6 +624,11 @@ def decompose_layers(
     TransformerLens's ``accumulated_resid`` orders them. For corpora,
     `DecompositionRecipe.iter_layers` yields the same one layer at a time.
 
+    With `reduce` (``"shares"``, ``"norm_ratios"``, ``"cosines"``, ``("logit", tokens)``),
+    returns instead one `tl_decomp.reduce.Reduced` per layer: that statistic of every factor
+    (``[factor batch pos]``, labels as the decomposition's), computed without the factor
+    stack, one chunk of heads at a time (`DecompositionRecipe.iter_reduced`).
+
     Example:
         >>> from tl_decomp.models import tiny_model
         >>> ds = decompose_layers(tiny_model("gpt2"), ["the cat", "a dog sat"])
@@ -667,6 +636,9 @@ def decompose_layers(
         [0, 1, 2, 3, 'final']
         >>> max(d.relative_error for d in ds) < 1e-4
         True
+        >>> rs = decompose_layers(tiny_model("gpt2"), "a dog", granularity="head", reduce="shares")
+        >>> rs[-1].labels[:2], tuple(rs[-1].values.shape)
+        (('input', 'L0H0'), (17, 1, 3))
     """
     options = dict(
         granularity=granularity,
@@ -677,10 +649,19 @@ def decompose_layers(
     )
     recipe = DecompositionRecipe.for_model(model, **options)
     layers = _layers.resolve_many(recipe.spec, layers)
+    if reduce is not None:
+        from tl_decomp.reduce import check_statistic
+
+        check_statistic(reduce)  # before the forward pass
     if _checks.is_cache(input):
         mask = None if attention_mask is None else _checks.mask(attention_mask, _pos(recipe, input))
-        return list(recipe.iter_layers(input, layers, attention_mask=mask))
-    cache, tokens, mask, routing = _run(model, recipe, input, attention_mask)
+        cache, tokens, routing = input, None, None
+    else:
+        cache, tokens, mask, routing = _run(model, recipe, input, attention_mask)
+    if reduce is not None:
+        return list(
+            recipe.iter_reduced(cache, reduce, layers, attention_mask=mask, routing=routing)
+        )
     it = recipe.iter_layers(cache, layers, tokens=tokens, attention_mask=mask, routing=routing)
     return list(it)
 
