@@ -105,6 +105,8 @@ def logit_attribution(d: Any, tokens: Any, incorrect: Any = None) -> LogitAttrib
     if incorrect is not None:
         direction = direction - _columns(model, W_U, incorrect, shape)
         bias = bias - _pick(b_U.detach().to(dt), model, incorrect, shape)
+    # The unembedding's device may not be the factors' (a model split over devices).
+    direction, bias = direction.to(factors.device), bias.to(factors.device)
     values = torch.einsum("kbpd,bpd->kbp", factors, direction)
     if bias.abs().max() > 0:
         values = torch.cat([values, bias[None]])
@@ -144,8 +146,9 @@ def _own_logits(model: Any, recipe: Any, d: Any, tokens: Any, incorrect: Any) ->
     """The unembedding run on the model's own state (the final embedding, or the final norm
     of a block output), for the tokens asked."""
     with torch.inference_mode():
-        x = d.target if d.site == recipe.spec.final else model.ln_final(d.target)
-        out = model.unembed(x).to(d.factors.dtype)
+        x = d.target.to(model.W_U.device)  # the unembedding's device
+        x = x if d.site == recipe.spec.final else model.ln_final(x)
+        out = model.unembed(x).to(device=d.factors.device, dtype=d.factors.dtype)
     shape = d.target.shape[:2]
     pick = out.gather(-1, _ids(model, tokens, shape).to(out.device)[..., None])[..., 0]
     if incorrect is not None:

@@ -136,10 +136,11 @@ def corpus_statistics(
     """Mean ± std per layer of a per-token statistic of each term, over a corpus.
 
     At each residual-stream index in `layers` (default: 0 .. ``n_layers`` and, decoders,
-    ``"final"``); padding excluded. Memory is one batch's decomposition, whatever the corpus
-    size. Texts run in batches of similar length. Under an initialised `torch.distributed`
-    process group (``torchrun``), each rank decomposes its share of the batches and every
-    rank returns the merged result, equal to one process's to rounding (about 1e-15).
+    ``"final"``); padding excluded. Memory is one batch's run and one chunk of heads, whatever
+    the corpus size or the number of heads (`DecompositionRecipe.iter_reduced`). Texts run in
+    batches of similar length. Under an initialised `torch.distributed` process group
+    (``torchrun``), each rank decomposes its share of the batches and every rank returns the
+    merged result, equal to one process's to rounding (about 1e-15).
 
     Example:
         >>> from tl_decomp.models import tiny_model
@@ -171,12 +172,12 @@ def corpus_statistics(
             cache = _running.run_with_cache(
                 model, tokens.to(device), mask.to(device), recipe.names_filter
             )
-            for d in recipe.iter_layers(cache, layers, tokens=tokens, attention_mask=mask):
-                values = getattr(d, statistic)()  # [factor batch pos]
-                keep = d.mask().to(values.device)
-                moments.setdefault(d.layer, _Moments()).update(values[:, keep].T)
-                site_labels[d.layer] = d.labels
-                worst = max(worst, d.relative_error)
+            # Streamed: one chunk of heads at a time, never the whole factor stack.
+            for r in recipe.iter_reduced(cache, statistic, layers, attention_mask=mask):
+                keep = r.mask().to(r.values.device)
+                moments.setdefault(r.layer, _Moments()).update(r.values[:, keep].T)
+                site_labels[r.layer] = r.labels
+                worst = max(worst, r.relative_error)
             del cache
     moments, site_labels, worst = _merge_ranks(moments, site_labels, worst)
     return _finish(statistic, moments, site_labels, worst)
