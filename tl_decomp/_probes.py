@@ -17,7 +17,7 @@ import torch.nn.functional as F
 from jaxtyping import Float, Int
 from torch import Tensor
 
-from tl_decomp.decompose import KINDS
+from tl_decomp._algebra import KINDS
 
 SUBSETS = tuple("+".join(c) for r in range(1, 5) for c in itertools.combinations(KINDS, r))
 

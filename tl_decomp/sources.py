@@ -31,9 +31,11 @@ from jaxtyping import Float, Shaped
 from torch import Tensor
 
 from tl_decomp import _layers, _running
+from tl_decomp._algebra import check_values as _check_values
+from tl_decomp._algebra import head_values as _head_values
 from tl_decomp._layers import Layer
-from tl_decomp.decompose import DecompositionRecipe, _check_values, _head_values
 from tl_decomp.logit import _columns
+from tl_decomp.recipe import DecompositionRecipe
 
 Kernel = Callable[[Tensor], Tensor]  # u [batch head key d_model] -> [batch head query|1 key]
 
