@@ -35,7 +35,7 @@ def _naive_reverse(model, tokens, layers: list[int], sample: int | None, seed: i
     """One backward pass per output coordinate ``(layer, query, d)``; returns seconds per pass
     and the number of passes a full Jacobian needs."""
     from tl_decomp import model_spec
-    from tl_decomp.attribution import _layer_sites, _runner, _source_activation
+    from tl_decomp._jacobian import _layer_sites, _runner, _source_activation
 
     spec = model_spec(model)
     x0 = _source_activation(model, tokens, spec.layer0).requires_grad_(True)

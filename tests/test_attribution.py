@@ -187,7 +187,7 @@ def test_a_failure_inside_the_hooked_run_leaves_no_hook(monkeypatch):
     def broken(*args, **kwargs):
         raise RuntimeError("boom")
 
-    monkeypatch.setattr("tl_decomp.attribution._capture", broken)
+    monkeypatch.setattr("tl_decomp._jacobian._capture", broken)
     with NoHooksLeft(model), pytest.raises(RuntimeError, match="boom"):
         hidden_token_attribution(model, "the cat")
 
