@@ -272,3 +272,39 @@ def test_corpus_options_are_checked_before_any_forward_pass(call, message):
     finally:
         handle.remove()
     assert not ran
+
+
+def test_review_findings_stay_fixed():
+    gpt2, bert = cached_model("gpt2"), cached_model("bert")
+    # a mask that is not 1/0 is refused by the cache readers too, not read as "real"
+    _, cache = gpt2.run_with_cache(
+        torch.arange(5, 10)[None], names_filter=td.source_names_filter(gpt2)
+    )
+    bad = torch.tensor([[2, 1, 1, 1, 1]])
+    for call in (lambda: td.effective_attention(cache, 0, attention_mask=bad),
+                 lambda: td.norm_based_attention(cache, 0, attention_mask=bad),
+                 lambda: td.attention_null_space(cache, [0], attention_mask=bad)):  # fmt: skip
+        with pytest.raises((ValueError, TypeError), match=f"1 .* and 0 .*, not 2|{TYPED}"):
+            call()
+    # None is no longer the final embedding: the old API's scripts must not run silently
+    with pytest.raises(TypeError, match="layer='final'|" + TYPED):
+        td.decompose(gpt2, "the cat", layer=None)
+    # one example's 1-D ids take a 1-D mask
+    d = td.decompose(bert, torch.tensor([2, 5, 6, 7, 3]), attention_mask=torch.ones(5))
+    assert d.attention_mask.shape == (1, 5)
+    # a scored layer is asked for by its number; others say which were scored
+    res = td.token_identifiability(gpt2, TEXTS * 3, mapping="naive", layers=[0, 3], progress=False)
+    with pytest.raises(ValueError, match=r"layer 1 was not scored; the scored layers are \(0, 3\)"):
+        res.rate(1)
+    # logit reductions on an encoder with an MLM head: refused before the forward pass
+    with pytest.raises(NotImplementedError, match="unembedding"):
+        td.decompose_layers(bert, "the cat", reduce=("logit", 5))
+
+
+def test_context_check_counts_the_tokens_the_model_will_see():
+    model = td.tiny_model("gpt2", dtype=torch.float64)  # a private copy: its cfg is edited
+    model.cfg.default_prepend_bos = False
+    text = " ".join(["the"] * td.model_spec(model).n_ctx)  # exactly the context, no BOS
+    assert td.decompose(model, text).tokens.shape[1] == td.model_spec(model).n_ctx
+    stats = td.corpus_statistics(model, [text], progress=False)
+    assert stats.n_tokens == td.model_spec(model).n_ctx

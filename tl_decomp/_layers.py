@@ -35,9 +35,14 @@ def _index(value: Any, arg: str, n: int, what: str) -> int:
 
 def resolve(spec: ModelSpec, layer: Any, arg: str = "layer") -> Layer:
     """A residual-stream index in ``0 .. n_layers``, or ``"final"`` where the final embedding
-    is a separate site (a decoder's final norm); None means ``"final"``."""
-    if layer is None or isinstance(layer, str):
-        if layer not in (None, "final"):
+    is a separate site (a decoder's final norm)."""
+    if layer is None:  # the old API's "final embedding": a script of that era must not run on
+        raise TypeError(
+            f"{arg}=None: ask for the final embedding by name, {arg}='final' (layers are "
+            "residual-stream indices: 0 is the layer-0 input, l the output of block l-1)"
+        )
+    if isinstance(layer, str):
+        if layer != "final":
             raise ValueError(f"{arg} must be an int or 'final', not {layer!r}")
         return "final" if has_final(spec) else spec.n_layers
     return _index(layer, arg, spec.n_layers + 1, "the residual-stream index")

@@ -14,6 +14,7 @@ The causal prefixes are solved in `tl_decomp._causal`.
 from __future__ import annotations
 
 import contextlib
+import threading
 from collections.abc import Iterator
 
 import einops
@@ -26,6 +27,10 @@ from tl_decomp._causal import _CHUNK, _pinv_factor, _r_factor, causal
 _CHUNK_ELEMENTS = 2**24  # sliding windows: U entries (or factor entries) gathered at once
 
 
+_SERIAL_LOCK = threading.Lock()
+_SERIAL_USERS, _SERIAL_SAVED = 0, 1
+
+
 @contextlib.contextmanager
 def serial() -> Iterator[None]:
     """Intra-op threads off for the duration (restored after, even on error).
@@ -33,12 +38,19 @@ def serial() -> Iterator[None]:
     The work here is thousands of small factorisations and matrix products, which threads
     only synchronise: measured on a busy 2-core machine, 10-100x slower with two threads.
     """
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
+    global _SERIAL_USERS, _SERIAL_SAVED
+    with _SERIAL_LOCK:  # the thread count is process-wide: first in saves, last out restores
+        if _SERIAL_USERS == 0:
+            _SERIAL_SAVED = torch.get_num_threads()
+            torch.set_num_threads(1)
+        _SERIAL_USERS += 1
     try:
         yield
     finally:
-        torch.set_num_threads(threads)
+        with _SERIAL_LOCK:
+            _SERIAL_USERS -= 1
+            if _SERIAL_USERS == 0:
+                torch.set_num_threads(_SERIAL_SAVED)
 
 
 def full_projection(

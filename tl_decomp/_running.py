@@ -90,11 +90,23 @@ def check_lengths(model: Any, spec: ModelSpec, texts: Sequence[str], arg: str = 
     tok = model.tokenizer
     if tok is None:
         raise ValueError("the model has no tokenizer: pass token ids instead of text")
-    extra = 1 + (not spec.causal)  # [CLS] ... [SEP], or BOS
     for k, t in enumerate(texts):
-        n = len(tok(t, add_special_tokens=False)["input_ids"]) + extra
+        n = len(_ids(model, t, encoder=not spec.causal))
         if n > spec.n_ctx:
             raise ValueError(f"{arg}[{k}] has {n} tokens; the model's context is {spec.n_ctx}")
+
+
+def _ids(model: Any, text: str, *, encoder: bool) -> list[int]:
+    """One text's ids as `tokenize` gives them: the tokenizer's own specials on encoders
+    ([CLS] ... [SEP]); on decoders a BOS where TransformerLens would prepend one."""
+    tok = model.tokenizer
+    if encoder:
+        return tok(text)["input_ids"]
+    ids = tok(text, add_special_tokens=False)["input_ids"]
+    bos = tok.bos_token_id
+    if getattr(model.cfg, "default_prepend_bos", True) and bos is not None:
+        return [bos, *ids]
+    return ids
 
 
 def tokenize(model: Any, texts: str | Sequence[str], *, encoder: bool) -> tuple[Tensor, Tensor]:
@@ -107,13 +119,7 @@ def tokenize(model: Any, texts: str | Sequence[str], *, encoder: bool) -> tuple[
     if tok is None:
         raise ValueError("the model has no tokenizer: pass token ids instead of text")
     texts = _checks.texts(texts)
-    if encoder:
-        ids = [tok(t)["input_ids"] for t in texts]
-    else:
-        ids = [tok(t, add_special_tokens=False)["input_ids"] for t in texts]
-        bos = tok.bos_token_id
-        if getattr(model.cfg, "default_prepend_bos", True) and bos is not None:
-            ids = [[bos, *i] for i in ids]
+    ids = [_ids(model, t, encoder=encoder) for t in texts]
     width = max(len(i) for i in ids)
     pad = tok.pad_token_id if tok.pad_token_id is not None else 0
     tokens = torch.tensor([i + [pad] * (width - len(i)) for i in ids])
@@ -145,6 +151,8 @@ def as_tokens(
     else:
         tokens = _checks.token_ids(input)
         ones = torch.ones_like(tokens)
+        if attention_mask is not None and isinstance(input, Tensor) and input.ndim == 1:
+            attention_mask = torch.as_tensor(attention_mask).reshape(1, -1)  # one example
         mask = ones if attention_mask is None else _checks.mask(attention_mask, tokens.shape)
         mask = mask.to(tokens.device)
         what = "token id"

@@ -244,7 +244,7 @@ def _mask(a: Tensor, mask: Tensor | None) -> Tensor:
                 f"attention_mask has shape {tuple(mask.shape)}; the pattern needs "
                 f"[batch pos] = {[B, n]}"
             )
-        return mask.to(a.device).bool()
+        return _checks.mask(mask, torch.Size((B, n))).to(a.device).bool()  # 1/0 only
     unseen = (a == 0).all(1).all(1)
     if unseen.any():
         b, p = unseen.nonzero()[0].tolist()

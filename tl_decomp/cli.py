@@ -6,7 +6,8 @@ tl-decomp report "The cat sat on the mat." --model minilm -o report.html
 
 Layers are residual-stream indices, as everywhere in tl_decomp: 0 is the layer-0 input,
 l the output of block l-1, negatives count from the end, "final" is a decoder's final-norm
-output. Every option is checked before the model loads.
+output. Every option's form is checked before the model loads; what needs the model
+(layer ranges, the query position) before any forward pass.
 """
 
 from __future__ import annotations

@@ -153,7 +153,7 @@ def decompose_layers(
     if reduce is not None:
         from tl_decomp.reduce import check_statistic
 
-        check_statistic(reduce)  # before the forward pass
+        check_statistic(reduce, recipe.spec)  # before the forward pass
     if _checks.is_cache(input):
         mask = None if attention_mask is None else _checks.mask(attention_mask, _pos(recipe, input))
         cache, tokens, routing = input, None, None

@@ -154,7 +154,7 @@ def masked_prediction(
         masked, rows, pos = _corrupt(tokens, mask, tok, d_vocab, corruption, gen)
         original = tokens[rows, pos]
         cache = _running.run_with_cache(model, masked.to(dev), mask.to(dev), recipe.names_filter)
-        d = recipe.decompose(cache, None)
+        d = recipe.decompose(cache, "final")
         vecs = einops.einsum(sel.to(d.factors), d.factors[:, rows, pos], "s f, f b d -> s b d")
         pred = _mlm.mlm_logits(model, vecs.to(d.target.dtype)).argmax(-1).cpu()
         mine = _mlm.mlm_logits(model, d.target[rows, pos]).argmax(-1).cpu()

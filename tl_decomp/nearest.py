@@ -129,7 +129,10 @@ class IdentifiabilityResult(Tabular):
         ]
 
     def rate(self, layer: Layer) -> float:
-        """The identifiability rate at `layer` (a layer number, not an index into `rates`)."""
+        """The identifiability rate at `layer`, one of `layers` as scored (a residual-stream
+        index or ``"final"``, not a position in `rates`)."""
+        if layer not in self.layers:
+            raise ValueError(f"layer {layer!r} was not scored; the scored layers are {self.layers}")
         return float(self.rates[self.layers.index(layer)])
 
     def cross_layer(self) -> Float[Tensor, "layer layer"]:

@@ -135,6 +135,9 @@ class DecompositionRecipe(Terms):
         if recipe.centering not in ("correction", "terms"):
             raise ValueError(f"centering must be 'correction' or 'terms', not {recipe.centering!r}")
         _checks.dtype(recipe.dtype)
+        for name in ("split_input", "split_correction"):
+            if not isinstance(getattr(recipe, name), bool):
+                raise TypeError(f"{name} must be True or False, not {getattr(recipe, name)!r}")
         _checks.integer(recipe.chunk_size, "chunk_size", least=1)
         return recipe
 
@@ -278,7 +281,7 @@ class DecompositionRecipe(Terms):
     def decompose(
         self,
         cache: Any,
-        layer: Layer | None = "final",
+        layer: Layer = "final",
         *,
         tokens: Tensor | None = None,
         attention_mask: Tensor | None = None,

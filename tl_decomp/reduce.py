@@ -92,11 +92,16 @@ class Reduced:
         )
 
 
-def check_statistic(statistic: Any) -> None:
+def check_statistic(statistic: Any, spec: Any = None) -> None:
     """Refuse, before any forward pass, what `iter_reduced` cannot compute."""
     if isinstance(statistic, str) and statistic in STATISTICS:
         return
     if isinstance(statistic, tuple) and len(statistic) in (2, 3) and statistic[0] == "logit":
+        if spec is not None and not spec.unembed_reads_final:
+            raise NotImplementedError(
+                f"logit attribution on {spec.architecture}: a head (BERT's MLM transform) lies "
+                "between the final embedding and the unembedding"
+            )
         return
     raise ValueError(
         f"reduce must be one of {STATISTICS}, ('logit', tokens) or ('logit', tokens, "
@@ -115,7 +120,7 @@ def iter_reduced(
 ) -> Iterator[Reduced]:
     """`Reduced` at each of `layers` (depth order), from one walk over the blocks; see
     `tl_decomp.DecompositionRecipe.iter_reduced`."""
-    check_statistic(statistic)
+    check_statistic(statistic, recipe.spec)
     spec = recipe.spec
     wanted = sorted(_layers.resolve_many(spec, layers), key=partial(_layers.depth, spec))
     recipe._check_cache(cache)

@@ -30,7 +30,7 @@ import torch
 from jaxtyping import Float, Shaped
 from torch import Tensor
 
-from tl_decomp import _layers, _running
+from tl_decomp import _checks, _layers, _running
 from tl_decomp._algebra import check_values as _check_values
 from tl_decomp._algebra import head_values as _head_values
 from tl_decomp._layers import Layer
@@ -238,8 +238,9 @@ def _stream(
 ) -> Tensor:
     """``A[b, h, q, k] * kernel(u)[b, h, q, k]`` for ``u_k = v_k W_O^h`` (``b_V`` removed
     unless `value_bias`), one chunk of heads at a time, zero at padded queries and keys."""
-    if chunk < 1:
-        raise ValueError(f"chunk_size must be positive, not {chunk}")
+    _checks.integer(chunk, "chunk_size", least=1)
+    if not isinstance(value_bias, bool):
+        raise TypeError(f"value_bias must be True or False, not {value_bias!r}")
     spec, dt, blk = recipe.spec, recipe.compute_dtype(), recipe.spec.blocks[L]
     pattern, W_O = cache[blk.pattern], blk.W_O.to(dt)
     z = cache[blk.z]
@@ -317,7 +318,7 @@ def _mask(pattern: Tensor, attention_mask: Tensor | None) -> Tensor:
             f"attention_mask has shape {tuple(attention_mask.shape)}; the cache needs "
             f"[batch pos] = {[B, n]}"
         )
-    return attention_mask.to(pattern.device).bool()
+    return _checks.mask(attention_mask, torch.Size((B, n))).to(pattern.device).bool()
 
 
 __all__ = [

@@ -81,6 +81,8 @@ def attention_components(
 ) -> tuple[Component, ...]:
     """The `AttentionHeads` of `attention_view`: raw and effective on one colour scale (zero
     is white), then norm-based attention on its own (it is in activation units)."""
+    if isinstance(block, bool) or not isinstance(block, int) or block < 0:
+        raise ValueError(f"block must be the block's own index (0 or more), not {block!r}")
     n = len(tokens)
     raw, eff = pattern[:, :n, :n].double(), effective[:, :n, :n].double()
     bound = max(raw.abs().max().item(), eff.abs().max().item(), 1e-12)
