@@ -199,10 +199,6 @@ def _corpus(
     """Texts in batches of similar length: (their indices, tokens, bool mask, cache); under
     `torch.distributed`, this rank's share of the batches."""
     tokens, mask = _running.tokenize(model, list(texts), encoder=not spec.causal)
-    if tokens.shape[1] > spec.n_ctx:
-        raise ValueError(
-            f"a text has {tokens.shape[1]} tokens; the model's context is {spec.n_ctx}"
-        )
     lengths = mask.sum(-1)
     device = _running.model_device(model)
     windows = [b.window for b in spec.blocks if b.window is not None]

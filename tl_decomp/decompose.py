@@ -23,7 +23,12 @@ from tl_decomp.recipe import Centering, Decomposition, DecompositionRecipe, Gran
 
 
 def _run(model: Any, recipe: DecompositionRecipe, input: Any, attention_mask: Tensor | None):
-    """Tokenise, and cache exactly what the recipe reads: one forward pass."""
+    """``(cache, tokens, mask, routing)``: the user's own cache as it is (nothing runs again;
+    no tokens, no routing), or text / ids tokenised and cached exactly as the recipe reads
+    them, in one forward pass."""
+    if _checks.is_cache(input):
+        mask = None if attention_mask is None else _checks.mask(attention_mask, _pos(recipe, input))
+        return input, None, mask, None
     tokens, mask = _running.as_tokens(model, recipe.spec, input, attention_mask)
     device = _running.model_device(model)
     tokens, mask = tokens.to(device), mask.to(device)
@@ -97,9 +102,6 @@ def decompose(
     )
     recipe = DecompositionRecipe.for_model(model, **options)
     layer = _layers.resolve(recipe.spec, layer)
-    if _checks.is_cache(input):  # the user's own run: nothing to run again
-        mask = None if attention_mask is None else _checks.mask(attention_mask, _pos(recipe, input))
-        return recipe.decompose(input, layer, attention_mask=mask)
     cache, tokens, mask, routing = _run(model, recipe, input, attention_mask)
     return recipe.decompose(cache, layer, tokens=tokens, attention_mask=mask, routing=routing)
 
@@ -154,11 +156,7 @@ def decompose_layers(
         from tl_decomp.reduce import check_statistic
 
         check_statistic(reduce, recipe.spec)  # before the forward pass
-    if _checks.is_cache(input):
-        mask = None if attention_mask is None else _checks.mask(attention_mask, _pos(recipe, input))
-        cache, tokens, routing = input, None, None
-    else:
-        cache, tokens, mask, routing = _run(model, recipe, input, attention_mask)
+    cache, tokens, mask, routing = _run(model, recipe, input, attention_mask)
     if reduce is not None:
         return list(
             recipe.iter_reduced(cache, reduce, layers, attention_mask=mask, routing=routing)

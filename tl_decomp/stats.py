@@ -158,10 +158,6 @@ def corpus_statistics(
         for _, index in tqdm(batches, desc=f"decomposing ({statistic})", disable=not bar):
             batch = [texts[i] for i in index]
             tokens, mask = _running.tokenize(model, batch, encoder=not recipe.spec.causal)
-            if tokens.shape[1] > recipe.spec.n_ctx:
-                raise ValueError(
-                    f"a text has {tokens.shape[1]} tokens; context is {recipe.spec.n_ctx}"
-                )
             device = _running.model_device(model)
             cache = _running.run_with_cache(
                 model, tokens.to(device), mask.to(device), recipe.names_filter
