@@ -226,7 +226,18 @@ def states_from_cache(
     model: Any = None,
 ) -> StateBatch:
     """A `StateBatch` of your own run, for `identifiability_from_states`: the hidden states at
-    `layers` (default 0..n_layers) of the tokens the cache was run on."""
+    `layers` (default 0..n_layers) of the tokens the cache was run on.
+
+    Example:
+        >>> from tl_decomp.models import tiny_model
+        >>> model = tiny_model("gpt2", dtype=torch.float64)
+        >>> tokens = torch.tensor([[1, 5, 6, 7]])
+        >>> _, cache = model.run_with_cache(tokens, names_filter=states_names_filter(model))
+        >>> batch = states_from_cache(cache, tokens, layers=[0, -1])
+        >>> last = cache["blocks.2.hook_out"]  # layer 3 = -1: block 2's output
+        >>> tuple(batch.states.shape), bool(torch.equal(batch.states[1], last))
+        ((2, 1, 4, 32), True)
+    """
     model = _running.cache_model(cache) or model
     if model is None:
         raise ValueError("this cache does not record the model it came from: pass model=")

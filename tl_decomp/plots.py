@@ -31,7 +31,16 @@ def _layer_axis(ax: Any, layers: Sequence[Any]) -> None:
 
 def shares(decompositions: Sequence[Any], ax: Any = None, batch: int = 0) -> Any:
     """Mean share ``<e, t> / |e|^2`` of each factor over one example's real tokens, by layer
-    (`decompose_layers`' output)."""
+    (`decompose_layers`' output).
+
+    Example:
+        >>> import matplotlib
+        >>> matplotlib.use("Agg")
+        >>> from tl_decomp import decompose_layers, tiny_model
+        >>> ax = shares(decompose_layers(tiny_model("gpt2"), "the cat sat"))
+        >>> [t.get_text() for t in ax.get_xticklabels()], len(ax.get_lines())  # 4 terms + y=0
+        (['0', '1', '2', '3', 'final'], 5)
+    """
     ax, ds = _axes(ax), list(decompositions)
     layers = [d.layer for d in ds]
     for label in ds[-1].labels:
