@@ -88,7 +88,7 @@ def _smollm2_as_mistral(window: int):
     import transformers as tf
     from transformer_lens.model_bridge import TransformerBridge
 
-    from tl_decomp import _bundled
+    from tl_decomp.models import _bundled
 
     path = _bundled.smollm2_dir()
     config = tf.AutoConfig.from_pretrained(path).to_dict()
@@ -103,7 +103,7 @@ def _smollm2_as_mistral(window: int):
 
 def _bench_rows(model, lengths: tuple[int, ...], quick: bool) -> dict:
     """Layer 0 and a middle layer at each length: the library vs the per-row reference."""
-    from tl_decomp import _running, load_corpus, model_spec
+    from tl_decomp import adapters, load_corpus, model_spec
     from tl_decomp.attention import effective_attention
 
     spec = model_spec(model)
@@ -114,7 +114,7 @@ def _bench_rows(model, lengths: tuple[int, ...], quick: bool) -> dict:
     res = {}
     for n in lengths:
         tokens = torch.tensor([[model.tokenizer.bos_token_id, *ids[: n - 1]]])
-        cache = _running.run_with_cache(model, tokens, None, names)
+        cache = adapters.run_with_cache(model, tokens, None, names)
         full = n <= 128
         rows = list(range(n)) if full else _stratified(n, 16 if quick else 32, seed=n)
         for layer in layers:
@@ -133,7 +133,7 @@ def _bench_rows(model, lengths: tuple[int, ...], quick: bool) -> dict:
 
 
 def bench_minilm(quick: bool) -> dict:
-    from tl_decomp import _running, load_corpus, load_model, model_spec
+    from tl_decomp import adapters, load_corpus, load_model, model_spec
     from tl_decomp.attention import effective_attention_layers
 
     model = load_model("minilm")
@@ -146,7 +146,7 @@ def bench_minilm(quick: bool) -> dict:
     names = spec.names_filter(attention=True)
     fwd, eff = [], []
     for _ in range(3):
-        t_fwd, cache = _clock(lambda: _running.run_with_cache(model, tokens, mask, names))
+        t_fwd, cache = _clock(lambda: adapters.run_with_cache(model, tokens, mask, names))
         t_eff, _ = _clock(lambda c=cache: effective_attention_layers(c, attention_mask=mask))
         fwd.append(t_fwd)
         eff.append(t_eff)

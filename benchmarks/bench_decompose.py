@@ -34,7 +34,7 @@ def _time(fn, repeats: int) -> float:
 
 
 def _tokens(model, batch: int, pos: int) -> torch.Tensor:
-    from tl_decomp.corpus import load_corpus
+    from tl_decomp.datasets import load_corpus
 
     text = " ".join(load_corpus(400))
     ids = model.tokenizer(text, add_special_tokens=False)["input_ids"]
@@ -43,7 +43,7 @@ def _tokens(model, batch: int, pos: int) -> torch.Tensor:
 
 
 def bench_minilm(repeats: int) -> dict:
-    from tl_decomp import DecompositionRecipe, _running, load_model
+    from tl_decomp import DecompositionRecipe, adapters, load_model
 
     model = load_model("minilm")
     tokens = _tokens(model, 16, 128)
@@ -59,7 +59,7 @@ def bench_minilm(repeats: int) -> dict:
         recipe = DecompositionRecipe.for_model(model, granularity=granularity)
 
         def ours(recipe=recipe):
-            cache = _running.run_with_cache(model, tokens, mask, recipe.names_filter)
+            cache = adapters.run_with_cache(model, tokens, mask, recipe.names_filter)
             for d in recipe.iter_layers(cache):
                 del d
 
@@ -97,12 +97,12 @@ print(json.dumps({{"rss_before_kb": before, "rss_peak_kb": peak, "largest_output
 def bench_memory() -> dict:
     import tempfile
 
-    from tl_decomp import DecompositionRecipe, _running, load_model
+    from tl_decomp import DecompositionRecipe, adapters, load_model
 
     model = load_model("minilm")
     tokens = _tokens(model, 16, 128)
     recipe = DecompositionRecipe.for_model(model, granularity="head")
-    cache = _running.run_with_cache(model, tokens, torch.ones_like(tokens), recipe.names_filter)
+    cache = adapters.run_with_cache(model, tokens, torch.ones_like(tokens), recipe.names_filter)
     out = {}
     with tempfile.NamedTemporaryFile(suffix=".pt") as f:
         torch.save({k: v.clone() for k, v in cache.items()}, f.name)

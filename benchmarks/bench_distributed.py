@@ -27,14 +27,14 @@ def _worker(args: argparse.Namespace) -> None:
     import torch
     import torch.distributed as dist
 
-    from tl_decomp import _distributed
-    from tl_decomp.corpus import load_corpus
+    from tl_decomp._core import distributed
+    from tl_decomp.datasets import load_corpus
+    from tl_decomp.decomposition import corpus_statistics
     from tl_decomp.models import load_model
-    from tl_decomp.stats import corpus_statistics
 
-    torch.set_num_threads(args.threads or _distributed.threads_per_rank())
+    torch.set_num_threads(args.threads or distributed.threads_per_rank())
     texts = load_corpus(args.sentences)
-    with _distributed.from_environment():
+    with distributed.from_environment():
         cuda = torch.cuda.is_available()
         device = f"cuda:{torch.cuda.current_device()}" if cuda else "cpu"
         model = load_model(args.model, device=device)
@@ -50,8 +50,8 @@ def _worker(args: argparse.Namespace) -> None:
         stats = run(texts)
         _barrier(dist, cuda)
         seconds = time.perf_counter() - start
-        if _distributed.is_main():
-            procs, threads = _distributed.world_size(), torch.get_num_threads()
+        if distributed.is_main():
+            procs, threads = distributed.world_size(), torch.get_num_threads()
             print(json.dumps(dict(procs=procs, threads=threads, device=device,
                                   tokens=stats.n_tokens, seconds=seconds)))  # fmt: skip
 

@@ -35,11 +35,11 @@ def _naive_reverse(model, tokens, layers: list[int], sample: int | None, seed: i
     """One backward pass per output coordinate ``(layer, query, d)``; returns seconds per pass
     and the number of passes a full Jacobian needs."""
     from tl_decomp import model_spec
-    from tl_decomp._jacobian import _layer_sites, _runner, _source_activation
+    from tl_decomp.identifiability import layer_sites, runner, source_activation
 
     spec = model_spec(model)
-    x0 = _source_activation(model, tokens, spec.layer0).requires_grad_(True)
-    out = _runner(model, spec, tokens, spec.layer0, _layer_sites(spec, layers))(x0)
+    x0 = source_activation(model, tokens, spec.layer0).requires_grad_(True)
+    out = runner(model, spec, tokens, spec.layer0, layer_sites(spec, layers))(x0)
     coords = [(L, i, k) for L in range(out.shape[0]) for i in range(out.shape[2])
               for k in range(out.shape[3])]  # fmt: skip
     todo = coords if sample is None else random.Random(seed).sample(coords, sample)
@@ -50,12 +50,12 @@ def _naive_reverse(model, tokens, layers: list[int], sample: int | None, seed: i
 
 
 def bench_exact_vs_reverse(quick: bool) -> dict:
-    from tl_decomp import _running, load_model, tiny_model
-    from tl_decomp.attribution import hidden_token_attribution
+    from tl_decomp import adapters, load_model, tiny_model
+    from tl_decomp.identifiability import hidden_token_attribution
 
     res = {}
     tiny = tiny_model("bert", dtype=torch.float32)
-    tokens, _ = _running.tokenize(tiny, "the cat sat on the mat and the dog ran", encoder=True)
+    tokens, _ = adapters.tokenize(tiny, "the cat sat on the mat and the dog ran", encoder=True)
     t_ours, _ = _clock(lambda: hidden_token_attribution(tiny, tokens, layers=[1, 2, 3]))
     per, n = _naive_reverse(tiny, tokens, [1, 2, 3], None)
     res["tiny_bert"] = {"exact_s": t_ours, "naive_s": per * n, "passes": n,
@@ -73,7 +73,7 @@ def bench_exact_vs_reverse(quick: bool) -> dict:
 
 def bench_estimate_vs_exact(quick: bool) -> dict:
     from tl_decomp import load_corpus, load_model
-    from tl_decomp.attribution import hidden_token_attribution
+    from tl_decomp.identifiability import hidden_token_attribution
 
     model = load_model("minilm")
     n = 32 if quick else 64
@@ -100,11 +100,11 @@ def bench_estimate_vs_exact(quick: bool) -> dict:
 def bench_identifiability(quick: bool) -> dict:
     from tqdm import tqdm
 
-    from tl_decomp import _adapters, load_corpus, load_model
-    from tl_decomp.identifiability import _gather, _split, token_identifiability
+    from tl_decomp import adapters, load_corpus, load_model
+    from tl_decomp.identifiability import gather_states, split_corpus, token_identifiability
 
     model = load_model("minilm")
-    spec = _adapters.model_spec(model)
+    spec = adapters.model_spec(model)
     target = 5_000 if quick else 20_000
     corpus, total = [], 0
     for text in load_corpus():
@@ -113,8 +113,8 @@ def bench_identifiability(quick: bool) -> dict:
         if total >= target:
             break
     layers = list(range(spec.n_layers + 1))
-    train, test = _split(corpus, 0.2, 0, "linear")
-    gather = functools.partial(_gather, model, spec, corpus, layers=layers, batch_size=32,
+    train, test = split_corpus(corpus, 0.2, 0, "linear")
+    gather = functools.partial(gather_states, model, spec, corpus, layers=layers, batch_size=32,
                                vocab=False, bar=tqdm(disable=True))  # fmt: skip
 
     def forward_only():

@@ -1,4 +1,4 @@
-"""Peak memory of per-head shares: streamed (`tl_decomp.reduce`) vs materialised vs a plain run.
+"""Peak memory of per-head shares: streamed (`reduce=`) vs materialised vs a plain run.
 
 Part 1, SmolLM2-135M (bundled, offline, float32), 8 sentences of `td.load_corpus`, every
 layer. In a fresh process per case, after the model is loaded, the resident-set high-water
@@ -40,18 +40,18 @@ if case == "smollm2":
 else:
     import transformers as tf
     from transformer_lens.model_bridge import TransformerBridge
-    from tl_decomp.models import _tokenizer
+    from tl_decomp.models import tiny_tokenizer
     heads = int(case)
     cfg = tf.GPT2Config(vocab_size=64, n_embd=128, n_layer=1, n_head=heads, n_positions=64,
                         bos_token_id=1, eos_token_id=2)
     torch.manual_seed(0)
     path = tempfile.mkdtemp()
     tf.GPT2LMHeadModel(cfg).save_pretrained(path)
-    _tokenizer(False, path).save_pretrained(path)
+    tiny_tokenizer(False, path).save_pretrained(path)
     model = TransformerBridge.boot_transformers(path, device="cpu", dtype=torch.float64).eval()
     inp = torch.randint(3, 64, (2, 64), generator=torch.Generator().manual_seed(0))
 recipe = DecompositionRecipe.for_model(model, granularity="head")
-tokens, mask = td._running.as_tokens(model, recipe.spec, inp, None)
+tokens, mask = td.adapters.as_tokens(model, recipe.spec, inp, None)
 
 def kib(field):
     return int(re.search(field + r":\\s+(\\d+)", open("/proc/self/status").read()).group(1))
@@ -59,7 +59,7 @@ def kib(field):
 with torch.inference_mode():
     before = kib("VmRSS")
     open("/proc/self/clear_refs", "w").write("5")  # VmHWM := VmRSS
-    cache = td._running.run_with_cache(model, tokens, mask, recipe.names_filter)
+    cache = td.adapters.run_with_cache(model, tokens, mask, recipe.names_filter)
     if method == "materialised":
         ds = list(recipe.iter_layers(cache, attention_mask=mask))
         out = [d.shares() for d in ds]

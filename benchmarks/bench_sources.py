@@ -6,9 +6,9 @@ model and cached the forward pass, the resident-set high-water mark (``VmHWM``, 
 ``/proc/self/clear_refs`` just before) above the resident set before the call, for:
 
 - ``streamed``: `norm_based_attention` and `source_shares` of the block, one chunk of 4
-  heads at a time (`tl_decomp.sources`);
+  heads at a time (`tl_decomp.decomposition`);
 - ``materialised``: ``decompose(granularity="source")`` and the same two statistics from its
-  ``[factor batch pos d_model]`` stack (what one would do without `tl_decomp.sources`).
+  ``[factor batch pos d_model]`` stack (what one would do without `tl_decomp.decomposition`).
 
 The streamed reduction's memory beyond its ``[batch head query key]`` results does not grow
 with the number of heads; the materialised stack grows as heads x pos^2 x d_model. Measured
@@ -33,7 +33,7 @@ import json, re, tempfile, torch
 import transformers as tf
 from transformer_lens.model_bridge import TransformerBridge
 import tl_decomp as td
-from tl_decomp.models import _tokenizer
+from tl_decomp.models import tiny_tokenizer
 
 torch.set_num_threads(1)
 heads, method, d_model, batch, pos = {heads}, {method!r}, {d_model}, {batch}, {pos}
@@ -42,7 +42,7 @@ cfg = tf.GPT2Config(vocab_size=64, n_embd=d_model, n_layer=1, n_head=heads, n_po
 torch.manual_seed(0)
 path = tempfile.mkdtemp()
 tf.GPT2LMHeadModel(cfg).save_pretrained(path)
-_tokenizer(False, path).save_pretrained(path)
+tiny_tokenizer(False, path).save_pretrained(path)
 model = TransformerBridge.boot_transformers(path, device="cpu", dtype=torch.float64).eval()
 tokens = torch.randint(3, 64, (batch, pos), generator=torch.Generator().manual_seed(0))
 with torch.inference_mode():

@@ -35,7 +35,7 @@ from conftest import KINDS, cached_model
 from hypothesis import strategies as st
 
 from tl_decomp import model_spec
-from tl_decomp.models import TINY_ARCHS, _tokenizer
+from tl_decomp.models import TINY_ARCHS, tiny_tokenizer
 
 D_MODEL = 32  # zoo's width; heads * head_dim stays at it
 VOCAB = 64  # zoo's and tiny_model's vocabulary
@@ -202,7 +202,7 @@ def _boot(config: Config) -> Any:
     path = tempfile.mkdtemp(prefix=f"tl_decomp_fuzz_{config.family}_")
     try:
         hf.save_pretrained(path)
-        _tokenizer(spec.encoder, path).save_pretrained(path)
+        tiny_tokenizer(spec.encoder, path).save_pretrained(path)
         model = TransformerBridge.boot_transformers(path, device="cpu", dtype=torch.float64)
     finally:
         shutil.rmtree(path, ignore_errors=True)

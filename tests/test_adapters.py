@@ -12,13 +12,13 @@ from conftest import KINDS, cached_model
 from tl_decomp import (
     DecompositionRecipe,
     InexactDecompositionError,
-    _bridge,
-    _bundled,
-    _running,
+    adapters,
     load_model,
     model_spec,
     tiny_model,
 )
+from tl_decomp.adapters import _bridge
+from tl_decomp.models import _bundled
 
 # arch -> (placement, norm, parallel, positional, token_types, causal, n_kv_heads, biases)
 FACTS = {
@@ -155,17 +155,17 @@ def test_tiny_model_rejects_unknown_arch():
 def test_input_is_checked_before_any_forward_pass(input, mask, message):
     model = cached_model("gpt2", "bridge")
     with pytest.raises((ValueError, TypeError), match=message):
-        _running.as_tokens(model, model_spec(model), input, mask)
+        adapters.as_tokens(model, model_spec(model), input, mask)
 
 
 def test_checked_input_passes_through():
     model = cached_model("bert", "bridge")
     spec = model_spec(model)
-    tokens, mask = _running.as_tokens(model, spec, torch.tensor([2, 5, 3]))
+    tokens, mask = adapters.as_tokens(model, spec, torch.tensor([2, 5, 3]))
     assert tokens.tolist() == [[2, 5, 3]] and mask.tolist() == [[1, 1, 1]]
-    _, mask = _running.as_tokens(model, spec, torch.tensor([[2, 5]]), torch.tensor([[True, False]]))
+    _, mask = adapters.as_tokens(model, spec, torch.tensor([[2, 5]]), torch.tensor([[True, False]]))
     assert mask.dtype == torch.long and mask.tolist() == [[1, 0]]
-    tokens, mask = _running.as_tokens(model, spec, ["the cat sat", "a dog"])
+    tokens, mask = adapters.as_tokens(model, spec, ["the cat sat", "a dog"])
     assert tokens.shape == mask.shape and mask.sum(-1).tolist()[0] > mask.sum(-1).tolist()[1]
 
 

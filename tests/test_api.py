@@ -10,6 +10,7 @@ from conftest import cached_model
 from helpers import NoHooksLeft, assert_close
 
 import tl_decomp as td
+from tl_decomp._core import convention
 
 TEXTS = ["the cat sat on the mat", "a dog ran"]
 TYPED = "typechecking parameter"  # beartype's words, for checks the annotations already make
@@ -50,7 +51,7 @@ def test_one_layer_checker(layer, error, message):
     with NoHooksLeft(model), pytest.raises((error, TypeError), match=f"{message}|{TYPED}"):
         td.decompose(model, "the cat", layer=layer)
     with pytest.raises(error, match=message):
-        td._layers.resolve(td.model_spec(model), layer)
+        convention.resolve(td.model_spec(model), layer)
 
 
 def test_every_function_speaks_the_same_indices():
@@ -239,7 +240,7 @@ def test_a_tokenizer_larger_than_the_embedding_is_refused_by_name():
     model = cached_model("gpt2")
     small = replace(td.model_spec(model), d_vocab=8)  # as if the embedding had 8 rows
     with pytest.raises(ValueError, match=r"the tokenizer gives id \d+ is outside the vocab"):
-        td._running.as_tokens(model, small, "the cat sat on the mat")
+        td.adapters.as_tokens(model, small, "the cat sat on the mat")
 
 
 def test_a_dict_is_read_as_a_cache_not_as_texts():

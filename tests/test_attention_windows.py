@@ -18,15 +18,14 @@ import transformers
 from conftest import KINDS
 
 from tl_decomp import (
-    _adapters,
-    _running,
+    adapters,
     attention_correlation,
     attention_null_space,
     effective_attention,
     model_spec,
     special_token_attention,
 )
-from tl_decomp.models import _tokenizer
+from tl_decomp.models import tiny_tokenizer
 
 AGREE = 1e-6  # against the reference (float64)
 SIZES = dict(vocab_size=64, max_position_embeddings=64, bos_token_id=1, eos_token_id=2)
@@ -78,7 +77,7 @@ def boot(tmp_path_factory):
             path = str(tmp_path_factory.mktemp(name))
             torch.manual_seed(0)
             MODELS[name]().save_pretrained(path)
-            _tokenizer(False, path).save_pretrained(path)
+            tiny_tokenizer(False, path).save_pretrained(path)
             model = TransformerBridge.boot_transformers(path, device="cpu", dtype=torch.float64)
             booted[name] = model.eval()
         return booted[name]
@@ -272,7 +271,7 @@ def test_corpus_analyses(boot):
     texts = ["the cat sat", "the big cat is on a mat and the dog sat on the mat , a dog ran ."]
     corr = attention_correlation(model, texts)
     assert torch.allclose(corr.r[0], torch.ones_like(corr.r[0]))  # 4 keys <= d_head
-    tokens, mask = _running.tokenize(model, texts[1:], encoder=False)
+    tokens, mask = adapters.tokenize(model, texts[1:], encoder=False)
     names = model_spec(model).names_filter(attention=True)
     _, cache = model.run_with_cache(tokens, names_filter=names)
     see = visible(6, mask)[0]
@@ -294,7 +293,7 @@ def test_wrong_window_raises(boot, monkeypatch, window, says):
     cache, mask = run(model, (20, 15), 20)
     spec = model_spec(model)
     blocks = tuple(dataclasses.replace(b, window=window) for b in spec.blocks)
-    monkeypatch.setattr(_adapters, "model_spec", lambda m: dataclasses.replace(spec, blocks=blocks))
+    monkeypatch.setattr(adapters, "model_spec", lambda m: dataclasses.replace(spec, blocks=blocks))
     with pytest.raises(ValueError, match=rf"block 0: .*query \d+ of example 0.*{says}"):
         effective_attention(cache, 0, attention_mask=mask)
 

@@ -10,8 +10,8 @@ import torch
 from conftest import KINDS, cached_model
 from helpers import NoHooksLeft
 
-from tl_decomp import _running, model_spec
-from tl_decomp.attribution import AttributionResult, hidden_token_attribution
+from tl_decomp import adapters, model_spec
+from tl_decomp.identifiability import AttributionResult, hidden_token_attribution
 
 TEXTS = ["the cat sat on the mat .", "a dog ran", "the big cat is on a mat and the dog sat"]
 CASES = [(arch, kind) for kind in KINDS for arch in ("gpt2", "bert", "llama")]
@@ -20,7 +20,7 @@ CASES = [(arch, kind) for kind in KINDS for arch in ("gpt2", "bert", "llama")]
 def _brute_force(model, text: str, layers: list[int]) -> torch.Tensor:
     """||d e_i^l / d x_j||_F from torch.autograd.functional.jacobian (reverse mode)."""
     spec = model_spec(model)
-    tokens, _ = _running.tokenize(model, [text], encoder=not spec.causal)
+    tokens, _ = adapters.tokenize(model, [text], encoder=not spec.causal)
     sites = [spec.layer0 if L == 0 else spec.blocks[L - 1].out for L in layers]
     got: dict = {}
 
@@ -28,13 +28,13 @@ def _brute_force(model, text: str, layers: list[int]) -> torch.Tensor:
         got[name] = tensor
 
     mask = torch.ones_like(tokens)
-    _running.run_with_hooks(model, tokens, mask, [(spec.layer0, functools.partial(keep, "x"))])
+    adapters.run_with_hooks(model, tokens, mask, [(spec.layer0, functools.partial(keep, "x"))])
     x0 = got["x"].detach().clone()
 
     def f(x):
         hooks = [(spec.layer0, lambda tensor, *, hook: x)]
         hooks += [(s, functools.partial(keep, s)) for s in sites]
-        _running.run_with_hooks(model, tokens, mask, hooks)
+        adapters.run_with_hooks(model, tokens, mask, hooks)
         return torch.stack([got[s] for s in sites])
 
     J = torch.autograd.functional.jacobian(f, x0, vectorize=True)  # [layer 1 i d 1 j d]
@@ -187,7 +187,7 @@ def test_a_failure_inside_the_hooked_run_leaves_no_hook(monkeypatch):
     def broken(*args, **kwargs):
         raise RuntimeError("boom")
 
-    monkeypatch.setattr("tl_decomp._jacobian._capture", broken)
+    monkeypatch.setattr("tl_decomp.identifiability._jacobian.capture", broken)
     with NoHooksLeft(model), pytest.raises(RuntimeError, match="boom"):
         hidden_token_attribution(model, "the cat")
 

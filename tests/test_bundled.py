@@ -8,7 +8,8 @@ import pytest
 import torch
 from helpers import NoHooksLeft
 
-from tl_decomp import _bundled, decompose_layers, load_model, model_spec
+from tl_decomp import decompose_layers, load_model, model_spec
+from tl_decomp.models import _bundled
 
 pytestmark = pytest.mark.bundled
 TEXTS = [

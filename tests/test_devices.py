@@ -49,10 +49,10 @@ TEXTS = ["the cat sat on the mat .", "a dog ran"]
 def _split_model(arch: str):
     from transformer_lens.model_bridge import TransformerBridge
 
-    from tl_decomp.models import _tiny_dir
+    from tl_decomp.models import tiny_dir
 
     model = TransformerBridge.boot_transformers(
-        _tiny_dir(arch), device_map=MAPS[arch], dtype=torch.float64
+        tiny_dir(arch), device_map=MAPS[arch], dtype=torch.float64
     )
     return model.eval()
 

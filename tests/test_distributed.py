@@ -14,13 +14,13 @@ import torch.distributed as dist
 import torch.multiprocessing as mp
 
 from tl_decomp import (
-    _distributed,
     attention_correlation,
     corpus_statistics,
     special_token_attention,
     token_identifiability,
     word_factors,
 )
+from tl_decomp._core import distributed
 from tl_decomp.models import tiny_model
 
 WORDS = ["the", "cat", "sat", "on", "a", "mat", "and", "dog", "ran", "is", "big"]
@@ -67,7 +67,7 @@ def _compute(rank: int, bert, llama) -> dict:
 def _failing_rank(rank: int) -> str:
     """Rank 1 raises inside `guard`; both ranks must come out with an error, none waiting."""
     try:
-        with _distributed.guard():
+        with distributed.guard():
             if rank == 1:
                 raise ValueError("rank one's text is too long")
     except (ValueError, RuntimeError) as err:
@@ -130,7 +130,7 @@ def test_a_failing_rank_makes_every_rank_raise(two_ranks):
 
 
 def test_mlp_map_is_refused_under_distributed(monkeypatch):
-    monkeypatch.setattr(_distributed, "active", lambda: True)
+    monkeypatch.setattr(distributed, "active", lambda: True)
     with pytest.raises(NotImplementedError, match="not data-parallel"):
         token_identifiability(tiny_model("bert"), TEXTS, mapping="mlp", progress=False)
 
@@ -140,22 +140,22 @@ def test_mlp_map_is_refused_under_distributed(monkeypatch):
 def test_deal_gives_every_batch_to_one_rank_and_balances(monkeypatch, n_batches, world):
     got = []
     for r in range(world):
-        monkeypatch.setattr(_distributed, "world_size", lambda w=world: w)
-        monkeypatch.setattr(_distributed, "rank", lambda r=r: r)
-        got.append([i for i, _ in _distributed.deal(list(range(n_batches)))])
+        monkeypatch.setattr(distributed, "world_size", lambda w=world: w)
+        monkeypatch.setattr(distributed, "rank", lambda r=r: r)
+        got.append([i for i, _ in distributed.deal(list(range(n_batches)))])
     assert sorted(i for mine in got for i in mine) == list(range(n_batches))
     assert max(map(len, got)) - min(map(len, got)) <= 1
 
 
 def test_length_batches_sort_by_length_and_keep_ties_in_order():
-    assert _distributed.length_batches([3, 1, 2, 1, 3], 2) == [[1, 3], [2, 0], [4]]
+    assert distributed.length_batches([3, 1, 2, 1, 3], 2) == [[1, 3], [2, 0], [4]]
 
 
 def test_one_process_helpers_are_the_identity():
     t = torch.arange(3.0)
-    assert not _distributed.active() and _distributed.is_main()
-    assert _distributed.all_sum(t) is t and _distributed.all_max(2.0) == 2.0
-    assert _distributed.undeal([1, 2]) == [1, 2]
+    assert not distributed.active() and distributed.is_main()
+    assert distributed.all_sum(t) is t and distributed.all_max(2.0) == 2.0
+    assert distributed.undeal([1, 2]) == [1, 2]
 
 
 @pytest.mark.bundled

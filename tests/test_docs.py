@@ -110,7 +110,7 @@ def check_readme_namespace(ns: dict) -> None:
 
 @pytest.mark.parametrize("path", DOCS, ids=lambda p: p.name)
 def test_cli_lines_parse(path: Path):
-    from tl_decomp.cli import _parser
+    from tl_decomp.cli import build_parser
 
     for _, code in blocks(path, "bash"):
         for command in cli_lines(code):
@@ -118,7 +118,7 @@ def test_cli_lines_parse(path: Path):
             if args == ["--version"]:
                 continue  # argparse's version action prints and exits by design
             try:
-                _parser().parse_args(args)
+                build_parser().parse_args(args)
             except SystemExit as e:
                 raise AssertionError(f"{path.name}: {command!r} does not parse") from e
 

@@ -11,8 +11,8 @@ from conftest import KINDS, cached_model
 from helpers import NoHooksLeft
 
 from tl_decomp import model_spec
-from tl_decomp._maps import LinearFit
 from tl_decomp.identifiability import (
+    LinearFit,
     StateBatch,
     Vocab,
     identifiability_from_states,
@@ -241,12 +241,13 @@ def test_minilm_linear_map_is_the_least_squares_fit():
     from tqdm import tqdm
 
     from tl_decomp import load_corpus, load_model
-    from tl_decomp._maps import fit_maps
-    from tl_decomp.identifiability import _gather
+    from tl_decomp.identifiability import fit_maps, gather_states
 
     model = load_model("minilm")
     corpus = load_corpus(60)
-    batches = list(_gather(model, model_spec(model), corpus, range(60), [6], 16, False, tqdm()))
+    batches = list(
+        gather_states(model, model_spec(model), corpus, range(60), [6], 16, False, tqdm())
+    )
     (g,) = fit_maps(batches, 1, "linear", "cosine", 0, 0)
     X = torch.cat([b.states[0][b.mask.bool()] for b in batches]).double()
     Y = torch.cat([b.e0[b.mask.bool()] for b in batches]).double()
@@ -274,7 +275,7 @@ def test_half_precision_states_are_fitted_in_float32(dtype):
 def test_mlp_map_trains_on_a_uniform_sample_of_tokens():
     # The training split arrives sorted by length; keeping the first tokens trained the MLP
     # map on the shortest sentences only. The sample must be uniform over the stream.
-    from tl_decomp._maps import StoredPairs
+    from tl_decomp.identifiability import StoredPairs
 
     stored = StoredPairs(cap=200, seed=0)
     for start in range(0, 5000, 50):  # 100 "sequences" of 50 tokens, values = token index

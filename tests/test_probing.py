@@ -7,11 +7,18 @@ import torch
 from conftest import KINDS, cached_model
 from helpers import NoHooksLeft, assert_close
 
-from tl_decomp import _mlm, _running, corpus, decompose
-from tl_decomp._probes import split
+from tl_decomp import adapters, decompose
 from tl_decomp.datasets import UNIVERSAL, LabelledWords, as_labelled, load_pos
-from tl_decomp.masked import masked_prediction
-from tl_decomp.probing import SUBSETS, WordFactors, probe_factors, probe_subsets, word_factors
+from tl_decomp.datasets import _corpus as corpus
+from tl_decomp.probing import (
+    SUBSETS,
+    WordFactors,
+    masked_prediction,
+    probe_factors,
+    probe_subsets,
+    split,
+    word_factors,
+)
 
 TERMS = ("i", "h", "f", "c")
 WORDS = [["the", "cat", "sat", "on", "the", "mat"], ["a", "dog", "ran", "."]] * 3
@@ -199,15 +206,15 @@ def test_masked_prediction_from_all_factors_is_the_models_own(kind):
 
 
 def test_mlm_head_matches_the_models_logits():
-    from tl_decomp import _adapters
+    from tl_decomp import adapters
 
     model = cached_model("bert")
-    tokens, mask = _running.tokenize(model, ["the cat sat", "a dog"], encoder=True)
-    spec = _adapters.model_spec(model)
-    cache = _running.run_with_cache(model, tokens, mask, spec.names_filter())
+    tokens, mask = adapters.tokenize(model, ["the cat sat", "a dog"], encoder=True)
+    spec = adapters.model_spec(model)
+    cache = adapters.run_with_cache(model, tokens, mask, spec.names_filter())
     with torch.no_grad():
         logits = model(tokens, attention_mask=mask)
-    assert_close(_mlm.mlm_logits(model, cache[spec.final]), logits, torch.float64, "head")
+    assert_close(adapters.mlm_logits(model, cache[spec.final]), logits, torch.float64, "head")
 
 
 def test_masked_prediction_needs_an_mlm_head():
@@ -258,14 +265,14 @@ def test_word_pieces_on_minilm_match_the_tokenizers_own_word_ids():
 
 def test_bert15_corruption_is_the_papers():
     # 15% of real positions (special ones included), 80% [MASK] / 10% random / 10% kept.
-    from tl_decomp.masked import _corrupt
+    from tl_decomp.probing import corrupt
 
     model = cached_model("bert")
     tok = model.tokenizer
     texts = [" ".join(["the", "cat", "sat", "on", "a", "mat"] * 3)] * 400  # 20 tokens each
-    tokens, mask = _running.tokenize(model, texts, encoder=True)
+    tokens, mask = adapters.tokenize(model, texts, encoder=True)
     gen = torch.Generator().manual_seed(0)
-    corrupted, rows, pos = _corrupt(tokens, mask, tok, 64, "bert15", gen)
+    corrupted, rows, pos = corrupt(tokens, mask, tok, 64, "bert15", gen)
     assert len(rows) == 400 * 3  # round(0.15 * 20) per text
     assert len(set(zip(rows.tolist(), pos.tolist(), strict=True))) == len(rows)  # no repeats
     hit = corrupted[rows, pos]

@@ -39,7 +39,7 @@ from hypothesis import strategies as st
 from torch import Tensor
 
 import tl_decomp as td
-from tl_decomp import _running
+from tl_decomp import adapters
 
 # Examples per property; together at least TARGET (issue #12 asks for 500 fuzz cases). Sized
 # so the module runs in about 2 minutes on one thread of a loaded 2-core machine.
@@ -106,7 +106,7 @@ def as_tokens(model: Any, input: Any, mask: Tensor | None) -> tuple[Tensor, Tens
     or the ValueError it refuses the input with (a text some tiny tokenizers turn into no
     token at all: Qwen2's, which prepends no BOS)."""
     try:
-        return _running.as_tokens(model, td.model_spec(model), input, mask)
+        return adapters.as_tokens(model, td.model_spec(model), input, mask)
     except ValueError as err:
         return err
 
@@ -292,7 +292,7 @@ def test_effective_attention_matches_the_row_reference(
 ):
     started = time.perf_counter()
     model = boot(config)
-    tokens, mask = _running.as_tokens(model, td.model_spec(model), *case)
+    tokens, mask = adapters.as_tokens(model, td.model_spec(model), *case)
     spec = td.model_spec(model)
     cache = own_cache(model, tokens, mask, spec.names_filter(attention=True))
     switches = dict(value_bias=value_bias, preserve_row_sums=preserve_row_sums)

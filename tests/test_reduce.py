@@ -1,4 +1,4 @@
-"""Streamed reductions (`tl_decomp.reduce`) equal the materialised decomposition's statistics."""
+"""Streamed reductions (`reduce=`) equal the materialised decomposition's statistics."""
 
 from __future__ import annotations
 
@@ -9,8 +9,8 @@ import torch
 from conftest import KINDS, cached_model
 
 from tl_decomp import DecompositionRecipe, decompose_layers
+from tl_decomp.decomposition import Reduced
 from tl_decomp.models import TINY_ARCHS
-from tl_decomp.reduce import Reduced
 
 TEXTS = ["the cat sat on the mat .", "a dog ran", "the big cat is on a mat and the dog sat"]
 STATS = ("shares", "norm_ratios", "cosines")

@@ -28,7 +28,7 @@ import pytest
 from conftest import KINDS, cached_model
 
 from tl_decomp import cli
-from tl_decomp.report import report
+from tl_decomp.reporting import report
 
 EVIL = "<img src=x onerror=alert(1)>"
 CHROMIUM = next(
@@ -254,7 +254,7 @@ SHORT = ["the cat sat on the mat", "a dog ran", "the big dog is on a mat", "a ca
 @functools.cache
 def tiny_report(arch: str = "bert", corpus: int = 7):
     with pytest.MonkeyPatch.context() as mp:  # the shipped corpus is too long for tiny models
-        mp.setattr("tl_decomp.corpus.load_corpus", lambda n: SHORT[:n])
+        mp.setattr("tl_decomp.datasets.load_corpus", lambda n: SHORT[:n])
         return report(
             cached_model(arch), "the cat sat on the mat", corpus_sentences=corpus, progress=False
         )

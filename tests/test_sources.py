@@ -1,5 +1,5 @@
 """Granularity ``source`` (the attention term split by key position) and its streamed
-reductions in `tl_decomp.sources`: exact against the per-head terms, the model's own states,
+reductions in `tl_decomp.decomposition`: exact against the per-head terms, the model's own states,
 a brute-force norm-based attention, and the materialised stack."""
 
 from __future__ import annotations

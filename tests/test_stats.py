@@ -8,7 +8,7 @@ from conftest import cached_model
 from helpers import assert_close
 
 from tl_decomp import (
-    _running,
+    adapters,
     anisotropy,
     compare_checkpoints,
     corpus_statistics,
@@ -70,7 +70,7 @@ def test_ff_linearity_matches_least_squares_on_held_out_sentences():
     spec = model_spec(model)
     held = set(result.held_out)
     assert 0 < len(held) < len(texts)
-    tokens, mask = _running.tokenize(model, texts, encoder=False)
+    tokens, mask = adapters.tokenize(model, texts, encoder=False)
     _, cache = model.run_with_cache(tokens, attention_mask=mask)
     test = torch.tensor([i in held for i in range(len(texts))])[:, None] & mask.bool()
     train = ~torch.tensor([i in held for i in range(len(texts))])[:, None] & mask.bool()
@@ -120,7 +120,7 @@ def test_ff_linearity_paper_protocol_is_the_mean_per_dimension_r2_in_sample():
     ]
     result = ff_linearity(model, texts, protocol="paper", batch_size=8, progress=False)
     assert result.protocol == "paper" and result.held_out == () and result.n_test == result.n_train
-    tokens, mask = _running.tokenize(model, texts, encoder=False)
+    tokens, mask = adapters.tokenize(model, texts, encoder=False)
     _, cache = model.run_with_cache(tokens, attention_mask=mask)
     for L, blk in enumerate(model_spec(model).blocks):
         x = StandardScaler().fit_transform(cache[blk.mlp_in][mask.bool()].double().numpy())

@@ -19,10 +19,10 @@ from circuitsvis.utils.render import RenderedHTML
 from conftest import cached_model
 
 import tl_decomp as td
-from tl_decomp import _html, decompose, decompose_layers, model_spec, views
+from tl_decomp import decompose, decompose_layers, model_spec, views
 from tl_decomp.attention import effective_attention
-from tl_decomp.attribution import hidden_token_attribution
-from tl_decomp.identifiability import token_identifiability
+from tl_decomp.identifiability import hidden_token_attribution, token_identifiability
+from tl_decomp.viz import _html
 
 EVIL = "<img src=x onerror=alert(1)>"
 TEXTS = ["the cat sat on the mat", "a dog ran"]

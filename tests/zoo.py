@@ -418,7 +418,7 @@ def _perturb(model: torch.nn.Module) -> None:
 @functools.cache
 def model_dir(family: str) -> str:
     """Write the family's random model and tokenizer once per process; return the folder."""
-    from tl_decomp.models import _tokenizer
+    from tl_decomp.models import tiny_tokenizer
 
     spec = _spec(family)
     torch.manual_seed(0)
@@ -431,7 +431,7 @@ def model_dir(family: str) -> str:
         data = json.loads(config.read_text())
         data["architectures"] = [spec.architecture]
         config.write_text(json.dumps(data, indent=2))
-    _tokenizer(spec.encoder, path).save_pretrained(path)
+    tiny_tokenizer(spec.encoder, path).save_pretrained(path)
     return path
 
 

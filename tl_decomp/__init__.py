@@ -2,87 +2,96 @@
 
 Exact vector-factor decompositions (Mickus et al., TACL 2022) and identifiability analyses
 (Brunner et al., ICLR 2020) for TransformerLens models. Importing defines things only.
+
+The subpackages, lowest first (each imports only those below it; `CONTRIBUTING.md`):
+`_core` (vocabulary, layer convention, checks, result contract) · `adapters` (what a model
+is, how to run it) · `models`, `datasets` (bundled, offline) · `decomposition` ·
+`attention`, `identifiability`, `probing` · `viz` · `reporting` · `cli`.
 """
 
-from tl_decomp import plots, views
-from tl_decomp._adapters import ModelSpec, model_spec
-from tl_decomp._layers import Layer
-from tl_decomp._spec import InexactDecompositionError
-from tl_decomp.attention import effective_attention, effective_attention_layers
-from tl_decomp.attention import names_filter as attention_names_filter
-from tl_decomp.attention_corpus import (
+from tl_decomp._core import Cache, InexactDecompositionError, Layer, Model, ModelSpec, TextInput
+from tl_decomp.adapters import model_spec
+from tl_decomp.attention import (
     AttentionCorrelation,
+    NullSpace,
     SpecialTokenAttention,
     attention_correlation,
+    attention_null_space,
+    effective_attention,
+    effective_attention_layers,
     special_token_attention,
 )
-from tl_decomp.attribution import AttributionResult, hidden_token_attribution
-from tl_decomp.corpus import load_corpus
-from tl_decomp.datasets import LabelledWords, load_pos
-from tl_decomp.decompose import (
+from tl_decomp.attention import names_filter as attention_names_filter
+from tl_decomp.datasets import LabelledWords, load_corpus, load_pos
+from tl_decomp.decomposition import (
+    CheckpointComparison,
     Decomposition,
     DecompositionRecipe,
+    FFLinearity,
+    LayerStats,
+    LogitAttribution,
+    Reduced,
+    anisotropy,
+    compare_checkpoints,
+    corpus_statistics,
     decompose,
     decompose_layers,
+    ff_linearity,
+    logit_attribution,
+    norm_based_attention,
+    source_logit_attribution,
+    source_names_filter,
+    source_norms,
+    source_shares,
 )
-from tl_decomp.decompose import names_filter as decomposition_names_filter
+from tl_decomp.decomposition import names_filter as decomposition_names_filter
 from tl_decomp.identifiability import (
+    AttributionResult,
     IdentifiabilityResult,
+    hidden_token_attribution,
     identifiability_from_states,
     states_from_cache,
     states_names_filter,
     token_identifiability,
 )
-from tl_decomp.logit import LogitAttribution, logit_attribution
-from tl_decomp.masked import MaskedPrediction, masked_prediction
 from tl_decomp.models import load_model, tiny_model
-from tl_decomp.null_space import NullSpace, attention_null_space
 from tl_decomp.probing import (
     SUBSETS,
+    MaskedPrediction,
     ProbeTable,
     WordFactors,
+    masked_prediction,
     probe_factors,
     probe_subsets,
     word_factors,
 )
-from tl_decomp.report import Report, report
-from tl_decomp.sources import names_filter as source_names_filter
-from tl_decomp.sources import (
-    norm_based_attention,
-    source_logit_attribution,
-    source_norms,
-    source_shares,
-)
-from tl_decomp.stats import (
-    CheckpointComparison,
-    FFLinearity,
-    LayerStats,
-    anisotropy,
-    compare_checkpoints,
-    corpus_statistics,
-    ff_linearity,
-)
+from tl_decomp.reporting import Report, report
+from tl_decomp.viz import plots, views
 
 __all__ = [
     "SUBSETS",
     "AttentionCorrelation",
     "AttributionResult",
+    "Cache",
     "CheckpointComparison",
     "Decomposition",
     "DecompositionRecipe",
     "FFLinearity",
     "IdentifiabilityResult",
-    "LogitAttribution",
     "InexactDecompositionError",
     "LabelledWords",
     "Layer",
     "LayerStats",
+    "LogitAttribution",
     "MaskedPrediction",
+    "Model",
     "ModelSpec",
     "NullSpace",
     "ProbeTable",
+    "Reduced",
     "Report",
     "SpecialTokenAttention",
+    "TextInput",
     "WordFactors",
     "anisotropy",
     "attention_correlation",
@@ -96,26 +105,26 @@ __all__ = [
     "effective_attention",
     "effective_attention_layers",
     "ff_linearity",
-    "plots",
     "hidden_token_attribution",
     "identifiability_from_states",
     "load_corpus",
-    "logit_attribution",
     "load_model",
     "load_pos",
+    "logit_attribution",
     "masked_prediction",
     "model_spec",
     "norm_based_attention",
+    "plots",
     "probe_factors",
     "probe_subsets",
     "report",
-    "special_token_attention",
-    "states_from_cache",
-    "states_names_filter",
     "source_logit_attribution",
     "source_names_filter",
     "source_norms",
     "source_shares",
+    "special_token_attention",
+    "states_from_cache",
+    "states_names_filter",
     "tiny_model",
     "token_identifiability",
     "views",

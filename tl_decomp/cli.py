@@ -30,7 +30,7 @@ def _version() -> str:
         return "unknown"
 
 
-def _parser() -> argparse.ArgumentParser:
+def build_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(prog="tl-decomp", description=__doc__.splitlines()[0])
     p.add_argument("--version", action="version", version=f"%(prog)s {_version()}")
     sub = p.add_subparsers(dest="command", required=True)
@@ -159,9 +159,9 @@ def _print_rows(rows: list[dict[str, Any]], args: argparse.Namespace, text: str)
 
 
 def _decompose(args: argparse.Namespace) -> int:
-    from tl_decomp import _page
-    from tl_decomp.decompose import decompose_layers
+    from tl_decomp.decomposition import decompose_layers
     from tl_decomp.models import load_model
+    from tl_decomp._core.results import text_table
 
     if not args.text.strip():
         raise ValueError("TEXT is empty")
@@ -178,25 +178,25 @@ def _decompose(args: argparse.Namespace) -> int:
     tokens = model.tokenizer.convert_ids_to_tokens(ds[0].tokens[0].tolist())  # type: ignore[index]
     head = f"{args.model}: {len(tokens)} tokens: {' '.join(tokens)}\n"
     head += "mean share <e,t>/|e|^2 over tokens (each row sums to 1)\n"
-    _print_rows(rows, args, head + _page.text_table(rows))
+    _print_rows(rows, args, head + text_table(rows))
     return 0
 
 
 def _stats(args: argparse.Namespace) -> int:
     """Under ``torchrun --nproc_per_node=N -m tl_decomp.cli stats``: each rank takes its share
     of the corpus (a gloo or NCCL group started here if none is), rank 0 prints."""
-    from tl_decomp import _distributed
-    from tl_decomp.corpus import load_corpus
+    from tl_decomp._core import distributed
+    from tl_decomp.datasets import load_corpus
+    from tl_decomp.decomposition import corpus_statistics
     from tl_decomp.models import load_model
-    from tl_decomp.stats import corpus_statistics
 
     corpus = load_corpus(args.sentences)  # before the model: a bad count fails at once
-    with _distributed.from_environment():
+    with distributed.from_environment():
         model = load_model(args.model)
         stats = corpus_statistics(
             model, corpus, batch_size=args.batch_size, centering=args.centering, progress=False
         )
-        main = _distributed.is_main()  # read before the group is gone
+        main = distributed.is_main()  # read before the group is gone
     if not main:
         return 0
     head = f"{args.model}: {stats.n_tokens} tokens, max relative error "
@@ -207,7 +207,7 @@ def _stats(args: argparse.Namespace) -> int:
 
 def _report(args: argparse.Namespace) -> int:
     from tl_decomp.models import load_model
-    from tl_decomp.report import check_path, report
+    from tl_decomp.reporting import check_path, report
 
     if not args.text.strip():
         raise ValueError("TEXT is empty")
@@ -239,7 +239,7 @@ def _report(args: argparse.Namespace) -> int:
 
 def main(argv: Sequence[str] | None = None) -> int:
     """Entry point; returns the exit status (0 ok, 2 bad arguments, 1 failure)."""
-    args = _parser().parse_args(argv)
+    args = build_parser().parse_args(argv)
     try:
         return {"decompose": _decompose, "stats": _stats, "report": _report}[args.command](args)
     except (ValueError, TypeError, ModuleNotFoundError, NotImplementedError, OSError) as err:

@@ -1,0 +1,53 @@
+"""What a model is and how to run it: the only code that knows TransformerLens's classes
+and versions.
+
+`model_spec` derives a `ModelSpec` (norms, multipliers, biases, head maps, key sets and
+hooks) from any supported model, reading a `TransformerBridge`'s component tree or a
+`HookedTransformer` / `HookedEncoder` config; the runner tokenises, checks input and runs with
+temporary hooks; the experts module reads mixture-of-experts routing; the MLM module the
+masked-language-model head. Everything above reads a `ModelSpec` and these functions, never a
+model class.
+"""
+
+from tl_decomp.adapters._derive import model_spec, windows
+from tl_decomp.adapters._experts import Routing, capture, expert_terms, moe_module, shared_module
+from tl_decomp.adapters._mlm import mlm_logits, tokenize_offsets
+from tl_decomp.adapters._running import (
+    as_tokens,
+    cache_model,
+    check_corpus,
+    check_finite,
+    check_lengths,
+    embedding_matrix,
+    model_device,
+    norm_eps,
+    run_with_cache,
+    run_with_hooks,
+    tokenize,
+)
+from tl_decomp.adapters._state import evaluating, exclusive
+
+__all__ = [
+    "Routing",
+    "as_tokens",
+    "cache_model",
+    "capture",
+    "check_corpus",
+    "check_finite",
+    "check_lengths",
+    "embedding_matrix",
+    "evaluating",
+    "exclusive",
+    "expert_terms",
+    "mlm_logits",
+    "model_device",
+    "model_spec",
+    "moe_module",
+    "norm_eps",
+    "run_with_cache",
+    "run_with_hooks",
+    "shared_module",
+    "tokenize",
+    "tokenize_offsets",
+    "windows",
+]

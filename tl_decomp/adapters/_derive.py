@@ -1,0 +1,79 @@
+"""The one place that derives, from a model, what the math needs to know about it.
+
+`model_spec(model)` describes any supported model as a `tl_decomp._core.spec.ModelSpec`: the
+norms on the residual path and where they sit, multipliers, biases, the attention's head
+map and key sets, and the hooks that hold each activation. For `TransformerBridge` (3.x and
+4.x, raw or compatibility mode) the layout is read from the bridge's component tree and
+checked numerically: each norm is run once against the formula the math will apply, and
+where a norm sits is read off one tiny forward pass. The decomposition then verifies every
+result against the model's own activation, so a layout this module misreads raises there
+rather than returning a wrong sum. `HookedTransformer` / `HookedEncoder` (3.x) are read from
+their config in `tl_decomp.adapters`.
+"""
+
+from __future__ import annotations
+
+from dataclasses import replace
+from typing import Any
+
+from tl_decomp._core.spec import Block, InexactDecompositionError, ModelSpec, Norm
+from tl_decomp.adapters import _bridge, _hooked
+from tl_decomp.adapters._common import model_kind
+
+__all__ = ["Block", "InexactDecompositionError", "ModelSpec", "Norm", "model_spec", "windows"]
+
+
+def model_spec(model: Any) -> ModelSpec:
+    """Describe `model` for the math modules, or raise `NotImplementedError` naming why not.
+
+    Example:
+        >>> from tl_decomp.models import tiny_model
+        >>> spec = model_spec(tiny_model("bert"))
+        >>> spec.norm_placement, spec.causal, [label for label, _ in spec.embeds]
+        ('post', False, ['embed', 'pos_embed', 'token_type_embed'])
+    """
+    kind = model_kind(model)
+    if kind == "TransformerBridge":
+        spec = _bridge.spec_bridge(model)
+    elif kind == "HookedEncoder":
+        spec = _hooked.spec_hooked_encoder(model)
+    else:
+        spec = _hooked.spec_hooked_transformer(model)
+    wins = windows(model, spec.n_layers)
+    return replace(
+        spec, blocks=tuple(replace(b, window=w) for b, w in zip(spec.blocks, wins, strict=True))
+    )
+
+
+def windows(model: Any, n_layers: int) -> tuple[int | None, ...]:
+    """Per block: how many keys (itself included) a query sees, or None for every earlier key.
+
+    Read from the Hugging Face config (`layer_types` + `sliding_window`, GPT-Neo's
+    `attention_layers` + `window_size`, or one `sliding_window` for all layers) or from
+    `HookedTransformerConfig` (`attn_types` + `window_size`). Key j is visible to query i when
+    ``i - window < j <= i``, Hugging Face's sliding-window mask. The attention code checks
+    the pattern against the key sets derived here, so a window missed here raises there.
+    """
+    hf = getattr(getattr(model, "original_model", None), "config", None)
+    if hf is None:
+        cfg = model.cfg
+        if not getattr(cfg, "use_local_attn", False):
+            return (None,) * n_layers
+        types, w = list(cfg.attn_types), cfg.window_size
+    else:
+        types, w = getattr(hf, "layer_types", None), getattr(hf, "sliding_window", None)
+        if types is None and getattr(hf, "attention_layers", None):  # GPT-Neo
+            types, w = list(hf.attention_layers), hf.window_size
+    if types is None:
+        return (int(w) if w else None,) * n_layers
+    if len(types) < n_layers:
+        raise NotImplementedError(f"{len(types)} attention layer types for {n_layers} blocks")
+    out: list[int | None] = []
+    for t in types[:n_layers]:
+        if t in ("full_attention", "global"):
+            out.append(None)
+        elif t in ("sliding_attention", "local"):
+            out.append(int(w) if w else None)
+        else:
+            raise NotImplementedError(f"attention layer type {t!r} is not supported by tl_decomp")
+    return tuple(out)

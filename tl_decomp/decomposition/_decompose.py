@@ -1,0 +1,180 @@
+"""Exact vector-factor decomposition of hidden states (Mickus et al., TACL 2022).
+
+Every hidden state is rewritten as ``e = i + h + f + c``: input embeddings, bias-free
+attention heads, bias-free feed-forward outputs, and a correction term holding every bias and
+every LayerNorm centering. LayerNorm is linear once the forward pass has fixed mu and sigma,
+so each term is carried through every later norm exactly (docs/method.md §1).
+
+The stack is built from raw hooks (``hook_z``, MLP outputs, every norm's input and scale),
+never from ``hook_attn_out``/``hook_resid_mid``, which hold no additive terms on BERT.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from typing import Any
+
+import torch
+from torch import Tensor
+
+from tl_decomp import adapters
+from tl_decomp._core import checks, convention
+from tl_decomp._core.convention import Layer
+from tl_decomp.decomposition._recipe import (
+    Centering,
+    Decomposition,
+    DecompositionRecipe,
+    Granularity,
+)
+
+
+def _run(model: Any, recipe: DecompositionRecipe, input: Any, attention_mask: Tensor | None):
+    """``(cache, tokens, mask, routing)``: the user's own cache as it is (nothing runs again;
+    no tokens, no routing), or text / ids tokenised and cached exactly as the recipe reads
+    them, in one forward pass."""
+    if checks.is_cache(input):
+        mask = None if attention_mask is None else checks.mask(attention_mask, _pos(recipe, input))
+        return input, None, mask, None
+    tokens, mask = adapters.as_tokens(model, recipe.spec, input, attention_mask)
+    device = adapters.model_device(model)
+    tokens, mask = tokens.to(device), mask.to(device)
+    moe = list(recipe.moe_layers) if recipe.granularity == "expert" else []
+    with adapters.exclusive(model), adapters.capture(model, moe) as routing:
+        cache = adapters.run_with_cache(model, tokens, mask, recipe.names_filter)
+    return cache, tokens, mask, routing
+
+
+def _pos(recipe: DecompositionRecipe, cache: Any) -> torch.Size:
+    """``[batch pos]`` of the run a cache holds."""
+    recipe.check_cache(cache)
+    return cache[recipe.spec.embeds[0][1]].shape[:2]
+
+
+def decompose(
+    model: Any,
+    input: str | Sequence[str] | Tensor | Any,
+    *,
+    layer: Layer = "final",
+    granularity: Granularity = "coarse",
+    centering: Centering = "correction",
+    attention_mask: Tensor | None = None,
+    split_input: bool = False,
+    split_correction: bool = False,
+    dtype: torch.dtype | None = None,
+) -> Decomposition:
+    """Decompose a hidden state of `model` exactly into input, attention, MLP and correction.
+
+    Guarantees ``result.factors.sum(0) == result.target`` (the model's own activation) to
+    rounding; the measured error is ``result.max_abs_error``.
+
+    Args:
+        model: a TransformerBridge, HookedTransformer or HookedEncoder.
+        input: a text, a list of texts (right-padded; padding is masked), token ids, or an
+            ``ActivationCache`` of your own run holding the hooks the decomposition reads
+            (``names_filter=td.decomposition_names_filter(model, granularity=...)``; give its
+            `attention_mask` if the batch was padded). A cache is not run again.
+        layer: residual-stream index, as in TransformerLens's ``accumulated_resid``: 0 is the
+            layer-0 input, ``l`` the output of block ``l - 1``, negatives count from the end
+            (``-1`` = the last block's output); ``"final"`` (default) is the final embedding
+            the unembedding reads (decoders: the ``ln_final`` output; encoders: layer
+            ``n_layers``, reported so).
+        granularity: ``coarse`` (i, h, f, c), ``layer`` (attention and MLP per layer),
+            ``head`` (attention per layer and head) or ``expert`` (as ``layer``, with each
+            mixture-of-experts MLP split into ``L_expertE`` terms and ``L_shared_expert``).
+        centering: ``correction`` puts every LayerNorm centering in ``c`` (the paper);
+            ``terms`` centres each term so ``c`` holds biases only. The sum is identical.
+        attention_mask: 1/0 mask for token-id input.
+        split_input: split the input term into ``embed``/``pos_embed``/``token_type_embed``.
+        split_correction: split ``c`` into ``ln_center``, ``ln_bias``, ``attn_bias``, ``mlp_bias``.
+        dtype: compute dtype (default: the model's; float32 for half-precision models).
+
+    Example:
+        >>> from tl_decomp.models import tiny_model
+        >>> model = tiny_model("bert", dtype=torch.float64)
+        >>> d = decompose(model, "the cat sat on the mat")
+        >>> d.labels
+        ('i', 'h', 'f', 'c')
+        >>> d.relative_error < 1e-9
+        True
+        >>> bool(torch.allclose(d.shares().sum(0), torch.ones(1, 8, dtype=torch.float64)))
+        True
+    """
+    options = dict(
+        granularity=granularity,
+        centering=centering,
+        split_input=split_input,
+        split_correction=split_correction,
+        dtype=dtype,
+    )
+    recipe = DecompositionRecipe.for_model(model, **options)
+    layer = convention.resolve(recipe.spec, layer)
+    cache, tokens, mask, routing = _run(model, recipe, input, attention_mask)
+    return recipe.decompose(cache, layer, tokens=tokens, attention_mask=mask, routing=routing)
+
+
+def decompose_layers(
+    model: Any,
+    input: str | Sequence[str] | Tensor | Any,
+    *,
+    layers: Sequence[Layer] | None = None,
+    granularity: Granularity = "coarse",
+    centering: Centering = "correction",
+    attention_mask: Tensor | None = None,
+    split_input: bool = False,
+    split_correction: bool = False,
+    dtype: torch.dtype | None = None,
+    reduce: Any = None,
+) -> list[Any]:
+    """The decomposition at every layer from one forward pass.
+
+    Returns one `Decomposition` per residual-stream index in `layers`, in depth order: by
+    default 0 (the layer-0 input) .. ``n_layers`` (the last block's output), then ``"final"``
+    where the final embedding is a separate site (a decoder's ``ln_final``), as
+    TransformerLens's ``accumulated_resid`` orders them. For corpora,
+    `DecompositionRecipe.iter_layers` yields the same one layer at a time.
+
+    With `reduce` (``"shares"``, ``"norm_ratios"``, ``"cosines"``, ``("logit", tokens)``),
+    returns instead one `tl_decomp.Reduced` per layer: that statistic of every factor
+    (``[factor batch pos]``, labels as the decomposition's), computed without the factor
+    stack, one chunk of heads at a time (`DecompositionRecipe.iter_reduced`).
+
+    Example:
+        >>> from tl_decomp.models import tiny_model
+        >>> ds = decompose_layers(tiny_model("gpt2"), ["the cat", "a dog sat"])
+        >>> [d.layer for d in ds]
+        [0, 1, 2, 3, 'final']
+        >>> max(d.relative_error for d in ds) < 1e-4
+        True
+        >>> rs = decompose_layers(tiny_model("gpt2"), "a dog", granularity="head", reduce="shares")
+        >>> rs[-1].labels[:2], tuple(rs[-1].values.shape)
+        (('input', 'L0H0'), (17, 1, 3))
+    """
+    options = dict(
+        granularity=granularity,
+        centering=centering,
+        split_input=split_input,
+        split_correction=split_correction,
+        dtype=dtype,
+    )
+    recipe = DecompositionRecipe.for_model(model, **options)
+    layers = convention.resolve_many(recipe.spec, layers)
+    if reduce is not None:
+        from tl_decomp.decomposition._reduce import check_statistic
+
+        check_statistic(reduce, recipe.spec)  # before the forward pass
+    cache, tokens, mask, routing = _run(model, recipe, input, attention_mask)
+    if reduce is not None:
+        return list(
+            recipe.iter_reduced(cache, reduce, layers, attention_mask=mask, routing=routing)
+        )
+    it = recipe.iter_layers(cache, layers, tokens=tokens, attention_mask=mask, routing=routing)
+    return list(it)
+
+
+def names_filter(model: Any, **options: Any) -> Any:
+    """The ``names_filter`` caching exactly what `decompose` reads with these options
+    (``granularity``, ``split_input``, ...), for ``model.run_with_cache``."""
+    return DecompositionRecipe.for_model(model, **options).names_filter
+
+
+__all__ = ["Decomposition", "DecompositionRecipe", "decompose", "decompose_layers", "names_filter"]

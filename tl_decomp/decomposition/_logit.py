@@ -1,0 +1,199 @@
+"""Direct logit attribution of a decomposition, and the decomposed logit lens.
+
+For the final embedding (what the unembedding reads) each factor's logit is ``f_k · W_U[:, t]``
+and the factors' logits plus ``b_U[t]`` sum to the unembedding's own output for token ``t``.
+For any earlier layer of a pre-LN model, the factors are first carried through the final norm
+with *that layer's own* mean and scale (the logit lens: ``unembed(ln_final(resid_l))``,
+TransformerLens's ``accumulated_resid(apply_ln=True)``), so they sum exactly to the lens's
+logits: the linearisation of the lens at that layer, not the model's output.
+
+The target is the unembedding's output, before anything a model applies to logits after it
+(Gemma-2's soft-capping, Granite's logit scaling); each result carries its measured error.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Any
+
+import torch
+from jaxtyping import Float
+from torch import Tensor
+
+from tl_decomp._core.results import Result
+
+
+@dataclass(frozen=True, repr=False)
+class LogitAttribution(Result):
+    """``values.sum(0) == logits`` up to `max_abs_error`; ``labels[k]`` names ``values[k]``.
+
+    Attributes:
+        values: each factor's logit (or logit difference) ``[factor batch pos]``; the last row
+            is the unembedding bias ``b_U`` where the model has one.
+        labels: the decomposition's labels (plus ``b_U``).
+        logits: the unembedding's own logit (difference) at that layer ``[batch pos]``: the
+            model's (final embedding) or the logit lens's (earlier layers).
+        lens: True when this is the logit lens at a block output, not the final embedding.
+    """
+
+    values: Float[Tensor, "factor batch pos"]
+    labels: tuple[str, ...]
+    logits: Float[Tensor, "batch pos"]
+    lens: bool
+    max_abs_error: float
+
+    def __repr__(self) -> str:
+        shape = "x".join(map(str, self.values.shape))
+        kind = "logit lens" if self.lens else "final embedding"
+        return (
+            f"LogitAttribution({kind}, values [{shape}], {len(self.labels)} labels, "
+            f"max_abs_error={self.max_abs_error:.2g})"
+        )
+
+    def ranked(self, batch: int = 0, pos: int = -1) -> list[tuple[str, float]]:
+        """``(label, logit)`` at one position, largest first."""
+        col = self.values[:, batch, pos].tolist()
+        return sorted(zip(self.labels, col, strict=True), key=lambda kv: -kv[1])
+
+    def rows(self) -> list[dict[str, Any]]:
+        """One row per factor and position: ``label, batch, pos, logit``."""
+        vals = self.values.cpu()
+        return [
+            {"label": label, "batch": b, "pos": p, "logit": vals[k, b, p].item()}
+            for k, label in enumerate(self.labels)
+            for b in range(vals.shape[1])
+            for p in range(vals.shape[2])
+        ]
+
+    def to_pandas(self, batch: int = 0, pos: int = -1) -> Any:  # type: ignore[override]  # one position, as `ranked`
+        """`ranked` as a DataFrame with columns ``label``, ``logit``."""
+        import pandas as pd
+
+        return pd.DataFrame(self.ranked(batch, pos), columns=["label", "logit"])
+
+
+def logit_attribution(d: Any, tokens: Any, incorrect: Any = None) -> LogitAttribution:
+    """Each factor's share of the logit of `tokens` (minus `incorrect`'s, when given).
+
+    Guarantees ``result.values.sum(0) == result.logits``, the unembedding's own output at the
+    decomposed layer (measured: `max_abs_error`; raises past the tolerance).
+
+    Args:
+        d: a `Decomposition` from `decompose` / `decompose_layers` (not hand-built).
+        tokens: a token (str or id) for every position, or ids ``[batch]`` / ``[batch pos]``.
+        incorrect: the same, subtracted: a logit difference.
+
+    Example:
+        >>> from tl_decomp import decompose
+        >>> from tl_decomp.models import tiny_model
+        >>> model = tiny_model("gpt2", dtype=torch.float64)
+        >>> d = decompose(model, "the cat sat on the", granularity="layer")
+        >>> la = d.logit_attrs("mat")  # token id 13
+        >>> bool(torch.allclose(la.values.sum(0), model(d.tokens)[..., 13]))
+        True
+        >>> la.ranked()[0][0] in la.labels
+        True
+    """
+    recipe = d.meta.get("recipe")
+    if recipe is None:
+        raise ValueError("this Decomposition does not record its recipe: use td.decompose")
+    model, spec = recipe.model, recipe.spec
+    if not spec.unembed_reads_final:
+        raise NotImplementedError(
+            f"logit attribution on {spec.architecture}: a head (BERT's MLM transform: dense, "
+            "activation, LayerNorm) lies between the final embedding and the unembedding"
+        )
+    factors, labels = d.factors, list(d.labels)
+    lens = d.site != spec.final
+    if lens:
+        factors, labels = _through_final_norm(recipe, d)
+    dt = factors.dtype
+    W_U = model.W_U.detach().to(dt)
+    b_U = getattr(model, "b_U", None)
+    b_U = torch.zeros(W_U.shape[1], dtype=dt, device=W_U.device) if b_U is None else b_U
+    shape = d.target.shape[:2]
+    direction = token_columns(model, W_U, tokens, shape)
+    bias = pick_bias(b_U.detach().to(dt), model, tokens, shape)
+    if incorrect is not None:
+        direction = direction - token_columns(model, W_U, incorrect, shape)
+        bias = bias - pick_bias(b_U.detach().to(dt), model, incorrect, shape)
+    # The unembedding's device may not be the factors' (a model split over devices).
+    direction, bias = direction.to(factors.device), bias.to(factors.device)
+    values = torch.einsum("kbpd,bpd->kbp", factors, direction)
+    if bias.abs().max() > 0:
+        values = torch.cat([values, bias[None]])
+        labels.append("b_U")
+    logits = own_logits(model, recipe, d, tokens, incorrect)
+    err = (values.sum(0) - logits).abs().max().item()
+    # The lens runs the model's own final norm, float32-rounding ones included.
+    recipe.check_exact(err, logits.abs().max().item(), "the unembedding", "final", dt)
+    return LogitAttribution(values, tuple(labels), logits, lens, err)
+
+
+def _ids(model: Any, tokens: Any, shape: torch.Size) -> Tensor:
+    """Token ids ``[batch pos]`` from a str, an id, or ids ``[batch]`` / ``[batch pos]``."""
+    if isinstance(tokens, str):
+        ids = model.tokenizer(tokens, add_special_tokens=False)["input_ids"]
+        if len(ids) != 1:
+            raise ValueError(f"{tokens!r} is {len(ids)} tokens, not one")
+        tokens = ids[0]
+    t = torch.as_tensor(tokens)
+    if t.is_floating_point():
+        raise ValueError("token ids must be integers")
+    if t.ndim == 1:
+        t = t[:, None]
+    return t.expand(shape).long()
+
+
+def token_columns(model: Any, W_U: Tensor, tokens: Any, shape: torch.Size) -> Tensor:
+    ids = _ids(model, tokens, shape).to(W_U.device)
+    return W_U.T[ids]  # [batch pos d_model]
+
+
+def pick_bias(b_U: Tensor, model: Any, tokens: Any, shape: torch.Size) -> Tensor:
+    return b_U[_ids(model, tokens, shape).to(b_U.device)]
+
+
+def own_logits(model: Any, recipe: Any, d: Any, tokens: Any, incorrect: Any) -> Tensor:
+    """The unembedding run on the model's own state (the final embedding, or the final norm
+    of a block output), for the tokens asked."""
+    with torch.inference_mode():
+        x = d.target.to(model.W_U.device)  # the unembedding's device
+        x = x if d.site == recipe.spec.final else model.ln_final(x)
+        out = model.unembed(x).to(device=d.factors.device, dtype=d.factors.dtype)
+    shape = d.target.shape[:2]
+    pick = out.gather(-1, _ids(model, tokens, shape).to(out.device)[..., None])[..., 0]
+    if incorrect is not None:
+        pick = (
+            pick - out.gather(-1, _ids(model, incorrect, shape).to(out.device)[..., None])[..., 0]
+        )
+    return pick
+
+
+def _through_final_norm(recipe: Any, d: Any) -> tuple[Tensor, list[str]]:
+    """The factors of a block output carried through ``ln_final`` with that output's own
+    mean and scale: exact for the lens's ``ln_final(resid_l)``."""
+    norm = recipe.spec.ln_final
+    if norm is None or recipe.spec.norm_placement != "pre":
+        raise NotImplementedError(
+            "the logit lens at a block output needs a pre-LN model with a final norm "
+            f"({recipe.spec.architecture}: {recipe.spec.norm_placement}-LN)"
+        )
+    x = d.target.to(d.factors.dtype)
+    eps = norm.eps if norm.eps is not None else float(recipe.model.cfg.eps)
+    centred = x if norm.rms else x - x.mean(-1, keepdim=True)
+    scale = (centred.square().mean(-1, keepdim=True) + eps).sqrt()
+    gain = 1 / scale if norm.w is None else norm.w.to(x) / scale
+    factors, labels = d.factors * gain, list(d.labels)
+    extra = []
+    if not norm.rms:
+        extra.append(("ln_final_center", -x.mean(-1, keepdim=True) * gain))
+    if norm.b is not None:
+        extra.append(("ln_final_bias", norm.b.to(x).expand_as(x)))
+    for label, term in extra:
+        factors = torch.cat([factors, term.expand_as(x)[None]])
+        labels.append(label)
+    return factors, labels
+
+
+__all__ = ["LogitAttribution", "logit_attribution"]

@@ -1,0 +1,289 @@
+"""The decomposition's result and its recipe: which hooks to cache, one walk over the blocks
+(materialised factors or streamed reductions), and the exactness check every result passes
+(docs/method.md §1). The algebra of each term is `tl_decomp.decomposition`.
+"""
+
+from __future__ import annotations
+
+import math
+import warnings
+from collections.abc import Iterator, Sequence
+from dataclasses import dataclass, field
+from functools import partial
+from typing import Any
+
+import torch
+from torch import Tensor
+
+from tl_decomp import adapters
+from tl_decomp._core import checks, convention
+from tl_decomp._core.convention import Layer
+from tl_decomp._core.spec import InexactDecompositionError, ModelSpec
+from tl_decomp.decomposition._algebra import Rows, Stack
+from tl_decomp.decomposition._algebra import check_values as _check_values  # noqa: F401  # sources.py
+from tl_decomp.decomposition._reduce import Reduced, iter_reduced
+from tl_decomp.decomposition._result import Centering, Decomposition, Granularity
+from tl_decomp.decomposition._terms import Terms
+
+
+@dataclass(frozen=True)
+class DecompositionRecipe(Terms):
+    """Turns a cache into `Decomposition`s; its `names_filter` caches exactly what it reads.
+
+    For users who run the model themselves::
+
+        recipe = DecompositionRecipe.for_model(model, granularity="head")
+        _, cache = model.run_with_cache(tokens, names_filter=recipe.names_filter)
+        d = recipe.decompose(cache, layer=3)
+    """
+
+    spec: ModelSpec
+    model: Any = field(compare=False, repr=False)
+    granularity: Granularity = "coarse"
+    centering: Centering = "correction"
+    split_input: bool = False
+    split_correction: bool = False
+    dtype: torch.dtype | None = None
+    chunk_size: int = 16
+
+    @classmethod
+    def for_model(cls, model: Any, **options: Any) -> DecompositionRecipe:
+        """A recipe for `model`; raises `NotImplementedError` on unsupported architectures."""
+        recipe = cls(spec=adapters.model_spec(model), model=model, **options)
+        if recipe.granularity not in ("coarse", "layer", "head", "source", "expert"):
+            raise ValueError(
+                "granularity must be coarse, layer, head, source or expert, "
+                f"not {recipe.granularity!r}"
+            )
+        if recipe.granularity == "expert" and not recipe.moe_layers:
+            raise ValueError("granularity='expert' needs a mixture-of-experts model")
+        if recipe.centering not in ("correction", "terms"):
+            raise ValueError(f"centering must be 'correction' or 'terms', not {recipe.centering!r}")
+        checks.dtype(recipe.dtype)
+        for name in ("split_input", "split_correction"):
+            if not isinstance(getattr(recipe, name), bool):
+                raise TypeError(f"{name} must be True or False, not {getattr(recipe, name)!r}")
+        checks.integer(recipe.chunk_size, "chunk_size", least=1)
+        return recipe
+
+    @property
+    def moe_layers(self) -> tuple[int, ...]:
+        """Blocks whose MLP is a mixture of experts (split by expert on request)."""
+        return tuple(L for L in range(self.spec.n_layers) if adapters.moe_module(self.model, L))
+
+    @property
+    def hooks(self) -> list[str]:
+        if self.granularity == "source":  # the values each head reads, key by key
+            return self.spec.hooks() + [blk.v for blk in self.spec.blocks]
+        if self.granularity != "expert":
+            return self.spec.hooks()
+        extra = [self.spec.blocks[L].mlp_in for L in self.moe_layers]
+        return self.spec.hooks() + extra  # type: ignore[operator]  # MoE blocks have mlp_in
+
+    @property
+    def names_filter(self):
+        return frozenset(self.hooks).__contains__
+
+    def compute_dtype(self) -> torch.dtype:
+        if self.dtype is not None:
+            return self.dtype
+        if self.spec.dtype in (torch.float16, torch.bfloat16):
+            warnings.warn(
+                f"model is {self.spec.dtype}; tl_decomp computes the decomposition in float32",
+                stacklevel=3,
+            )
+            return torch.float32
+        return self.spec.dtype
+
+    def iter_layers(
+        self,
+        cache: Any,
+        layers: Sequence[Layer] | None = None,
+        *,
+        tokens: Tensor | None = None,
+        attention_mask: Tensor | None = None,
+        routing: adapters.Routing | None = None,
+    ) -> Iterator[Decomposition]:
+        """One pass over the blocks, yielding the decomposition at each requested layer.
+
+        `layers`: residual-stream indices (0 = the layer-0 input, ``n_layers`` = the last
+        block's output, negatives from the end) and ``"final"``, yielded in depth order;
+        None: all of them. `routing` (granularity ``expert``): what each block's experts
+        module received, as `tl_decomp.decomposition` captures it while it runs the model.
+
+        Memory: one factor buffer plus the decomposition being yielded; consume each before
+        asking for the next to keep a single layer alive.
+        """
+        spec = self.spec
+        wanted = sorted(convention.resolve_many(spec, layers), key=partial(convention.depth, spec))
+        self.check_cache(cache)
+        dt = self.compute_dtype()
+        st = Stack(self.layout(cache), cache[spec.embeds[0][1]], dt)
+        last = wanted[-1]
+        for layer in self.walk(st, cache, wanted, dt, routing):
+            # later layers keep writing into the buffer: copy
+            yield self._result(st, cache, layer, tokens, attention_mask, layer != last)
+
+    def iter_reduced(
+        self,
+        cache: Any,
+        statistic: Any,
+        layers: Sequence[Layer] | None = None,
+        *,
+        attention_mask: Tensor | None = None,
+        routing: adapters.Routing | None = None,
+    ) -> Iterator[Reduced]:
+        """`tl_decomp.Reduced` at each requested layer, in depth order: one statistic
+        of every factor, equal to the materialised `Decomposition`'s, without its stack.
+
+        `statistic`: ``"shares"``, ``"norm_ratios"``, ``"cosines"``, ``("logit", tokens)``
+        or ``("logit", tokens, incorrect)`` (as `Decomposition.logit_attrs`). Memory: one
+        chunk of `chunk_size` heads, the input and correction terms, one running sum, and
+        ``[factor batch pos]`` values per requested layer; independent of the number of
+        heads. Each result is checked exact as `iter_layers` checks its stack.
+
+        Example:
+            >>> from tl_decomp.models import tiny_model
+            >>> model = tiny_model("gpt2", dtype=torch.float64)
+            >>> recipe = DecompositionRecipe.for_model(model, granularity="head")
+            >>> _, cache = model.run_with_cache("the cat sat", names_filter=recipe.names_filter)
+            >>> r = next(recipe.iter_reduced(cache, "shares", [-1]))
+            >>> r.labels[:3], tuple(r.values.shape)
+            (('input', 'L0H0', 'L0H1'), (17, 1, 4))
+            >>> bool(torch.allclose(r.values.sum(0), torch.ones(1, 4, dtype=torch.float64)))
+            True
+        """
+        return iter_reduced(
+            self, cache, statistic, layers, attention_mask=attention_mask, routing=routing
+        )
+
+    def steps(self, wanted: Sequence[Layer]) -> list[tuple[str, Any]]:
+        """The walk up to the deepest of `wanted`, in forward order: ``("input", None)``,
+        ``("norm", Norm)`` (a norm on the residual stream), ``("attn", block)``,
+        ``("mlp", block)`` and ``("layer", layer)`` (a residual-stream index reached)."""
+        spec = self.spec
+        deepest = max(convention.depth(spec, layer) for layer in wanted)
+        steps: list[tuple[str, Any]] = [("input", None)]
+        steps += [("norm", spec.embed_ln)] if spec.embed_ln is not None else []
+        steps.append(("layer", 0))
+        for L, blk in enumerate(spec.blocks[: min(deepest, spec.n_layers)]):
+            steps.append(("attn", L))
+            steps += [("norm", blk.ln1)] if blk.ln1 is not None else []
+            steps.append(("mlp", L))
+            steps += [("norm", blk.ln2)] if blk.ln2 is not None else []
+            steps.append(("layer", L + 1))
+        if deepest > spec.n_layers:
+            steps += [("norm", spec.ln_final)] if spec.ln_final is not None else []
+            steps.append(("layer", "final"))
+        return steps
+
+    def walk(self, st: Rows, cache: Any, wanted: Sequence[Layer], dt, routing) -> Iterator[Layer]:
+        """Every step of `_steps` on `st` (a `Stack`, or a streamed reduction), yielding each
+        wanted layer once its terms are all in; ``st.pos`` is the step running."""
+        for i, (op, arg) in enumerate(self.steps(wanted)):
+            st.pos = i
+            if op == "input":
+                self._input(st, cache, dt)
+            elif op == "norm":
+                self._norm(st, arg, cache, dt)
+            elif op == "attn":
+                self._attention(st, arg, cache, dt)
+            elif op == "mlp":
+                self._mlp(st, arg, cache, dt, routing)
+            elif arg in wanted:
+                yield arg
+
+    def _input(self, st: Rows, cache: Any, dt: torch.dtype) -> None:
+        spec = self.spec
+        if self.split_input or not spec.input:
+            for label, hook in spec.embeds:
+                st.add(self._label("i", label if self.split_input else "input"), cache[hook].to(dt))
+        else:  # the summed embeddings as the model holds them (scaled: Gemma, Granite)
+            st.add(self._label("i", "input"), cache[spec.input].to(dt))
+
+    def decompose(
+        self,
+        cache: Any,
+        layer: Layer = "final",
+        *,
+        tokens: Tensor | None = None,
+        attention_mask: Tensor | None = None,
+        routing: adapters.Routing | None = None,
+    ) -> Decomposition:
+        """The decomposition at residual-stream index `layer` (``"final"``: the final
+        embedding)."""
+        it = self.iter_layers(
+            cache,
+            [convention.resolve(self.spec, layer)],
+            tokens=tokens,
+            attention_mask=attention_mask,
+            routing=routing,
+        )
+        return next(iter(it))
+
+    def _result(self, st: Stack, cache, layer: Layer, tokens, mask, copy):
+        factors, labels, kinds = st.snapshot(copy)
+        site = convention.site(self.spec, layer)
+        target = cache[site].to(factors.device)  # where the terms were summed
+        if mask is not None and not torch.isfinite(target).all():
+            # Sliding windows leave padded queries with no key: the model's own state there
+            # is NaN. Padding carries no meaning; zero it so it poisons no statistic.
+            pad = ~mask.bool().to(target.device)[..., None]
+            target = target.masked_fill(pad, 0)
+            factors = factors.masked_fill(pad, 0)
+        err = (factors.sum(0) - target.to(factors.dtype)).abs().max().item()
+        if not math.isfinite(err):  # NaN or inf anywhere upstream reaches the sum
+            bad = self.first_non_finite(cache)
+            raise ValueError(f"the model's activation {bad} contains NaN or inf")
+        self.check_exact(err, target.abs().max().item(), site, layer, factors.dtype)
+        return Decomposition(
+            factors=factors,
+            labels=labels,
+            kinds=kinds,
+            target=target,
+            site=site,
+            layer=layer,
+            tokens=tokens,
+            attention_mask=mask,
+            max_abs_error=err,
+            centering=self.centering,
+            meta={"recipe": self},
+        )
+
+    def check_cache(self, cache: Any) -> None:
+        source = adapters.cache_model(cache)
+        if source is not None and self.model is not None and source is not self.model:
+            raise ValueError(
+                "this cache comes from another model than the recipe's; "
+                "decompose a cache with a recipe built for the model that produced it"
+            )
+        keys = set(cache.keys())
+        missing = [h for h in self.hooks if h not in keys]
+        if missing:
+            raise ValueError(
+                f"the cache lacks {len(missing)} hook(s) the decomposition reads, e.g. "
+                f"{missing[:5]}; cache them with "
+                "model.run_with_cache(tokens, names_filter=td.decomposition_names_filter(model))"
+            )
+
+    def check_exact(self, err: float, scale: float, site: str, layer, dtype) -> None:
+        """Raise rather than return a sum that misses the model's activation."""
+        tol = self.spec.tolerance(dtype, self.rounded(layer))
+        if err > tol * max(scale, 1e-30):
+            raise InexactDecompositionError(
+                f"the factors miss the model's own activation {site} by {err:.3g} "
+                f"(relative {err / max(scale, 1e-30):.3g} > tolerance {tol:.0e}): "
+                f"{self.spec.architecture} does something on its residual path that "
+                "tl_decomp did not derive; please report it"
+            )
+
+    def rounded(self, layer: Layer) -> bool:
+        """Whether a norm computed in float32 lies on the way to `layer`."""
+        spec = self.spec
+        blocks = spec.blocks[: convention.depth(spec, layer)]
+        norms = [spec.embed_ln, *(n for b in blocks for n in b.norms())]
+        norms += [spec.ln_final] if layer == "final" else []
+        return any(n is not None and n.rounds for n in norms)
+
+    def first_non_finite(self, cache: Any) -> str:
+        return next((h for h in self.hooks if not torch.isfinite(cache[h]).all()), "unknown")

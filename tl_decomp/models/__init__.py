@@ -1,0 +1,23 @@
+"""Models without a download: the bundled real models (`load_model("minilm" | "smollm2")`)
+and tiny random ones built from a Hugging Face config (`tiny_model`)."""
+
+from tl_decomp.models._load import (
+    BUNDLED,
+    TINY_ARCHS,
+    load_model,
+    tiny_dir,
+    tiny_model,
+    tiny_tokenizer,
+)
+from tl_decomp.models._bundled import minilm_dir, smollm2_dir
+
+__all__ = [
+    "BUNDLED",
+    "TINY_ARCHS",
+    "load_model",
+    "minilm_dir",
+    "smollm2_dir",
+    "tiny_dir",
+    "tiny_model",
+    "tiny_tokenizer",
+]

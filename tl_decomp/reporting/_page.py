@@ -1,0 +1,163 @@
+"""The report's HTML page: one circuitsvis bundle, the props as JSON data, plots, tables.
+
+Everything a reader's text can reach is escaped: markup with `html.escape`, the JSON data
+block with ``<``, ``>`` and ``&`` as ``\\u`` escapes (no string can end the element), and the
+tokens circuitsvis writes with ``innerHTML`` arrive HTML-escaped from `tl_decomp.views`. A
+Content Security Policy allows the page's two scripts, by hash, and no request of any kind.
+"""
+
+from __future__ import annotations
+
+import html
+import io
+from collections.abc import Sequence
+from functools import partial
+from typing import TYPE_CHECKING, Any
+
+from tl_decomp._core.results import columns, format_cell
+from tl_decomp.reporting._result import COLUMNS
+from tl_decomp.viz import _html, plots, views
+from tl_decomp.viz.views import Component
+
+if TYPE_CHECKING:
+    from tl_decomp.reporting._result import Report
+
+_CSS = """body{font:15px/1.45 system-ui,sans-serif;margin:0 auto;max-width:1200px;padding:0 24px;
+color:#222}h1{margin-bottom:4px}blockquote{background:#f6f6f6;border-left:4px solid #888;
+margin:8px 0;padding:8px 12px;white-space:pre-wrap}table{border-collapse:collapse;margin:8px 0}
+th,td{border-bottom:1px solid #ddd;padding:2px 10px;text-align:right}th{background:#f0f0f0}
+td:first-child,th:first-child{text-align:left}.cv{margin:4px 0 16px}.row{display:flex;gap:16px}
+.row>div{flex:1 1 0;min-width:0}.note{color:#555;font-size:13px}svg{max-width:100%;height:auto}
+section{border-top:1px solid #ccc;margin-top:24px}
+.cv>div[style*=padding-bottom]{padding-bottom:16px!important}
+.cv[data-component^=ColoredTokens] span[style*=inline-block]{margin-right:3px!important}"""
+# circuitsvis pads ColoredTokensMulti by 20 px per value for its tooltip (480 px for 24
+# values); the tooltip floats, so the page drops the padding. Tokens get a gap between them.
+
+
+def _rows(rep: Report) -> list[tuple[str, Sequence[Component]]]:
+    """(section, components shown side by side in one row), in page order."""
+    tokens, a = rep.tokens, rep.attribution
+    rows: list[tuple[str, Sequence[Component]]] = [
+        ("decomposition", views.shares_components(rep.decompositions, tokens))
+    ]
+    for i, L in enumerate(rep.attention_blocks):
+        nb = None if rep.norm_based is None else rep.norm_based[i]
+        pair = views.attention_components(rep.patterns[i], rep.effective[i], tokens, block=L,
+                                          causal=rep.causal, norm_based=nb)  # fmt: skip
+        rows.append((f"attention{L}", pair))
+    ident = rep.identifiability
+    rows.append(
+        ("identifiability", views.identifiability_components(ident, tokens, sequence=ident.test[0]))
+    )
+    if rep.corpus_identifiability is not None:
+        rows.append(
+            ("identifiability", views.identifiability_components(rep.corpus_identifiability))
+        )
+    if a is not None:
+        rows.append(("attribution", views.attribution_components(a, tokens, query=rep.query)))
+        rows.append(("attribution", views.attribution_components(a, tokens)))
+    return rows
+
+
+def page(rep: Report) -> str:
+    """The whole page for `rep`."""
+    mounts: list[dict[str, Any]] = []
+    slots: dict[str, list[str]] = {}
+    for k, (section, components) in enumerate(_rows(rep)):
+        row, more = _html.row(components, f"cv-{k}-")
+        mounts += more
+        slots.setdefault(section, []).append(row)
+    body = _body(rep, {k: "".join(v) for k, v in slots.items()})
+    return _html.document(f"tl_decomp report: {rep.model_name}", body, mounts, _CSS)
+
+
+def _body(rep: Report, slots: dict[str, str]) -> str:
+    a = rep.attribution
+    parts = [
+        f"<h1>tl_decomp report</h1><p>{_e(rep.model_name)} · {len(rep.tokens)} tokens · "
+        f"computed in {rep.seconds:.1f} s</p><blockquote>{_e(rep.text)}</blockquote>",
+        "<section><h2>Summary</h2><p class=note>Layer 0 is the layer-0 input, layer l the "
+        "output of block l−1, final a decoder's final-norm output; heads are named by block "
+        f"(L0H3: block 0, head 3).</p><p class=note>{_e(COLUMNS)}</p>"
+        f"{_html_table(rep.layer_rows())}{_html_table(rep.attention_rows())}</section>",
+        "<section><h2>Vector-factor decomposition</h2><p class=note>e = i + h + f + c; mean "
+        "share ⟨e,t⟩/‖e‖² over the tokens (the four sum to 1).</p>"
+        f"{_plot_shares(rep)}{slots['decomposition']}</section>",
+        "<section><h2>Effective attention</h2><p class=note>Left: the pattern A; right: "
+        "A·P, its identifiable part (P projects onto the column space of T = V W_O), on one "
+        "colour scale (red is negative); third, norm-based attention ‖A[q,k] f(x_k)‖ "
+        "(Kobayashi et al. 2020): how much of key k's value vector reaches query q.</p>"
+        + _identifiable_note(rep)
+        + "".join(f"<h3>block {L}</h3>{slots[f'attention{L}']}" for L in rep.attention_blocks)
+        + "</section>",
+        "<section><h2>Token identifiability</h2><p class=note>Is each token its own nearest "
+        "layer-0 vector of the sentence, after a map g: e^l → e^0?</p>"
+        f"{_plot_identifiability(rep)}{slots['identifiability']}</section>",
+    ]
+    if a is not None:
+        how = a.method + (f", {a.n_probes} probes" if a.n_probes else "")
+        parts.append(
+            "<section><h2>Hidden Token Attribution</h2><p class=note>c[i,j] = ‖∂e_i/∂x_j‖ / "
+            f"Σ_k ‖∂e_i/∂x_k‖ ({_e(how)}, w.r.t. {_e(a.wrt)}).</p>"
+            f"{_plot_attribution(rep)}{slots['attribution']}</section>"
+        )
+    versions = ", ".join(f"{k} {v}" for k, v in rep.meta.items())
+    parts.append(f"<p class=note>{_e(versions)}</p>")
+    return "".join(parts)
+
+
+def _identifiable_note(rep: Report) -> str:
+    ns = rep.null_space
+    if int(ns.null_dim.max()) > 0:
+        return ""
+    return (
+        f"<p><b>Here A_eff = A:</b> with {int(ns.n_keys[0])} keys, no more than rank(T), every "
+        "pattern is identifiable. A text longer than d_head tokens "
+        f"({rep.d_head} here) shows the difference.</p>"
+    )
+
+
+def _e(s: object) -> str:
+    return html.escape(str(s), quote=True)
+
+
+def _html_table(rows: list[dict[str, Any]]) -> str:
+    cols = columns(rows)
+    head = "".join(f"<th>{_e(c)}</th>" for c in cols)
+    body = "".join(
+        "<tr>" + "".join(f"<td>{_e(format_cell(r.get(c), c))}</td>" for c in cols) + "</tr>"
+        for r in rows
+    )
+    return f"<table><tr>{head}</tr>{body}</table>"
+
+
+# -- plots ------------------------------------------------------------------------------------
+def _svg(draw: Any, name: str, height: float = 3.0) -> str:
+    """A matplotlib figure as inline SVG; a note instead when matplotlib is missing."""
+    try:
+        import matplotlib
+        from matplotlib.figure import Figure
+    except ModuleNotFoundError:
+        return "<p class=note>(plots need matplotlib: pip install 'tl-decomp[plots]')</p>"
+    with matplotlib.rc_context({"svg.fonttype": "path", "svg.hashsalt": name}):
+        fig = Figure(figsize=(7.5, height), layout="constrained")
+        draw(fig.subplots())
+        buf = io.StringIO()
+        fig.savefig(buf, format="svg", metadata={"Date": None})
+    text = buf.getvalue()
+    return f'<figure id="plot-{name}">{text[text.index("<svg") :]}</figure>'
+
+
+def _plot_shares(rep: Report) -> str:
+    return _svg(partial(plots.shares, rep.decompositions), "shares")
+
+
+def _plot_identifiability(rep: Report) -> str:
+    named = {"this text, naive map": rep.identifiability,
+             "corpus, linear map": rep.corpus_identifiability}  # fmt: skip
+    return _svg(partial(plots.identifiability, named), "identifiability", 2.6)
+
+
+def _plot_attribution(rep: Report) -> str:
+    return _svg(partial(plots.attribution, rep.attribution), "attribution", 2.6)
