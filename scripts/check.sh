@@ -28,7 +28,7 @@ pytest_line() {  # $1: venv directory; pytest's exit code 5 (nothing collected) 
   return "$rc"
 }
 
-# --- headless Chromium for the report's browser tests (tests/test_report.py) -------------
+# --- headless Chromium for the report's browser tests (tests/reporting/test_report.py) -------------
 # Debian's package; installed when missing (root, or password-less sudo). With
 # TL_DECOMP_REQUIRE_BROWSER=1 the browser tests fail, not skip, if Chromium is absent.
 if ! command -v chromium >/dev/null 2>&1; then
@@ -55,6 +55,7 @@ for tl in $LINES; do
     echo "== ruff";    "$venv/bin/ruff" check tl_decomp tests benchmarks scripts
     "$venv/bin/ruff" format --check tl_decomp tests benchmarks scripts
     echo "== pyright"; "$venv/bin/pyright" --pythonpath "$venv/bin/python" tl_decomp
+    echo "== import-linter"; "$venv/bin/lint-imports"
   fi
   echo "== pytest (TransformerLens $tl)"
   pytest_line "$venv"

@@ -6,8 +6,8 @@ from __future__ import annotations
 import numpy as np
 import pytest
 import torch
-from conftest import cached_model
-from helpers import NoHooksLeft, assert_close
+from support.helpers import NoHooksLeft, assert_close
+from support.models import cached_model
 
 import tl_decomp as td
 from tl_decomp._core import convention

@@ -8,10 +8,9 @@ import subprocess
 import sys
 
 import pytest
-from conftest import cached_model
+from support.models import cached_model
 
-from tl_decomp import cli
-from tl_decomp import models
+from tl_decomp import cli, models
 
 
 @pytest.fixture
@@ -180,9 +179,7 @@ def test_decompose_layers_granularity_and_formats(tiny, capsys):
 
 
 def test_stats_formats(tiny, capsys, monkeypatch):
-    monkeypatch.setattr(
-        "tl_decomp.datasets.load_corpus", lambda n: ["the cat sat", "a dog"][:n]
-    )
+    monkeypatch.setattr("tl_decomp.datasets.load_corpus", lambda n: ["the cat sat", "a dog"][:n])
     rc, out, err = run(capsys, "stats", "--sentences", "2", "--json")
     assert rc == 0, err
     rows = json.loads(out)

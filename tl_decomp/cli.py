@@ -18,8 +18,9 @@ import sys
 from collections.abc import Sequence
 from importlib.metadata import PackageNotFoundError, version
 from pathlib import Path
-from typing import Any
+from typing import Any, get_args
 
+from tl_decomp.decomposition import Centering, Granularity
 from tl_decomp.models import BUNDLED
 
 
@@ -31,6 +32,7 @@ def _version() -> str:
 
 
 def build_parser() -> argparse.ArgumentParser:
+    """The CLI's parser; its choices derive from the library's option sets."""
     p = argparse.ArgumentParser(prog="tl-decomp", description=__doc__.splitlines()[0])
     p.add_argument("--version", action="version", version=f"%(prog)s {_version()}")
     sub = p.add_subparsers(dest="command", required=True)
@@ -39,7 +41,11 @@ def build_parser() -> argparse.ArgumentParser:
     d.add_argument(
         "--layers", type=_layer_list, metavar="L,L", help="layers, e.g. 0,3,-1,final (all)"
     )
-    d.add_argument("--granularity", choices=("coarse", "layer", "head", "expert"), default="coarse")
+    d.add_argument(
+        "--granularity",
+        choices=[g for g in get_args(Granularity) if g != "source"],  # source: no terminal table
+        default="coarse",
+    )
     s = sub.add_parser("stats", help="mean ± std shares per layer over the shipped corpus")
     s.add_argument("--sentences", type=_positive, default=200, help="corpus sentences (200)")
     s.add_argument("--batch-size", type=_positive, default=16)
@@ -51,7 +57,7 @@ def build_parser() -> argparse.ArgumentParser:
             help=f"a bundled model ({', '.join(BUNDLED)}) or a hub name",
         )
     for q in (d, s):
-        q.add_argument("--centering", choices=("correction", "terms"), default="correction")
+        q.add_argument("--centering", choices=get_args(Centering), default="correction")
         out = q.add_mutually_exclusive_group()
         out.add_argument("--json", action="store_true", help="the table as JSON records")
         out.add_argument("--csv", action="store_true", help="the table as CSV")
@@ -159,9 +165,9 @@ def _print_rows(rows: list[dict[str, Any]], args: argparse.Namespace, text: str)
 
 
 def _decompose(args: argparse.Namespace) -> int:
+    from tl_decomp._core.results import text_table
     from tl_decomp.decomposition import decompose_layers
     from tl_decomp.models import load_model
-    from tl_decomp._core.results import text_table
 
     if not args.text.strip():
         raise ValueError("TEXT is empty")

@@ -106,6 +106,6 @@ def depth(spec: ModelSpec, layer: Layer) -> int:
     return spec.n_layers + 1 if layer == "final" else int(layer)
 
 
-def name(layer: Layer) -> str:
-    """How tables and pages label a layer: ``"0"`` .. ``"n"``, ``"final"``."""
-    return str(layer)
+def name(layer: Layer, *, title: bool = False) -> str:
+    """The one layer label: ``"3"`` in tables, ``"layer 3"`` as a `title`; ``"final"`` both."""
+    return f"layer {layer}" if title and layer != "final" else str(layer)

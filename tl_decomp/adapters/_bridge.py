@@ -22,7 +22,7 @@ from tl_decomp._core.spec import Block, ModelSpec, Norm
 from tl_decomp.adapters._common import b_v, biases, fields, unsupported, vec
 from tl_decomp.adapters._state import evaluating, exclusive
 
-_PROBES: weakref.WeakKeyDictionary[Any, dict[str, bool]] = weakref.WeakKeyDictionary()
+_LAYOUTS: weakref.WeakKeyDictionary[Any, dict[str, bool]] = weakref.WeakKeyDictionary()
 
 
 def spec_bridge(model: Any) -> ModelSpec:
@@ -103,8 +103,8 @@ def _maybe(module: Any, name: str) -> Any:
 
 def _layout(model: Any, names: set[str]) -> dict[str, bool]:
     """Where ``ln1`` and ``ln_final`` sit and whether attention is causal, measured once."""
-    if model in _PROBES:
-        return _PROBES[model]
+    if model in _LAYOUTS:
+        return _LAYOUTS[model]
     if "blocks.0.attn.hook_pattern" not in names:
         raise unsupported("an attention without a cached pattern (hook_pattern)", model)
     last = f"blocks.{model.cfg.n_layers - 1}.hook_out"
@@ -133,7 +133,7 @@ def _layout(model: Any, names: set[str]) -> dict[str, bool]:
         or same("unembed.hook_in", post_out),
         causal=bool((pattern.triu(1) == 0).all()) and n > 1,
     )
-    _PROBES[model] = layout
+    _LAYOUTS[model] = layout
     return layout
 
 

@@ -18,11 +18,11 @@ CHUNK = 1024  # rows (or heads) decomposed per batched SVD on the fallback path
 
 
 def causal(
-    u: Float[Tensor, "batch head pos k"],
-    a: Float[Tensor, "batch head pos pos"],
+    u: Float[Tensor, "batch head_index pos k"],
+    a: Float[Tensor, "batch head_index pos pos"],
     mask: Bool[Tensor, "batch pos"],
-    rtol: Float[Tensor, "batch head pos"],
-) -> Float[Tensor, "batch head pos pos"]:
+    rtol: Float[Tensor, "batch head_index pos"],
+) -> Float[Tensor, "batch head_index pos pos"]:
     """Causal: row t is projected onto the column space of its own prefix ``U[:t+1]``.
 
     First keys (until each head has k independent ones): Gram-Schmidt in key order writes

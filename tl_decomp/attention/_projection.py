@@ -54,10 +54,14 @@ def serial() -> Iterator[None]:
 
 
 def full_projection(
-    u: Float[Tensor, "batch head pos k"],
+    u: Float[Tensor, "batch head_index pos k"],
     mask: Bool[Tensor, "batch pos"],
     rtol: Float[Tensor, " batch"],
-) -> tuple[Float[Tensor, "batch head k k"], Bool[Tensor, "batch head"], Int[Tensor, "batch head"]]:
+) -> tuple[
+    Float[Tensor, "batch head_index k k"],
+    Bool[Tensor, "batch head_index"],
+    Int[Tensor, "batch head_index"],
+]:
     """All of an example's keys: F with ``F F^T = (U^T U)^+`` (so ``P = (U F) (U F)^T``),
     whether ``P = I`` on the valid keys, and ``rank(U)``.
 
@@ -109,12 +113,12 @@ def _certified_factor(
 
 
 def windowed(
-    u: Float[Tensor, "batch head pos k"],
-    a: Float[Tensor, "batch head pos pos"],
+    u: Float[Tensor, "batch head_index pos k"],
+    a: Float[Tensor, "batch head_index pos pos"],
     mask: Bool[Tensor, "batch pos"],
-    rtol: Float[Tensor, "batch head pos"],
+    rtol: Float[Tensor, "batch head_index pos"],
     window: int,
-) -> Float[Tensor, "batch head pos pos"]:
+) -> Float[Tensor, "batch head_index pos pos"]:
     """Sliding window: row t is projected onto the column space of its own window
     ``U[t-window+1 : t+1]`` (valid keys only; `a` must be zero outside the window).
 
@@ -148,11 +152,11 @@ def windowed(
 
 
 def _window_rows(
-    u: Float[Tensor, "query head window k"],
-    a: Float[Tensor, "query head window"],
+    u: Float[Tensor, "query head_index window k"],
+    a: Float[Tensor, "query head_index window"],
     mask: Bool[Tensor, "query window"],
-    rtol: Float[Tensor, "query head"],
-) -> Float[Tensor, "query head window"]:
+    rtol: Float[Tensor, "query head_index"],
+) -> Float[Tensor, "query head_index window"]:
     """Each query's row projected onto the column space of its own keys' ``U``."""
     heads = u.shape[1]
     f, exact, _ = full_projection(

@@ -8,13 +8,13 @@ attribution and lens; `_sources` the attention term by source token; `_stats` co
 statistics and checkpoint comparison; `_linearity` the FF sublayer's linearity.
 """
 
-from tl_decomp.decomposition._algebra import KINDS
+from tl_decomp.decomposition._algebra import KINDS, Centering, Granularity, Statistic
 from tl_decomp.decomposition._decompose import decompose, decompose_layers, names_filter
 from tl_decomp.decomposition._linearity import FFLinearity, ff_linearity
 from tl_decomp.decomposition._logit import LogitAttribution, logit_attribution
 from tl_decomp.decomposition._recipe import DecompositionRecipe
 from tl_decomp.decomposition._reduce import STATISTICS, Reduced, check_statistic
-from tl_decomp.decomposition._result import Centering, Decomposition, Granularity
+from tl_decomp.decomposition._result import Decomposition
 from tl_decomp.decomposition._sources import names_filter as source_names_filter
 from tl_decomp.decomposition._sources import (
     norm_based_attention,
@@ -42,6 +42,7 @@ __all__ = [
     "LayerStats",
     "LogitAttribution",
     "Reduced",
+    "Statistic",
     "anisotropy",
     "check_statistic",
     "compare_checkpoints",

@@ -1,7 +1,7 @@
 """The term algebra under the decomposition: where factor rows live, and the norm maps.
 
 A norm with the forward pass's own mu and sigma is linear per token (SPEC 1.1), so it is a
-`Map`: optional centring, then a per-token gain (``1 / sigma`` times a sublayer multiplier)
+`NormMap`: optional centring, then a per-token gain (``1 / sigma`` times a sublayer multiplier)
 and a per-feature gain (the norm's weight). The gains stay factored: a map costs
 ``[batch pos 1]`` plus the model's own weight, so every map of a run can be held at once
 (`tl_decomp.decomposition` carries each term alone through all of them).
@@ -18,6 +18,7 @@ from __future__ import annotations
 
 from collections.abc import Sequence
 from dataclasses import dataclass
+from typing import Literal
 
 import einops
 import torch
@@ -25,6 +26,11 @@ from jaxtyping import Float
 from torch import Tensor
 
 from tl_decomp._core.spec import ModelSpec
+
+# The option sets, written once: checks, signatures and the CLI's choices derive from them.
+Granularity = Literal["coarse", "layer", "head", "source", "expert"]
+Centering = Literal["correction", "terms"]
+Statistic = Literal["shares", "norm_ratios", "cosines"]
 
 KINDS = ("i", "h", "f", "c")
 
@@ -126,7 +132,7 @@ class Stack(Rows):
 
 
 @dataclass(frozen=True)
-class Map:
+class NormMap:
     """``t -> w * (per_token * t)`` (each term centred first where `center`): a norm with
     fixed sigma, or a sublayer's multiplier. `per_token`: ``[batch pos 1]`` or a number;
     `w`: per feature ``[d_model]`` or None."""

@@ -20,12 +20,9 @@ from torch import Tensor
 from tl_decomp import adapters
 from tl_decomp._core import checks, convention
 from tl_decomp._core.convention import Layer
-from tl_decomp.decomposition._recipe import (
-    Centering,
-    Decomposition,
-    DecompositionRecipe,
-    Granularity,
-)
+from tl_decomp.decomposition._algebra import Centering, Granularity
+from tl_decomp.decomposition._recipe import DecompositionRecipe
+from tl_decomp.decomposition._result import Decomposition
 
 
 def _run(model: Any, recipe: DecompositionRecipe, input: Any, attention_mask: Tensor | None):
@@ -177,4 +174,4 @@ def names_filter(model: Any, **options: Any) -> Any:
     return DecompositionRecipe.for_model(model, **options).names_filter
 
 
-__all__ = ["Decomposition", "DecompositionRecipe", "decompose", "decompose_layers", "names_filter"]
+__all__ = ["decompose", "decompose_layers", "names_filter"]

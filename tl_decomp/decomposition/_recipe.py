@@ -10,7 +10,7 @@ import warnings
 from collections.abc import Iterator, Sequence
 from dataclasses import dataclass, field
 from functools import partial
-from typing import Any
+from typing import Any, get_args
 
 import torch
 from torch import Tensor
@@ -19,10 +19,9 @@ from tl_decomp import adapters
 from tl_decomp._core import checks, convention
 from tl_decomp._core.convention import Layer
 from tl_decomp._core.spec import InexactDecompositionError, ModelSpec
-from tl_decomp.decomposition._algebra import Rows, Stack
-from tl_decomp.decomposition._algebra import check_values as _check_values  # noqa: F401  # sources.py
+from tl_decomp.decomposition._algebra import Centering, Granularity, Rows, Stack
 from tl_decomp.decomposition._reduce import Reduced, iter_reduced
-from tl_decomp.decomposition._result import Centering, Decomposition, Granularity
+from tl_decomp.decomposition._result import Decomposition
 from tl_decomp.decomposition._terms import Terms
 
 
@@ -50,15 +49,10 @@ class DecompositionRecipe(Terms):
     def for_model(cls, model: Any, **options: Any) -> DecompositionRecipe:
         """A recipe for `model`; raises `NotImplementedError` on unsupported architectures."""
         recipe = cls(spec=adapters.model_spec(model), model=model, **options)
-        if recipe.granularity not in ("coarse", "layer", "head", "source", "expert"):
-            raise ValueError(
-                "granularity must be coarse, layer, head, source or expert, "
-                f"not {recipe.granularity!r}"
-            )
+        checks.choice(recipe.granularity, "granularity", get_args(Granularity))
         if recipe.granularity == "expert" and not recipe.moe_layers:
             raise ValueError("granularity='expert' needs a mixture-of-experts model")
-        if recipe.centering not in ("correction", "terms"):
-            raise ValueError(f"centering must be 'correction' or 'terms', not {recipe.centering!r}")
+        checks.choice(recipe.centering, "centering", get_args(Centering))
         checks.dtype(recipe.dtype)
         for name in ("split_input", "split_correction"):
             if not isinstance(getattr(recipe, name), bool):

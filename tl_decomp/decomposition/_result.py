@@ -4,7 +4,7 @@ to and the error measured when it was built (docs/method.md §1)."""
 from __future__ import annotations
 
 from dataclasses import dataclass, field, replace
-from typing import Any, Literal
+from typing import Any
 
 import torch
 from jaxtyping import Float, Int
@@ -12,11 +12,8 @@ from torch import Tensor
 
 from tl_decomp._core.convention import Layer
 from tl_decomp._core.results import Result
-from tl_decomp.decomposition._algebra import KINDS
+from tl_decomp.decomposition._algebra import KINDS, Centering
 from tl_decomp.decomposition._logit import logit_attribution
-
-Granularity = Literal["coarse", "layer", "head", "source", "expert"]
-Centering = Literal["correction", "terms"]
 
 
 @dataclass(frozen=True, repr=False)

@@ -33,8 +33,7 @@ from torch import Tensor
 from tl_decomp import adapters
 from tl_decomp._core import checks, convention
 from tl_decomp._core.convention import Layer
-from tl_decomp.decomposition._algebra import check_values as _check_values
-from tl_decomp.decomposition._algebra import head_values as _head_values
+from tl_decomp.decomposition._algebra import check_values, head_values
 from tl_decomp.decomposition._logit import token_columns
 from tl_decomp.decomposition._recipe import DecompositionRecipe
 
@@ -252,8 +251,8 @@ def _stream(
     out = pattern.new_zeros(pattern.shape, dtype=dt)
     for start in range(0, spec.n_heads, chunk):
         sl = slice(start, start + chunk)
-        a, v = pattern[:, sl].to(dt), _head_values(spec, L, cache, sl, dt, value_bias=True)
-        _check_values(spec, L, a, v, z[:, :, sl].to(dt), dt)
+        a, v = pattern[:, sl].to(dt), head_values(spec, L, cache, sl, dt, value_bias=True)
+        check_values(spec, L, a, v, z[:, :, sl].to(dt), dt)
         if not value_bias and blk.b_V is not None:
             v = v - blk.b_V[sl].to(dt)
         u = einops.einsum(v, W_O[sl], "b k h dh, h dh m -> b h k m")

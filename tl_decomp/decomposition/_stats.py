@@ -10,7 +10,7 @@ from __future__ import annotations
 
 from collections.abc import Sequence
 from dataclasses import dataclass
-from typing import Any, Literal
+from typing import Any
 
 import torch
 from jaxtyping import Float
@@ -21,10 +21,10 @@ from tl_decomp import adapters
 from tl_decomp._core import checks, convention, distributed
 from tl_decomp._core.convention import Layer
 from tl_decomp._core.results import Result
-from tl_decomp.decomposition._decompose import Decomposition, DecompositionRecipe, Granularity
+from tl_decomp.decomposition._algebra import Centering, Granularity, Statistic
 from tl_decomp.decomposition._linearity import FFLinearity, ff_linearity
-
-Statistic = Literal["shares", "norm_ratios", "cosines"]
+from tl_decomp.decomposition._recipe import DecompositionRecipe
+from tl_decomp.decomposition._result import Decomposition
 
 
 @dataclass(frozen=True, repr=False)
@@ -78,7 +78,7 @@ class LayerStats(Result):
 
     def plot(self, ax: Any = None) -> Any:
         """Mean (± std band) per factor against the layer; returns the matplotlib axes."""
-        from tl_decomp import plots
+        from tl_decomp.viz import plots
 
         return plots.layer_stats(self, ax)
 
@@ -121,7 +121,7 @@ def corpus_statistics(
     *,
     statistic: Statistic = "shares",
     granularity: Granularity = "coarse",
-    centering: Literal["correction", "terms"] = "correction",
+    centering: Centering = "correction",
     layers: Sequence[Layer] | None = None,
     batch_size: int = 16,
     progress: bool = True,

@@ -14,9 +14,15 @@ from torch import Tensor
 
 from tl_decomp import adapters
 from tl_decomp._core.spec import ModelSpec, Norm
-from tl_decomp.decomposition._algebra import KINDS, Map, Rows
-from tl_decomp.decomposition._algebra import check_values as _check_values  # noqa: F401  # sources.py
-from tl_decomp.decomposition._algebra import head_values as _head_values
+from tl_decomp.decomposition._algebra import (
+    KINDS,
+    Centering,
+    Granularity,
+    NormMap,
+    Rows,
+    check_values,
+    head_values,
+)
 
 
 class Terms:
@@ -24,8 +30,8 @@ class Terms:
 
     spec: ModelSpec
     model: Any
-    granularity: str
-    centering: str
+    granularity: Granularity
+    centering: Centering
     split_input: bool
     split_correction: bool
     chunk_size: int
@@ -73,16 +79,16 @@ class Terms:
             m.apply_(live)
         self._post_corrections(st, norm, m, 1.0, cache, dt)
 
-    def sublayer(self, norm: Norm | None, scale: float, cache: Any, dt: torch.dtype) -> Map:
+    def sublayer(self, norm: Norm | None, scale: float, cache: Any, dt: torch.dtype) -> NormMap:
         """What a sublayer's output goes through before the residual add: a post-sublayer
         norm (Gemma-2, OLMo-2) with the forward pass's own sigma, then a multiplier (Granite)."""
         if norm is None:
-            return Map(scale, False)
+            return NormMap(scale, False)
         gain = scale / cache[norm.scale].to(dt)
         w = None if norm.w is None else norm.w.to(dt)
-        return Map(gain, not norm.rms and self.centering == "terms", w)
+        return NormMap(gain, not norm.rms and self.centering == "terms", w)
 
-    def _post_corrections(self, st: Rows, norm: Norm | None, m: Map, scale: float, cache, dt):
+    def _post_corrections(self, st: Rows, norm: Norm | None, m: NormMap, scale: float, cache, dt):
         """A norm's centering and bias (times the sublayer's multiplier), into the correction
         term."""
         if norm is None:
@@ -133,7 +139,7 @@ class Terms:
             st.add(self._label("c", "attn_bias"), post(bias))
         self._post_corrections(st, blk.attn_post, post, blk.residual_scale, cache, dt)
 
-    def _sources(self, st: Rows, L: int, cache: Any, z: Tensor, post: Map, dt) -> None:
+    def _sources(self, st: Rows, L: int, cache: Any, z: Tensor, post: NormMap, dt) -> None:
         """Each head's bias-free output split by key position, ``A[q, k] (v_k - b_V) W_O``,
         straight into the stack: summed over k, the head's term of granularity ``head``."""
         spec, W_O = self.spec, self.spec.blocks[L].W_O.to(dt)
@@ -141,8 +147,8 @@ class Terms:
         n = a.shape[-1]
         for start in range(0, spec.n_heads, self.chunk_size):
             sl = slice(start, start + self.chunk_size)
-            ac, v = a[:, sl].to(dt), _head_values(spec, L, cache, sl, dt)
-            _check_values(spec, L, ac, v, z[:, :, sl], dt)
+            ac, v = a[:, sl].to(dt), head_values(spec, L, cache, sl, dt)
+            check_values(spec, L, ac, v, z[:, :, sl], dt)
             labels = [f"L{L}H{h}K{k}" for h in range(spec.n_heads)[sl] for k in range(n)]
             claimed = st.claim(labels, v.device)
             rows = einops.rearrange(claimed, "(h k) b q m -> h k b q m", k=n)

@@ -1,6 +1,7 @@
 """Models without a download: the bundled real models (`load_model("minilm" | "smollm2")`)
 and tiny random ones built from a Hugging Face config (`tiny_model`)."""
 
+from tl_decomp.models._bundled import minilm_dir, smollm2_dir
 from tl_decomp.models._load import (
     BUNDLED,
     TINY_ARCHS,
@@ -9,7 +10,6 @@ from tl_decomp.models._load import (
     tiny_model,
     tiny_tokenizer,
 )
-from tl_decomp.models._bundled import minilm_dir, smollm2_dir
 
 __all__ = [
     "BUNDLED",

@@ -183,12 +183,14 @@ def probe_factors(
     - ``knn``: `KNeighborsClassifier`, k = 5, cosine, raw features (the paper's).
 
     Args:
+        wf: the occurrences' factors and labels (`word_factors`).
         probe: ``linear``, ``mlp`` or ``knn``.
         seeds: a number of seeds (``0 .. n-1``) or the seeds themselves.
         subsets: ``"all"`` (the 15 non-empty subsets) or names such as ``["h", "i+h"]``.
         split: ``per_seed`` or ``fixed`` (see above).
         hidden: the MLP's hidden units (None: ``d_model``).
-        C, alpha: the candidates tried on the validation split.
+        C: the linear probe's inverse regularisations tried on the validation split.
+        alpha: the MLP's L2 penalties tried on the validation split.
         max_iter: iterations of the solver (linear; default 300) or epochs (MLP; default 20,
             the paper's; a few hundred training words need more).
         n_jobs: subsets fitted in parallel (joblib).
@@ -261,6 +263,9 @@ def probe_subsets(
         layer: residual-stream index to probe (``"final"``: the final embedding).
         seeds: a number of seeds or the seeds themselves.
         subsets: ``"all"`` or names such as ``["h", "i+h+f+c"]``.
+        batch_size: sentences per forward pass.
+        progress: progress bars.
+        **options: passed to `probe_factors`.
 
     Raises:
         ValueError: an empty dataset, labels not aligned with words, a single class, fewer

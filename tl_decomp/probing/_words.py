@@ -99,6 +99,8 @@ def word_factors(
         dataset: ``(words, labels)`` (lists of sentences of words / per-word labels) or a
             `LabelledWords` such as `load_pos()`.
         layer: residual-stream index to decompose (``"final"``: the final embedding).
+        batch_size: sentences per forward pass.
+        progress: a progress bar over the batches.
 
     Example:
         >>> from tl_decomp.models import tiny_model

@@ -16,8 +16,8 @@ from typing import TYPE_CHECKING, Any
 
 from tl_decomp._core.results import columns, format_cell
 from tl_decomp.reporting._result import COLUMNS
-from tl_decomp.viz import _html, plots, views
-from tl_decomp.viz.views import Component
+from tl_decomp.viz import Component, document, plots, views
+from tl_decomp.viz import row as html_row
 
 if TYPE_CHECKING:
     from tl_decomp.reporting._result import Report
@@ -65,11 +65,11 @@ def page(rep: Report) -> str:
     mounts: list[dict[str, Any]] = []
     slots: dict[str, list[str]] = {}
     for k, (section, components) in enumerate(_rows(rep)):
-        row, more = _html.row(components, f"cv-{k}-")
+        row, more = html_row(components, f"cv-{k}-")
         mounts += more
         slots.setdefault(section, []).append(row)
     body = _body(rep, {k: "".join(v) for k, v in slots.items()})
-    return _html.document(f"tl_decomp report: {rep.model_name}", body, mounts, _CSS)
+    return document(f"tl_decomp report: {rep.model_name}", body, mounts, _CSS)
 
 
 def _body(rep: Report, slots: dict[str, str]) -> str:

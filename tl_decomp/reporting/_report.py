@@ -137,11 +137,14 @@ def _one_pass(model: Any, spec: Any, ids: Tensor, mask: Tensor, blocks: tuple[in
     ``[block head q k]`` with their diagnostics, from one forward pass; effective attention
     computed once."""
     from tl_decomp.attention import effective_attention_layers, null_space_from
-    from tl_decomp.decomposition import DecompositionRecipe
-    from tl_decomp.decomposition import _sources as sources
+    from tl_decomp.decomposition import (
+        DecompositionRecipe,
+        norm_based_attention,
+        source_names_filter,
+    )
 
     recipe = DecompositionRecipe.for_model(model)
-    names = sources.names_filter(model)  # the decomposition's hooks, values and hook_z
+    names = source_names_filter(model)  # the decomposition's hooks, values and hook_z
     with adapters.exclusive(model):
         cache = adapters.run_with_cache(model, ids, mask, names)
     decompositions = tuple(recipe.iter_layers(cache, tokens=ids, attention_mask=mask))
@@ -149,7 +152,7 @@ def _one_pass(model: Any, spec: Any, ids: Tensor, mask: Tensor, blocks: tuple[in
     raw = torch.stack([cache[spec.blocks[L].pattern][0] for L in blocks]).to(eff.dtype)
     null = null_space_from(cache, spec, blocks, mask, eff)
     try:
-        nb = torch.stack([sources.norm_based_attention(cache, L, attention_mask=mask)[0]
+        nb = torch.stack([norm_based_attention(cache, L, attention_mask=mask)[0]
                           for L in blocks])  # fmt: skip
     except NotImplementedError:  # heads that are not pattern x values (gated, normed): no panel
         nb = None

@@ -4,5 +4,6 @@ report use.
 """
 
 from tl_decomp.viz import plots, views
+from tl_decomp.viz._html import Component, View, bundle, document, row
 
-__all__ = ["plots", "views"]
+__all__ = ["Component", "View", "bundle", "document", "plots", "row", "views"]

@@ -27,7 +27,7 @@ import torch
 from jaxtyping import Float
 from torch import Tensor
 
-from tl_decomp._core.convention import Layer
+from tl_decomp._core import convention
 from tl_decomp.decomposition import Decomposition
 from tl_decomp.viz._html import Component, View, resend_bundle
 
@@ -61,11 +61,6 @@ def check_tokens(tokens: Any, n: int) -> list[str]:
 def _escaped(tokens: Sequence[str]) -> list[str]:
     """For the components that insert tokens as HTML (see the module docstring)."""
     return [html.escape(t, quote=False) for t in tokens]
-
-
-def layer_name(layer: Layer) -> str:
-    """``"layer 3"`` for residual-stream index 3; ``"final"`` for a decoder's final embedding."""
-    return "final" if layer == "final" else f"layer {layer}"
 
 
 # -- attention ------------------------------------------------------------------------------
@@ -168,7 +163,7 @@ def shares_components(
     values, labels = [], []
     for d in ds:
         values.append(d.shares()[:, batch, :n].T)  # [pos factor]
-        prefix = "" if len(ds) == 1 else f"{layer_name(d.layer)}: "
+        prefix = "" if len(ds) == 1 else f"{convention.name(d.layer, title=True)}: "
         labels += [prefix + label for label in d.labels]
     props = {
         "tokens": _escaped(_token_strings(ids, tokens, n)),
@@ -211,7 +206,7 @@ def identifiability_components(
     sequence: int | None = None,
 ) -> tuple[Component]:
     """The component of `identifiability_view`."""
-    names = [layer_name(L) for L in result.layers]
+    names = [convention.name(L, title=True) for L in result.layers]
     if sequence is None:
         props = {"tokens": names, "values": result.rates.tolist(), "minValue": 0.0,
                  "maxValue": 1.0}  # fmt: skip
@@ -273,7 +268,7 @@ def attribution_components(
     """The component of `attribution_view`."""
     n = int(result.attention_mask[batch].sum())
     strings = _token_strings(result.tokens[batch, :n], tokens, n)
-    names = [layer_name(L) for L in result.layers]
+    names = [convention.name(L, title=True) for L in result.layers]
     c = result.contributions[:, batch, :n, :n].double()
     if query is None:
         props = {"attention": c.tolist(), "tokens": strings, "attentionHeadNames": names,
@@ -330,7 +325,6 @@ __all__ = [
     "components_html",
     "identifiability_components",
     "identifiability_view",
-    "layer_name",
     "resend_bundle",
     "shares_components",
     "shares_view",

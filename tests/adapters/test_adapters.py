@@ -7,7 +7,7 @@ from dataclasses import replace
 
 import pytest
 import torch
-from conftest import KINDS, cached_model
+from support.models import KINDS, cached_model
 
 from tl_decomp import (
     DecompositionRecipe,

@@ -6,7 +6,7 @@ from importlib.metadata import version
 
 import pytest
 import torch
-from conftest import KINDS, cached_model
+from support.models import KINDS, cached_model
 
 from tl_decomp import DecompositionRecipe, decompose_layers
 from tl_decomp.decomposition import Reduced

@@ -4,8 +4,8 @@ from __future__ import annotations
 
 import pytest
 import torch
-from conftest import KINDS, cached_model
-from helpers import NoHooksLeft, assert_close
+from support.helpers import NoHooksLeft, assert_close
+from support.models import KINDS, cached_model
 
 from tl_decomp import adapters, decompose
 from tl_decomp.datasets import UNIVERSAL, LabelledWords, as_labelled, load_pos

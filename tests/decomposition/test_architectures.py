@@ -1,11 +1,12 @@
 """Every text family TransformerBridge boots: exact against Hugging Face, or a named refusal.
 
-One tiny random model per family (`tests/zoo.py`), a padded batch with repeated tokens:
+One tiny random model per family (`tests/support/zoo.py`), a padded batch with repeated tokens:
 every block output and the final embedding, coarse and per head, must sum to Hugging Face's
 own hidden states, and effective attention must match one SVD per row over exactly the keys
 that row sees. A family the library refuses must raise `NotImplementedError` naming the
 feature. The README's architecture table is written from these results
-(`TL_DECOMP_WRITE_README=1 pytest tests/test_architectures.py`), and checked against them.
+(`TL_DECOMP_WRITE_README=1 pytest tests/decomposition/test_architectures.py`), and checked
+against them.
 """
 
 from __future__ import annotations
@@ -17,8 +18,8 @@ from pathlib import Path
 
 import pytest
 import torch
-import zoo
-from conftest import KINDS
+from support import zoo
+from support.models import KINDS
 
 import tl_decomp as td
 
@@ -26,7 +27,7 @@ TOKENS = torch.tensor(
     [[1, 5, 6, 7, 5, 8, 9, 10, 5, 11, 12, 13], [1, 5, 6, 7, 8, 9, 5, 10, 11, 0, 0, 0]]
 )
 MASK = (torch.arange(12) < torch.tensor([[12], [9]])).long()
-README = Path(__file__).parents[1] / "README.md"
+README = Path(__file__).parents[2] / "README.md"
 
 
 @functools.cache

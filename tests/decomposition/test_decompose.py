@@ -7,8 +7,8 @@ from importlib.metadata import version
 
 import pytest
 import torch
-from conftest import cached_model
-from helpers import RTOL, NoHooksLeft, assert_close
+from support.helpers import RTOL, NoHooksLeft, assert_close
+from support.models import cached_model
 
 from tl_decomp import DecompositionRecipe, decompose, decompose_layers, model_spec
 

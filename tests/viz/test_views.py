@@ -16,10 +16,11 @@ import warnings
 import pytest
 import torch
 from circuitsvis.utils.render import RenderedHTML
-from conftest import cached_model
+from support.models import cached_model
 
 import tl_decomp as td
 from tl_decomp import decompose, decompose_layers, model_spec, views
+from tl_decomp._core import convention
 from tl_decomp.attention import effective_attention
 from tl_decomp.identifiability import hidden_token_attribution, token_identifiability
 from tl_decomp.viz import _html
@@ -116,7 +117,7 @@ def test_shares_view_labels_a_decoders_final_embedding():
     [(_, props)] = shown(views.shares_view(ds))
     assert [d.layer for d in ds] == [0, 1, 2, 3, "final"]
     assert props["labels"][-4:] == ["final: i", "final: h", "final: f", "final: c"]
-    assert views.layer_name(0) == "layer 0" and views.layer_name("final") == "final"
+    assert convention.name(0, title=True) == "layer 0" and convention.name("final") == "final"
 
 
 def test_identifiability_view():

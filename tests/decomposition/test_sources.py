@@ -7,8 +7,8 @@ from __future__ import annotations
 import einops
 import pytest
 import torch
-from conftest import KINDS, cached_model
-from helpers import assert_close
+from support.helpers import assert_close
+from support.models import KINDS, cached_model
 
 import tl_decomp as td
 from tl_decomp.models import TINY_ARCHS
@@ -194,7 +194,7 @@ def test_zoo_sample(family):
     """GQA (llama, mistral), sliding windows (mistral, gemma2), post-sublayer norms (gemma2,
     olmo2), parallel blocks (gptj, gpt_neox), b_V (gpt2, bert), a residual multiplier
     (granite): exact, and streamed == materialised."""
-    import zoo
+    from support import zoo
 
     model = zoo.boot(family, zoo.dtype_for(family))
     assert _check_sums_to_heads(model, zoo.dtype_for(family)) <= 1e-12
@@ -206,7 +206,7 @@ def test_zoo_sample(family):
 def test_heads_that_are_not_pattern_times_values_are_refused(family):
     """BitNet normalises the heads' outputs before W_O, Laguna gates them: hook_z is not
     pattern @ hook_v, so no split by key position can be exact. Per head is still exact."""
-    import zoo
+    from support import zoo
 
     model = zoo.boot(family, zoo.dtype_for(family))
     with pytest.raises(NotImplementedError, match="by key position"):

@@ -1,6 +1,6 @@
 """Property-based tests (hypothesis): random tiny configurations x random inputs.
 
-Configurations (`tests/fuzz_models.py`): eleven Hugging Face families whose algebra differs
+Configurations (`tests/support/fuzz_models.py`): eleven Hugging Face families whose algebra differs
 (LayerNorm / RMSNorm; pre-, post- and post-sublayer norms; parallel blocks; multi-, grouped-
 and multi-query attention; sliding windows of 1-8 keys; biases on/off; 1-3 layers; processed
 weights or not) and, on TransformerLens 3.x, HookedTransformer / HookedEncoder. Inputs: 1-3
@@ -29,13 +29,22 @@ import re
 import time
 from typing import Any
 
-import fuzz_models
 import pytest
 import torch
-from fuzz_models import FAMILIES, VOCAB, WORDS, Config, Unbootable, configs, tolerance, unsupported
-from helpers import hook_state
 from hypothesis import HealthCheck, Phase, given, reject, settings
 from hypothesis import strategies as st
+from support import fuzz_models
+from support.fuzz_models import (
+    FAMILIES,
+    VOCAB,
+    WORDS,
+    Config,
+    Unbootable,
+    configs,
+    tolerance,
+    unsupported,
+)
+from support.helpers import hook_state
 from torch import Tensor
 
 import tl_decomp as td
@@ -45,7 +54,7 @@ from tl_decomp import adapters
 # so the module runs in about 2 minutes on one thread of a loaded 2-core machine.
 EXAMPLES = {"decomposition": 200, "attention": 160, "attribution": 80, "raising": 110}
 TARGET = 500
-AGREE = 1e-6  # effective attention against the per-row SVD (as tests/test_attention.py)
+AGREE = 1e-6  # effective attention against the per-row SVD (as tests/attention/test_attention.py)
 RAN: collections.Counter[str] = collections.Counter()
 SECONDS: collections.Counter[str] = collections.Counter()
 UNBOOTABLE: collections.Counter[str] = collections.Counter()  # TransformerLens failures
@@ -252,8 +261,9 @@ def reference(model, cache, block, mask, *, value_bias, preserve_row_sums) -> Te
     """One float64 SVD of T per example and query row (all heads batched), over exactly the
     keys that row sees, the rank tolerance `eps * max(keys, columns)` as the library's.
 
-    tests/test_attention.py's reference has no windows and tests/test_attention_windows.py's
-    no bidirectional models or options; the fuzzed space needs all of them at once."""
+    tests/attention/test_attention.py's reference has no windows and
+    tests/attention/test_attention_windows.py's no bidirectional models or options; the fuzzed
+    space needs all of them at once."""
     spec = td.model_spec(model)
     a = cache[spec.blocks[block].pattern].double()
     T = head_values(model, cache, block, value_bias, preserve_row_sums)

@@ -5,7 +5,7 @@ from __future__ import annotations
 
 import pytest
 import torch
-from conftest import cached_model, model_params
+from support.models import cached_model, model_params
 from test_decompose import _skip_broken
 
 from tl_decomp import LogitAttribution, decompose, decompose_layers

@@ -25,7 +25,7 @@ from html.parser import HTMLParser
 from pathlib import Path
 
 import pytest
-from conftest import KINDS, cached_model
+from support.models import KINDS, cached_model
 
 from tl_decomp import cli
 from tl_decomp.reporting import report

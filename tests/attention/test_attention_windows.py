@@ -15,7 +15,7 @@ import itertools
 import pytest
 import torch
 import transformers
-from conftest import KINDS
+from support.models import KINDS
 
 from tl_decomp import (
     adapters,

@@ -1,7 +1,7 @@
-"""Random tiny configurations for the property tests (`tests/test_properties.py`).
+"""Random tiny configurations for the property tests (`tests/decomposition/test_properties.py`).
 
 A `Config` is a hashable description of a tiny float64 model: a Hugging Face family from
-`tests/zoo.py` with config knobs on top (heads and KV heads, biases, parallel blocks, norm
+`tests/support/zoo.py` with config knobs on top (heads and KV heads, biases, parallel blocks, norm
 placement, sliding windows, layers), processed weights or not, or (TransformerLens 3.x) one of
 `tl_decomp.models.TINY_ARCHS` as a HookedTransformer / HookedEncoder. `configs()` draws one;
 `boot(config)` builds it once per process. The families are the ones whose algebra differs:
@@ -30,10 +30,10 @@ from typing import Any, NamedTuple
 
 import torch
 import transformers as tf
-import zoo
-from conftest import KINDS, cached_model
 from hypothesis import strategies as st
 
+from support import zoo
+from support.models import KINDS, cached_model
 from tl_decomp import model_spec
 from tl_decomp.models import TINY_ARCHS, tiny_tokenizer
 

@@ -7,8 +7,8 @@ import random
 
 import pytest
 import torch
-from conftest import KINDS, cached_model
-from helpers import NoHooksLeft
+from support.helpers import NoHooksLeft
+from support.models import KINDS, cached_model
 
 from tl_decomp import model_spec
 from tl_decomp.identifiability import (

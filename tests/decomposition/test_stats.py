@@ -4,8 +4,8 @@ from __future__ import annotations
 
 import pytest
 import torch
-from conftest import cached_model
-from helpers import assert_close
+from support.helpers import assert_close
+from support.models import cached_model
 
 from tl_decomp import (
     adapters,

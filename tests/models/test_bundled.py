@@ -6,7 +6,7 @@ import functools
 
 import pytest
 import torch
-from helpers import NoHooksLeft
+from support.helpers import NoHooksLeft
 
 from tl_decomp import decompose_layers, load_model, model_spec
 from tl_decomp.models import _bundled

@@ -6,7 +6,7 @@ Hugging Face class to instantiate. `boot(family)` writes the seeded random model
 1-D parameter (norm gains and biases, biases) moved off its trivial init, and a word-level
 tokenizer to a temporary folder once per process, and boots that folder as a `TransformerBridge`.
 `hf_reference(family)` loads the same folder into Hugging Face alone (eager attention), the
-baseline the bridge's logits are checked against in `tests/test_zoo.py`.
+baseline the bridge's logits are checked against in `tests/decomposition/test_architectures.py`.
 
 Sliding windows, GPT-Neo's local window and Llama 4's attention chunks are `WINDOW` = 6 tokens,
 shorter than the 12-token `IDS`, so windowed attention differs from full attention. Mixture of

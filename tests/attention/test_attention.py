@@ -6,8 +6,8 @@ from importlib.metadata import version
 
 import pytest
 import torch
-from conftest import KINDS, cached_model
-from helpers import NoHooksLeft
+from support.helpers import NoHooksLeft
+from support.models import KINDS, cached_model
 
 from tl_decomp import (
     attention_correlation,

@@ -1,11 +1,11 @@
-"""The project's tolerances, in one place (docs/method.md §1.4)."""
+"""The project's tolerances, imported from the library (docs/method.md §1.4), and hook checks."""
 
 from __future__ import annotations
 
 import torch
 from torch import Tensor
 
-RTOL = {torch.float64: 1e-9, torch.float32: 1e-4}
+from tl_decomp._core.spec import TOLERANCE as RTOL  # the library's own, never a copy
 
 
 def assert_close(actual: Tensor, expected: Tensor, dtype: torch.dtype, what: str = "") -> None:
