@@ -104,7 +104,7 @@ def test_bad_statistic_refused_before_running():
 def test_post_sublayer_norms_and_multipliers(family):
     if version("transformer-lens").startswith("3."):
         pytest.skip("the zoo is TransformerLens 4.x's")
-    zoo = pytest.importorskip("zoo")
+    from support import zoo
     dtype = zoo.dtype_for(family)
     try:
         model = zoo.boot(family, dtype)
