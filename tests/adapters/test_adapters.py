@@ -107,7 +107,7 @@ def test_a_norm_that_is_not_the_formula_is_refused():
     model = tiny_model("gpt2", dtype=torch.float64)  # a private copy: this one is edited
     model.blocks[0].ln1.original_component.forward = lambda x: 2 * x  # not a LayerNorm
     with pytest.raises(NotImplementedError, match="norm blocks.0.ln1 .*does not compute"):
-        _bridge._norm(model, "blocks.0.ln1")
+        _bridge.read_norm(model, "blocks.0.ln1")
 
 
 def test_unknown_and_empty_model_names():

@@ -11,6 +11,7 @@ model class.
 
 from tl_decomp.adapters._derive import model_spec, windows
 from tl_decomp.adapters._experts import Routing, capture, expert_terms, moe_module, shared_module
+from tl_decomp.adapters._freeze import FrozenSites, frozen_sites
 from tl_decomp.adapters._mlm import mlm_logits, tokenize_offsets
 from tl_decomp.adapters._running import (
     as_tokens,
@@ -28,6 +29,7 @@ from tl_decomp.adapters._running import (
 from tl_decomp.adapters._state import evaluating, exclusive
 
 __all__ = [
+    "FrozenSites",
     "Routing",
     "as_tokens",
     "cache_model",
@@ -39,6 +41,7 @@ __all__ = [
     "evaluating",
     "exclusive",
     "expert_terms",
+    "frozen_sites",
     "mlm_logits",
     "model_device",
     "model_spec",

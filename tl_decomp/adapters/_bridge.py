@@ -34,8 +34,8 @@ def spec_bridge(model: Any) -> ModelSpec:
     for label, mod in (("pos_embed", "pos_embed"), ("token_type_embed", "token_type_embed")):
         if f"{mod}.hook_out" in names:
             embeds.append((label, f"{mod}.hook_out"))
-    embed_ln = _norm(model, "embed_ln") if "embed_ln.hook_in" in names else None
-    ln_final = _norm(model, "ln_final") if layout["final_norm"] else None
+    embed_ln = read_norm(model, "embed_ln") if "embed_ln.hook_in" in names else None
+    ln_final = read_norm(model, "ln_final") if layout["final_norm"] else None
     common = fields(model, "TransformerBridge", "post" if post else "pre")
     residual_norms = [embed_ln, ln_final, *(n for b in blocks for n in b.norms())]
     common["biases"] = biases(blocks, model, residual_norms)
@@ -65,7 +65,7 @@ def _block(model: Any, L: int, layout: dict[str, bool], names: set[str]) -> Bloc
     blk, p, post = model.blocks[L], f"blocks.{L}.", layout["post"]
     late = layout["sublayer_norms"]
     first = lambda *hooks: next((p + h for h in hooks if p + h in names), None)  # noqa: E731
-    sub = lambda name: _norm(model, p + name) if p + name + ".hook_in" in names else None  # noqa: E731
+    sub = lambda name: read_norm(model, p + name) if p + name + ".hook_in" in names else None  # noqa: E731
     hf_cfg = getattr(getattr(model, "original_model", None), "config", None)
     try:  # attention variants without per-head value/output maps (latent attention)
         W_O, b_V, b_O = blk.attn.W_O.detach(), b_v(blk.attn, model.cfg.n_heads), blk.attn.b_O
@@ -141,7 +141,7 @@ def _close(a: Tensor, b: Tensor) -> bool:
     return a.shape == b.shape and bool(torch.allclose(a, b, rtol=1e-5, atol=1e-6))
 
 
-def _norm(model: Any, name: str) -> Norm | None:
+def read_norm(model: Any, name: str) -> Norm | None:
     """One norm, its gain convention and float32 rounding checked against the formula."""
     mod = model.get_submodule(name)
     orig = getattr(mod, "original_component", None)

@@ -28,7 +28,7 @@ from torch import Tensor
 from tl_decomp._core.spec import ModelSpec
 
 # The option sets, written once: checks, signatures and the CLI's choices derive from them.
-Granularity = Literal["coarse", "layer", "head", "source", "expert"]
+Granularity = Literal["coarse", "layer", "head", "source", "expert", "token"]
 Centering = Literal["correction", "terms"]
 Statistic = Literal["shares", "norm_ratios", "cosines"]
 
@@ -184,6 +184,30 @@ def head_values(
     v = v[:, :, heads] if v.shape[2] == spec.n_heads else v[:, :, list(spec.kv_head[heads])]
     v = v.to(dt)
     return v if value_bias or blk.b_V is None else v - blk.b_V[heads].to(v.device, dt)
+
+
+def check_causal(spec: ModelSpec, cache, mask: Tensor | None) -> None:
+    """Refuse a causal model whose pattern weighs later keys at a real query: the forward
+    pass is not the model's (TransformerLens's bridge drops ``openai-gpt``'s causal mask under
+    an attention mask), so no decomposition of it answers a question about the model."""
+    if not spec.causal:
+        return
+    for L, blk in enumerate(spec.blocks):
+        a = cache[blk.pattern]
+        later = torch.ones(a.shape[-2:], dtype=torch.bool, device=a.device).triu(1)
+        if mask is not None:  # a padded query may spread over every key: not ours to judge
+            later = later & mask.bool().to(a.device)[:, None, :, None]
+        leak = a.nan_to_num(0.0).masked_fill(~later, 0.0).abs().max().item()
+        if leak > 1e-6:
+            _not_causal(spec, L, leak)
+
+
+def _not_causal(spec: ModelSpec, L: int, leak: float) -> None:
+    raise NotImplementedError(
+        f"{spec.architecture} is causal, but block {L}'s pattern {spec.blocks[L].pattern} "
+        f"gives later keys weight up to {leak:.2g}: this run drops the causal mask (a "
+        "TransformerLens bridge bug on openai-gpt), so tl_decomp refuses to decompose it"
+    )
 
 
 def check_values(spec: ModelSpec, L: int, a: Tensor, v: Tensor, z: Tensor, dt) -> None:

@@ -120,7 +120,9 @@ def logit_attribution(d: Any, tokens: Any, incorrect: Any = None) -> LogitAttrib
     # The unembedding's device may not be the factors' (a model split over devices).
     direction, bias = direction.to(factors.device), bias.to(factors.device)
     values = torch.einsum("kbpd,bpd->kbp", factors, direction)
-    if bias.abs().max() > 0:
+    if recipe.granularity == "token":  # what no token owns stays in one row: the bias
+        values, labels = _fold_into_bias(values, labels, bias)
+    elif bias.abs().max() > 0:
         values = torch.cat([values, bias[None]])
         labels.append("b_U")
     logits = own_logits(model, recipe, d, tokens, incorrect)
@@ -128,6 +130,15 @@ def logit_attribution(d: Any, tokens: Any, incorrect: Any = None) -> LogitAttrib
     # The lens runs the model's own final norm, float32-rounding ones included.
     recipe.check_exact(err, logits.abs().max().item(), "the unembedding", "final", dt)
     return LogitAttribution(values, tuple(labels), logits, lens, err)
+
+
+def _fold_into_bias(values: Tensor, labels: list[str], b_U: Tensor) -> tuple[Tensor, list[str]]:
+    """Token factors keep one non-token row: the lens's ``ln_final_bias`` and ``b_U`` join
+    the ``bias`` factor."""
+    k = labels.index("bias")
+    out = values[: k + 1].clone()
+    out[k] += values[k + 1 :].sum(0) + b_U
+    return out, labels[: k + 1]
 
 
 def _ids(model: Any, tokens: Any, shape: torch.Size) -> Tensor:
@@ -184,9 +195,13 @@ def _through_final_norm(recipe: Any, d: Any) -> tuple[Tensor, list[str]]:
     centred = x if norm.rms else x - x.mean(-1, keepdim=True)
     scale = (centred.square().mean(-1, keepdim=True) + eps).sqrt()
     gain = 1 / scale if norm.w is None else norm.w.to(x) / scale
-    factors, labels = d.factors * gain, list(d.labels)
+    per_token = recipe.granularity == "token"  # each token's share centred by its own mean
+    factors = (
+        d.factors - d.factors.mean(-1, keepdim=True) if per_token and not norm.rms else d.factors
+    )
+    factors, labels = factors * gain, list(d.labels)
     extra = []
-    if not norm.rms:
+    if not norm.rms and not per_token:
         extra.append(("ln_final_center", -x.mean(-1, keepdim=True) * gain))
     if norm.b is not None:
         extra.append(("ln_final_bias", norm.b.to(x).expand_as(x)))

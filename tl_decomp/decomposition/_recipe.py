@@ -8,7 +8,7 @@ from __future__ import annotations
 import math
 import warnings
 from collections.abc import Iterator, Sequence
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from functools import partial
 from typing import Any, get_args
 
@@ -19,10 +19,17 @@ from tl_decomp import adapters
 from tl_decomp._core import checks, convention
 from tl_decomp._core.convention import Layer
 from tl_decomp._core.spec import InexactDecompositionError, ModelSpec
-from tl_decomp.decomposition._algebra import Centering, Granularity, Rows, Stack
-from tl_decomp.decomposition._reduce import Reduced, iter_reduced
+from tl_decomp.decomposition._algebra import Centering, Granularity, Rows, Stack, check_causal
+from tl_decomp.decomposition._reduce import Reduced, check_statistic, iter_reduced
 from tl_decomp.decomposition._result import Decomposition
 from tl_decomp.decomposition._terms import Terms
+from tl_decomp.decomposition._tokens import (
+    frozen_hooks,
+    iter_materialised,
+    reduce_tokens,
+    run_tokens,
+    token_labels,
+)
 
 
 @dataclass(frozen=True)
@@ -53,6 +60,9 @@ class DecompositionRecipe(Terms):
         if recipe.granularity == "expert" and not recipe.moe_layers:
             raise ValueError("granularity='expert' needs a mixture-of-experts model")
         checks.choice(recipe.centering, "centering", get_args(Centering))
+        if recipe.granularity == "token":  # a token's share is centred by its own mean
+            recipe = replace(recipe, centering="terms")
+            frozen_hooks(model, recipe.spec)  # refuses what it cannot freeze, before any work
         checks.dtype(recipe.dtype)
         for name in ("split_input", "split_correction"):
             if not isinstance(getattr(recipe, name), bool):
@@ -67,6 +77,8 @@ class DecompositionRecipe(Terms):
 
     @property
     def hooks(self) -> list[str]:
+        if self.granularity == "token":  # the nonlinearities a frozen re-run holds
+            return list(dict.fromkeys(frozen_hooks(self.model, self.spec)))
         if self.granularity == "source":  # the values each head reads, key by key
             return self.spec.hooks() + [blk.v for blk in self.spec.blocks]
         if self.granularity != "expert":
@@ -111,7 +123,11 @@ class DecompositionRecipe(Terms):
         spec = self.spec
         wanted = sorted(convention.resolve_many(spec, layers), key=partial(convention.depth, spec))
         self.check_cache(cache)
+        check_causal(spec, cache, attention_mask)
         dt = self.compute_dtype()
+        if self.granularity == "token":
+            yield from self._token_layers(cache, wanted, tokens, attention_mask, dt)
+            return
         st = Stack(self.layout(cache), cache[spec.embeds[0][1]], dt)
         last = wanted[-1]
         for layer in self.walk(st, cache, wanted, dt, routing):
@@ -147,9 +163,27 @@ class DecompositionRecipe(Terms):
             >>> bool(torch.allclose(r.values.sum(0), torch.ones(1, 4, dtype=torch.float64)))
             True
         """
+        if self.granularity == "token":
+            return self._token_reduced(cache, statistic, layers, attention_mask)
         return iter_reduced(
             self, cache, statistic, layers, attention_mask=attention_mask, routing=routing
         )
+
+    def _token_run(self, cache, wanted, tokens, mask, dt) -> partial[None]:
+        return partial(
+            run_tokens, self.model, self.spec, cache, wanted, mask=mask, tokens=tokens,
+            chunk_size=self.chunk_size, dt=dt,
+        )  # fmt: skip
+
+    def _token_reduced(self, cache, statistic, layers, mask) -> Iterator[Reduced]:
+        check_statistic(statistic, self.spec)
+        spec = self.spec
+        wanted = sorted(convention.resolve_many(spec, layers), key=partial(convention.depth, spec))
+        self.check_cache(cache)
+        check_causal(spec, cache, mask)
+        dt = self.compute_dtype()
+        run = self._token_run(cache, wanted, None, mask, dt)
+        return reduce_tokens(self, run, cache, statistic, wanted, mask, dt)
 
     def steps(self, wanted: Sequence[Layer]) -> list[tuple[str, Any]]:
         """The walk up to the deepest of `wanted`, in forward order: ``("input", None)``,
@@ -215,8 +249,18 @@ class DecompositionRecipe(Terms):
         )
         return next(iter(it))
 
+    def _token_layers(self, cache, wanted, tokens, mask, dt) -> Iterator[Decomposition]:
+        like = cache[self.spec.embeds[0][1]]
+        run = self._token_run(cache, wanted, tokens, mask, dt)
+        stacks = iter_materialised(run, wanted, like, dt)
+        labels, kinds = token_labels(like.shape[1])
+        for layer in wanted:
+            yield self._finish(stacks.pop(layer), labels, kinds, cache, layer, tokens, mask)
+
     def _result(self, st: Stack, cache, layer: Layer, tokens, mask, copy):
-        factors, labels, kinds = st.snapshot(copy)
+        return self._finish(*st.snapshot(copy), cache, layer, tokens, mask)
+
+    def _finish(self, factors, labels, kinds, cache, layer: Layer, tokens, mask):
         site = convention.site(self.spec, layer)
         target = cache[site].to(factors.device)  # where the terms were summed
         if mask is not None and not torch.isfinite(target).all():
@@ -274,6 +318,8 @@ class DecompositionRecipe(Terms):
     def rounded(self, layer: Layer) -> bool:
         """Whether a norm computed in float32 lies on the way to `layer`."""
         spec = self.spec
+        if self.granularity == "token" and adapters.frozen_sites(self.model, spec).rounds:
+            return True  # the re-run recomputes every norm, sublayer inputs' included
         blocks = spec.blocks[: convention.depth(spec, layer)]
         norms = [spec.embed_ln, *(n for b in blocks for n in b.norms())]
         norms += [spec.ln_final] if layer == "final" else []

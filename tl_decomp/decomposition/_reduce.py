@@ -31,7 +31,7 @@ from tl_decomp._core.aliases import Cache, Model
 from tl_decomp._core.convention import Layer
 from tl_decomp._core.results import Result
 from tl_decomp._core.spec import InexactDecompositionError, ModelSpec
-from tl_decomp.decomposition._algebra import KINDS, Rows
+from tl_decomp.decomposition._algebra import KINDS, Rows, check_causal
 from tl_decomp.decomposition._logit import own_logits, pick_bias, token_columns
 
 STATISTICS = ("shares", "norm_ratios", "cosines")
@@ -140,10 +140,11 @@ def iter_reduced(
     spec = recipe.spec
     wanted = sorted(convention.resolve_many(spec, layers), key=partial(convention.depth, spec))
     recipe.check_cache(cache)
+    check_causal(spec, cache, attention_mask)
     dt = recipe.compute_dtype()
     like = cache[spec.embeds[0][1]]
-    targets: dict[Any, _Target] = {
-        layer: _Target(recipe, cache, layer, statistic, attention_mask, dt) for layer in wanted
+    targets: dict[Any, Target] = {
+        layer: Target(recipe, cache, layer, statistic, attention_mask, dt) for layer in wanted
     }
     stream = _Stream(recipe, cache, wanted, targets, like, dt)
     for layer in recipe.walk(stream, cache, wanted, dt, routing):
@@ -151,11 +152,13 @@ def iter_reduced(
         del targets[layer]
 
 
-class _Target:
+class Target:
     """The model's own state at one layer, and the statistic of a term against it."""
 
     def __init__(self, recipe, cache, layer: Layer, statistic, mask, dt):
-        self.recipe, self.layer, self.site = recipe, layer, convention.site(recipe.spec, layer)
+        self.recipe, self.site = recipe, convention.site(recipe.spec, layer)
+        self.layer: Layer = layer
+        self.mask = mask
         e = cache[self.site].to(cache[recipe.spec.embeds[0][1]].device, dt)
         self.pad = None
         if mask is not None and not torch.isfinite(e).all():  # as Decomposition zeroes it
@@ -236,7 +239,7 @@ class _Stream(Rows):
     """The recipe's walk without the stack: kept terms as vectors, every other term carried
     alone to each requested layer as it is made (`commit`), then dropped."""
 
-    def __init__(self, recipe, cache, wanted, targets: dict[Any, _Target], like: Tensor, dt):
+    def __init__(self, recipe, cache, wanted, targets: dict[Any, Target], like: Tensor, dt):
         super().__init__(recipe.layout(cache))
         self.recipe, self.targets, self.steps = recipe, targets, recipe.steps(wanted)
         self.cache = cache
@@ -309,7 +312,7 @@ class _Stream(Rows):
         del self.dots[layer]
         return Reduced(layer, name, labels, kinds, values, target.site, mask, err, scale)
 
-    def _check_projection(self, layer: Layer, target: _Target, scale: float) -> None:
+    def _check_projection(self, layer: Layer, target: Target, scale: float) -> None:
         """The carried terms themselves, not only their running sum: ``sum_k <t_k, e>`` must
         be ``||e||^2``, to the sum's tolerance times ``sqrt(d_model)`` (a projection of an
         error vector is at most its norm)."""
@@ -326,7 +329,7 @@ class _Stream(Rows):
             )
 
 
-def _logit_rows(target: _Target, values: Tensor, labels, kinds):
+def _logit_rows(target: Target, values: Tensor, labels, kinds):
     """The lens's own rows and ``b_U`` appended, and the sum checked against the
     unembedding's output, as `tl_decomp.decomposition._logit.logit_attribution` does."""
     lg = target.logit
@@ -339,4 +342,4 @@ def _logit_rows(target: _Target, values: Tensor, labels, kinds):
     return values, labels, kinds, err, scale
 
 
-__all__ = ["Reduced", "STATISTICS", "iter_reduced"]
+__all__ = ["STATISTICS", "Reduced", "Target", "iter_reduced"]

@@ -1,0 +1,303 @@
+"""Every hidden state split by input token, exactly (``granularity="token"``; docs/method.md §8).
+
+Hold every nonlinear quantity of a forward pass at its value on the full input and the
+network is affine in its input embeddings: ``F(x) = M x + c``. Token ``k``'s factor at a
+layer is ``F(x_k) - F(0)`` (``x_k``: position ``k``'s embeddings, every other position zero)
+and ``F(0)`` is the ``bias`` factor, so the factors sum to ``F(x)``, the model's own state.
+The quantities held fixed (`tl_decomp.adapters.FrozenSites`) give the rules of Oh & Schuler
+(2023) and DecompX (2023), on every architecture the coarse decomposition reads:
+
+- input: a position's token, position and token-type embeddings belong to that position;
+- norms: each token's share centred by its own mean (LayerNorm) and divided by the full
+  state's sigma / rms, times the gain; the norm's bias goes to ``bias``;
+- attention: the model's own pattern applied to each token's share of the values (``z``
+  replaced by ``pattern @ v``, checked equal on the full input); ``b_V``, ``b_O`` to ``bias``;
+- MLPs: ``theta = act(zeta) / zeta`` of the full pre-activation applied to each token's share
+  of ``zeta`` (gated MLPs: the full input's gate times each share of the up-projection);
+  ``b_in``'s share and ``b_out`` to ``bias``.
+
+The model runs again on ``chunk_size`` such inputs at a time (plus ``F(0)`` in every run, so
+each difference is taken within one batch), stopping after the deepest layer asked for. The
+sum is checked against the model's own state like every decomposition; a causal model's later
+tokens contribute exactly zero (set, not rounded).
+"""
+
+from __future__ import annotations
+
+from collections import Counter
+from collections.abc import Callable, Iterator, Sequence
+from functools import partial
+from typing import Any
+
+import einops
+import torch
+from torch import Tensor
+
+from tl_decomp import adapters
+from tl_decomp._core import convention
+from tl_decomp._core.aliases import Cache, Model
+from tl_decomp._core.convention import Layer
+from tl_decomp._core.spec import ModelSpec
+from tl_decomp.decomposition._algebra import check_values, head_values
+from tl_decomp.decomposition._reduce import Reduced, Target
+
+Rows = Callable[[Layer, int, Tensor], None]
+"""``sink(layer, start, rows)``: token factors ``start ..`` (``[k batch pos d_model]``) at
+`layer`; ``start == n_pos`` is the ``bias`` factor."""
+
+
+def token_labels(n_pos: int) -> tuple[tuple[str, ...], tuple[str, ...]]:
+    """``pos0 .. pos{n-1}, bias`` and their kinds (``t``: a token's, ``c``: the biases)."""
+    return (*(f"pos{k}" for k in range(n_pos)), "bias"), ("t",) * n_pos + ("c",)
+
+
+def frozen_hooks(model: Model, spec: ModelSpec) -> list[str]:
+    """Every hook whose full-input value the frozen re-run reads."""
+    sites = adapters.frozen_sites(model, spec)
+    return [*spec.hooks(), *(blk.v for blk in spec.blocks), *sites.hooks()]
+
+
+def run_tokens(
+    model: Model,
+    spec: ModelSpec,
+    cache: Cache,
+    wanted: Sequence[Layer],
+    sink: Rows,
+    *,
+    mask: Tensor | None,
+    tokens: Tensor | None,
+    chunk_size: int,
+    dt: torch.dtype,
+) -> None:
+    """Feed `sink` every token factor (and the bias) at each of `wanted`, `chunk_size`
+    positions per forward pass."""
+    frozen = _Frozen(model, spec, cache, dt)
+    b, n = cache[spec.embeds[0][1]].shape[:2]
+    device = adapters.model_device(model)
+    ids = torch.zeros(b, n, dtype=torch.long, device=device) if tokens is None else tokens
+    mask = torch.ones(b, n, dtype=torch.long, device=device) if mask is None else mask
+    sites: dict[str, Layer] = {convention.site(spec, layer): layer for layer in wanted}
+    deepest = max(wanted, key=partial(convention.depth, spec))
+    # Stop after the deepest block asked for; the final norm may also run earlier (nanochat
+    # normalises its embeddings with it), so a run that wants "final" runs to the end.
+    stop_after = None if deepest == "final" else convention.site(spec, deepest)
+    for start in range(0, n, chunk_size):
+        end = min(n, start + chunk_size)
+        V = end - start + 1  # the chunk's tokens, then F(0)
+        sel = torch.zeros(V, n, dtype=dt, device=device)
+        sel[torch.arange(V - 1), torch.arange(start, end)] = 1
+        out: dict[str, Tensor] = {}
+        calls: Counter[str] = Counter()
+        hooks = [(h, partial(_counted, fn, calls, h)) for h, fn in frozen.hooks(sel)]
+        hooks += [(s, partial(_keep, out, s, b, V, dt)) for s in sites]
+        with torch.no_grad():
+            adapters.run_with_hooks(
+                model,
+                ids.repeat_interleave(V, 0),
+                mask.repeat_interleave(V, 0),
+                hooks,
+                stop_after=stop_after,
+            )
+        _check_once(spec, calls)
+        for site, layer in sites.items():
+            y = out[site]  # [V batch pos d_model]
+            rows = y[:-1] - y[-1:]
+            if spec.causal:  # a position before k never sees k: zero, not rounding
+                later = (
+                    torch.arange(n, device=rows.device)[None, :]
+                    < torch.arange(start, end, device=rows.device)[:, None]
+                )
+                rows = rows.masked_fill(later[:, None, :, None], 0)
+            sink(layer, start, rows)
+            if start == 0:
+                sink(layer, n, y[-1:])
+
+
+def _counted(fn: Callable[..., Any], calls: Counter[str], name: str, t: Tensor, *, hook: Any):
+    calls[name] += 1
+    return fn(t, hook=hook)
+
+
+def _check_once(spec: ModelSpec, calls: Counter[str]) -> None:
+    """One frozen value stands for one call: a module run twice in a pass cannot be frozen."""
+    again = [(h, c) for h, c in calls.items() if c > 1]
+    if again:
+        hook, count = again[0]
+        raise NotImplementedError(
+            f"granularity='token' on {spec.architecture}: {hook} runs {count} times in one "
+            "forward pass (one module used at two places), so no single frozen value holds it"
+        )
+
+
+def _keep(out: dict[str, Tensor], site: str, b: int, V: int, dt, t: Tensor, *, hook: Any) -> None:
+    out[site] = einops.rearrange(t.detach().to(dt), "(b v) p d -> v b p d", b=b, v=V)
+
+
+class _Frozen:
+    """The full input's nonlinear quantities, and the hooks that hold them in a re-run."""
+
+    def __init__(self, model: Model, spec: ModelSpec, cache: Cache, dt: torch.dtype):
+        self.spec, self.cache = spec, cache
+        self.sites = adapters.frozen_sites(model, spec)
+        self.ratios: list[Tensor | None] = []
+        for L, pair in enumerate(self.sites.mlps):
+            self.ratios.append(None if pair is None else _ratio(spec, L, cache, *pair))
+        for L in range(spec.n_layers):  # only then is z the pattern times the values
+            a = cache[spec.blocks[L].pattern].to(dt)
+            v = head_values(spec, L, cache, slice(None), dt, value_bias=True)
+            z = cache[spec.blocks[L].z].to(dt)
+            if z.ndim == 3:
+                z = einops.rearrange(z, "b q (h dh) -> b q h dh", h=spec.n_heads)
+            check_values(spec, L, a, v, z, dt)
+
+    def hooks(self, sel: Tensor) -> list[tuple[str, Callable[..., Any]]]:
+        V, b = sel.shape[0], self.cache[self.spec.embeds[0][1]].shape[0]
+        hooks: list[tuple[str, Callable[..., Any]]] = []
+        for _, h in self.spec.embeds:
+            hooks.append((h, partial(_inject, self.cache[h], sel, b)))
+        for s in self.sites.scales:
+            hooks.append((s, partial(_fixed, self.cache[s], V, b)))
+        for name, rms in self.sites.plain:
+            store: dict[str, Tensor] = {}
+            scale = self.cache[f"{name}.hook_scale"]
+            hooks.append((f"{name}.hook_in", partial(_store, store, "x")))
+            hooks.append((f"{name}.hook_out", partial(_normalise, scale, rms, store, V, b)))
+        for L, blk in enumerate(self.spec.blocks):
+            store: dict[str, Tensor] = {}
+            pattern = self.cache[blk.pattern].nan_to_num(0.0)  # padded queries with no key
+            hooks.append((blk.v, partial(_store, store, "v")))
+            hooks.append((blk.z, partial(_attend, pattern, self.spec.kv_head, store, V, b)))
+            pair, ratio = self.sites.mlps[L], self.ratios[L]
+            if pair is not None and ratio is not None:
+                hooks.append((pair[1], partial(_store, store, "lin")))
+                hooks.append((pair[0], partial(_activate, ratio, store, V, b)))
+        return hooks
+
+
+def _ratio(spec: ModelSpec, L: int, cache: Cache, out_in: str, linear: str) -> Tensor:
+    """``act(zeta) / zeta`` (gated: the gate) on the full input; 0 where ``zeta`` is 0 (the
+    activation's output is 0 there too, so any ratio gives the same sum)."""
+    act, lin = cache[out_in], cache[linear]
+    if act.shape != lin.shape:
+        raise NotImplementedError(
+            f"granularity='token' on {spec.architecture}: block {L}'s MLP input to the "
+            f"down-projection {tuple(act.shape)} is not elementwise in its linear part "
+            f"{tuple(lin.shape)} (a fused gate/up projection?)"
+        )
+    return torch.where(lin != 0, act / lin, torch.zeros_like(lin)).nan_to_num(0.0)
+
+
+def _tile(t: Tensor, V: int, b: int) -> Tensor:
+    """The full input's `t` for each of `V` variants per example: batch-major, whether `t` is
+    ``[batch ...]`` or flattened ``[(batch pos) ...]`` (OPT's MLP and norms)."""
+    if t.shape[0] == 1 < b:  # broadcast over the batch
+        return t
+    return t.reshape(b, -1).repeat_interleave(V, 0).reshape(-1, *t.shape[1:])
+
+
+def _inject(full: Tensor, sel: Tensor, b: int, t: Tensor, *, hook: Any) -> Tensor:
+    """Variant v keeps the positions `sel[v]` selects of the full input's embeddings."""
+    V, n = sel.shape
+    x = full.to(t.device, t.dtype)
+    x = x.expand(b, *x.shape[1:])
+    out = x[:, None] * sel.to(t.device, t.dtype).view(1, V, n, *([1] * (x.ndim - 2)))
+    return out.reshape(-1, *x.shape[1:])
+
+
+def _fixed(full: Tensor, V: int, b: int, t: Tensor, *, hook: Any) -> Tensor:
+    return _tile(full, V, b).to(t.device, t.dtype)
+
+
+def _normalise(scale: Tensor, rms: bool, store, V: int, b: int, t: Tensor, *, hook: Any):
+    x = store["x"]
+    c = x if rms else x - x.mean(-1, keepdim=True)
+    return (c / _tile(scale, V, b).to(x.device, x.dtype)).to(t.dtype)
+
+
+def _store(store: dict[str, Tensor], key: str, t: Tensor, *, hook: Any) -> None:
+    store[key] = t
+
+
+def _attend(
+    pattern: Tensor, kv_head: Sequence[int], store, V: int, b: int, t: Tensor, *, hook: Any
+) -> Tensor:
+    """``z = pattern @ v`` with the full input's pattern and this run's values."""
+    v = store["v"]
+    if v.shape[2] != pattern.shape[1]:  # grouped-query attention: each query head's KV head
+        v = v[:, :, list(kv_head)]
+    a = _tile(pattern, V, b).to(v.device, v.dtype)
+    return einops.einsum(a, v, "b h q k, b k h dh -> b q h dh").reshape(t.shape)
+
+
+def _activate(ratio: Tensor, store, V: int, b: int, t: Tensor, *, hook: Any) -> Tensor:
+    lin = store["lin"]
+    return _tile(ratio, V, b).to(lin.device, lin.dtype) * lin
+
+
+def iter_materialised(
+    run: Callable[[Rows], None], wanted: Sequence[Layer], like: Tensor, dt: torch.dtype
+) -> dict[Layer, Tensor]:
+    """Each wanted layer's ``[n_pos + 1, batch, pos, d_model]`` stack, filled by `run`."""
+    n = like.shape[1]
+    stacks: dict[Layer, Tensor] = {
+        layer: like.new_zeros((n + 1, *like.shape), dtype=dt) for layer in wanted
+    }
+
+    def sink(layer: Layer, start: int, rows: Tensor) -> None:
+        stacks[layer][start : start + len(rows)] = rows.to(stacks[layer].device)
+
+    run(sink)
+    return stacks
+
+
+def reduce_tokens(
+    recipe: Any,
+    run: Callable[[Rows], None],
+    cache: Cache,
+    statistic: Any,
+    wanted: Sequence[Layer],
+    mask: Tensor | None,
+    dt: torch.dtype,
+) -> Iterator[Reduced]:
+    """`Reduced` per wanted layer from the token factors, one chunk of tokens alive at a time:
+    the statistic of each factor, the running sum checked against the model's own state."""
+    like = cache[recipe.spec.embeds[0][1]]
+    n = like.shape[1]
+    targets = {layer: Target(recipe, cache, layer, statistic, mask, dt) for layer in wanted}
+    values = {layer: like.new_zeros((n + 1, *like.shape[:2]), dtype=dt) for layer in wanted}
+    totals = {layer: like.new_zeros(like.shape, dtype=dt) for layer in wanted}
+
+    def sink(layer: Layer, start: int, rows: Tensor) -> None:
+        target = targets[layer]
+        totals[layer] += rows.sum(0).to(totals[layer].device)
+        if target.name == "logit" and target.logit.per_token is not None:
+            norm = recipe.spec.ln_final  # the lens: each token's share centred by its own mean
+            rows = rows if norm is None or norm.rms else rows - rows.mean(-1, keepdim=True)
+        stat, _ = target(rows)
+        values[layer][start : start + len(rows)] = stat.to(values[layer].device)
+
+    run(sink)
+    labels, kinds = token_labels(n)
+    for layer in wanted:
+        yield _token_reduced(recipe, targets[layer], values[layer], totals[layer], labels, kinds)
+
+
+def _token_reduced(recipe, target: Target, values, total, labels, kinds) -> Reduced:
+    if target.pad is not None:
+        total = total.masked_fill(target.pad[..., None], 0)
+    err, scale = (total - target.e).abs().max().item(), target.e.abs().max().item()
+    recipe.check_exact(err, scale, target.site, target.layer, total.dtype)
+    if target.name == "logit":  # the biases the unembedding adds belong to no token
+        lg = target.logit
+        for label, extra in lg.extra:
+            if label != "ln_final_center":  # each token's share was centred instead
+                values[-1] += extra.to(values.device)
+        err = (values.sum(0) - lg.logits.to(values.device)).abs().max().item()
+        scale = lg.logits.abs().max().item()
+        recipe.check_exact(err, scale, "the unembedding", "final", values.dtype)
+    return Reduced(
+        target.layer, target.name, labels, kinds, values, target.site, target.mask, err, scale
+    )
+
+
+__all__ = ["frozen_hooks", "iter_materialised", "reduce_tokens", "run_tokens", "token_labels"]
