@@ -49,15 +49,28 @@ def build_parser() -> argparse.ArgumentParser:
     s = sub.add_parser("stats", help="mean ± std shares per layer over the shipped corpus")
     s.add_argument("--sentences", type=_positive, default=200, help="corpus sentences (200)")
     s.add_argument("--batch-size", type=_positive, default=16)
+    f = sub.add_parser(
+        "flow",
+        help="the input tokens that make up one position's state, per layer (exact)",
+        description="Each input token's share of one position's state at every layer (or, "
+        "with --target, its direct logit for that token: the decomposed logit lens), from "
+        "granularity='token'; and the strongest routes into that position.",
+    )
+    f.add_argument("text")
+    f.add_argument("--target", help="a token whose logit to explain, e.g. ' Paris'")
+    f.add_argument("--position", type=int, default=-1, help="the position (-1: the last)")
+    f.add_argument("--top", type=_positive, default=5, help="tokens shown per layer (5)")
+    f.add_argument("--threshold", type=float, default=0.05, help="route pruning (0.05)")
     r = _report_parser(sub)
-    for q in (d, s, r):
+    for q in (d, s, f, r):
         q.add_argument(
             "--model",
             default="minilm",
             help=f"a bundled model ({', '.join(BUNDLED)}) or a hub name",
         )
-    for q in (d, s):
-        q.add_argument("--centering", choices=get_args(Centering), default="correction")
+    d.add_argument("--centering", choices=get_args(Centering), default="correction")
+    s.add_argument("--centering", choices=get_args(Centering), default="correction")
+    for q in (d, s, f):
         out = q.add_mutually_exclusive_group()
         out.add_argument("--json", action="store_true", help="the table as JSON records")
         out.add_argument("--csv", action="store_true", help="the table as CSV")
@@ -181,8 +194,8 @@ def _decompose(args: argparse.Namespace) -> int:
         | {"max rel err": d.relative_error}
         for d in ds
     ]
-    tokens = model.tokenizer.convert_ids_to_tokens(ds[0].tokens[0].tolist())  # type: ignore[index]
-    head = f"{args.model}: {len(tokens)} tokens: {' '.join(tokens)}\n"
+    tokens = ds[0].str_tokens()  # as text, not the tokenizer's byte-level glyphs
+    head = f"{args.model}: {len(tokens)} tokens: {' '.join(map(repr, tokens))}\n"
     head += "mean share <e,t>/|e|^2 over tokens (each row sums to 1)\n"
     _print_rows(rows, args, head + text_table(rows))
     return 0
@@ -208,6 +221,37 @@ def _stats(args: argparse.Namespace) -> int:
     head = f"{args.model}: {stats.n_tokens} tokens, max relative error "
     head += f"{stats.max_relative_error:.2e}\n"
     _print_rows(stats.rows(), args, head + stats.table())
+    return 0
+
+
+def _flow(args: argparse.Namespace) -> int:
+    from tl_decomp._core.results import text_table
+    from tl_decomp.decomposition import information_flow
+    from tl_decomp.models import load_model
+
+    if not args.text.strip():
+        raise ValueError("TEXT is empty")
+    model = load_model(args.model)
+    flow = information_flow(
+        model, args.text, position=args.position, target=args.target, threshold=args.threshold
+    )
+    rows = [
+        {"layer": layer, "rank": rank, "token": tok, "position": pos, "value": value}
+        for layer in range(flow.contributions.shape[0])
+        for rank, (tok, pos, value) in enumerate(flow.top_tokens(layer, args.top), 1)
+    ]
+    what = f"logit of {args.target!r}" if args.target is not None else "share <e,t>/|e|^2"
+    at = f"{flow.tokens[flow.position]!r} at position {flow.position}"
+    table = [
+        {"layer": layer, "bias": flow.bias[layer].item()}
+        | {
+            f"#{r}": f"{tok!r}@{pos} {v:+.3g}"
+            for r, (tok, pos, v) in enumerate(flow.top_tokens(layer, args.top), 1)
+        }  # fmt: skip
+        for layer in range(flow.contributions.shape[0])
+    ]
+    head = f"{args.model}: each input token's {what} in the state of {at}, per layer\n"
+    _print_rows(rows, args, head + text_table(table))
     return 0
 
 
@@ -247,7 +291,8 @@ def main(argv: Sequence[str] | None = None) -> int:
     """Entry point; returns the exit status (0 ok, 2 bad arguments, 1 failure)."""
     args = build_parser().parse_args(argv)
     try:
-        return {"decompose": _decompose, "stats": _stats, "report": _report}[args.command](args)
+        commands = {"decompose": _decompose, "stats": _stats, "flow": _flow, "report": _report}
+        return commands[args.command](args)
     except (ValueError, TypeError, ModuleNotFoundError, NotImplementedError, OSError) as err:
         print(f"tl-decomp: error: {err}", file=sys.stderr)
         return 2 if isinstance(err, (ValueError, TypeError)) else 1

@@ -82,6 +82,7 @@ def _bridge_gap(model, family: str) -> float:
 MOE: set[str] = set()  # families with mixture-of-experts blocks
 EXPERT_REFUSALS: dict[str, str] = {}  # ... whose blocks cannot be split by expert
 SOURCE_REFUSALS: dict[str, str] = {}  # families whose heads cannot be split by key position
+TOKEN_REFUSALS: dict[str, str] = {}  # families the token split refuses by name
 
 
 def _decomposition_error(model, family: str) -> float:
@@ -94,10 +95,16 @@ def _decomposition_error(model, family: str) -> float:
     moe = td.DecompositionRecipe.for_model(model).moe_layers
     if moe:
         MOE.add(family)
-    for granularity in ("coarse", "layer", "head", "source") + (("expert",) if moe else ()):
+    grains = ("coarse", "layer", "head", "source", "token") + (("expert",) if moe else ())
+    for granularity in grains:
         try:
             ds = td.decompose_layers(model, TOKENS, attention_mask=MASK, granularity=granularity)
         except NotImplementedError as err:
+            if granularity == "token" and (
+                "granularity='token'" in str(err) or "by key" in str(err)
+            ):
+                TOKEN_REFUSALS[family] = str(err)  # MoE, a fused gate/up, z not pattern @ v
+                continue
             if granularity == "source" and "by key position" in str(err):
                 SOURCE_REFUSALS[family] = str(err)  # hook_z is not pattern @ hook_v
                 continue

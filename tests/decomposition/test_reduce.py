@@ -105,6 +105,7 @@ def test_post_sublayer_norms_and_multipliers(family):
     if version("transformer-lens").startswith("3."):
         pytest.skip("the zoo is TransformerLens 4.x's")
     from support import zoo
+
     dtype = zoo.dtype_for(family)
     try:
         model = zoo.boot(family, dtype)

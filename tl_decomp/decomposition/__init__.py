@@ -8,8 +8,9 @@ attribution and lens; `_sources` the attention term by source token; `_stats` co
 statistics and checkpoint comparison; `_linearity` the FF sublayer's linearity.
 """
 
-from tl_decomp.decomposition._algebra import KINDS, Centering, Granularity, Statistic
+from tl_decomp.decomposition._algebra import KINDS, BiasRule, Centering, Granularity, Statistic
 from tl_decomp.decomposition._decompose import decompose, decompose_layers, names_filter
+from tl_decomp.decomposition._flow import InformationFlow, information_flow
 from tl_decomp.decomposition._linearity import FFLinearity, ff_linearity
 from tl_decomp.decomposition._logit import LogitAttribution, logit_attribution
 from tl_decomp.decomposition._recipe import DecompositionRecipe
@@ -32,6 +33,7 @@ from tl_decomp.decomposition._stats import (
 
 __all__ = [
     "KINDS",
+    "BiasRule",
     "STATISTICS",
     "Centering",
     "CheckpointComparison",
@@ -39,6 +41,7 @@ __all__ = [
     "DecompositionRecipe",
     "FFLinearity",
     "Granularity",
+    "InformationFlow",
     "LayerStats",
     "LogitAttribution",
     "Reduced",
@@ -50,6 +53,7 @@ __all__ = [
     "decompose",
     "decompose_layers",
     "ff_linearity",
+    "information_flow",
     "logit_attribution",
     "names_filter",
     "norm_based_attention",

@@ -31,6 +31,7 @@ from tl_decomp._core.spec import ModelSpec
 Granularity = Literal["coarse", "layer", "head", "source", "expert", "token"]
 Centering = Literal["correction", "terms"]
 Statistic = Literal["shares", "norm_ratios", "cosines"]
+BiasRule = Literal["separate", "distribute"]
 
 KINDS = ("i", "h", "f", "c")
 

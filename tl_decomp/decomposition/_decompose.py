@@ -20,7 +20,7 @@ from torch import Tensor
 from tl_decomp import adapters
 from tl_decomp._core import checks, convention
 from tl_decomp._core.convention import Layer
-from tl_decomp.decomposition._algebra import Centering, Granularity
+from tl_decomp.decomposition._algebra import BiasRule, Centering, Granularity
 from tl_decomp.decomposition._recipe import DecompositionRecipe
 from tl_decomp.decomposition._result import Decomposition
 
@@ -58,6 +58,7 @@ def decompose(
     split_input: bool = False,
     split_correction: bool = False,
     dtype: torch.dtype | None = None,
+    bias: BiasRule = "separate",
 ) -> Decomposition:
     """Decompose a hidden state of `model` exactly into input, attention, MLP and correction.
 
@@ -76,14 +77,21 @@ def decompose(
             the unembedding reads (decoders: the ``ln_final`` output; encoders: layer
             ``n_layers``, reported so).
         granularity: ``coarse`` (i, h, f, c), ``layer`` (attention and MLP per layer),
-            ``head`` (attention per layer and head) or ``expert`` (as ``layer``, with each
-            mixture-of-experts MLP split into ``L_expertE`` terms and ``L_shared_expert``).
+            ``head`` (attention per layer and head), ``source`` (each head by key position),
+            ``expert`` (as ``layer``, with each mixture-of-experts MLP split into
+            ``L_expertE`` terms and ``L_shared_expert``) or ``token``: ``pos0 .. pos{n-1}``,
+            what each input position contributed through the whole network, and ``bias``
+            (docs/method.md §8).
         centering: ``correction`` puts every LayerNorm centering in ``c`` (the paper);
             ``terms`` centres each term so ``c`` holds biases only. The sum is identical.
         attention_mask: 1/0 mask for token-id input.
         split_input: split the input term into ``embed``/``pos_embed``/``token_type_embed``.
         split_correction: split ``c`` into ``ln_center``, ``ln_bias``, ``attn_bias``, ``mlp_bias``.
         dtype: compute dtype (default: the model's; float32 for half-precision models).
+        bias: at ``granularity="token"``, ``separate`` (Oh & Schuler) keeps what no token
+            owns in the last factor, ``bias``; ``distribute`` spreads it over the tokens in
+            proportion to ``|<t_k, e>|`` at each position, read at the layer asked (DecompX
+            spreads each bias where it is added; the sum is the same).
 
     Example:
         >>> from tl_decomp.models import tiny_model
@@ -102,6 +110,7 @@ def decompose(
         split_input=split_input,
         split_correction=split_correction,
         dtype=dtype,
+        bias=bias,
     )
     recipe = DecompositionRecipe.for_model(model, **options)
     layer = convention.resolve(recipe.spec, layer)
@@ -120,6 +129,7 @@ def decompose_layers(
     split_input: bool = False,
     split_correction: bool = False,
     dtype: torch.dtype | None = None,
+    bias: BiasRule = "separate",
     reduce: Any = None,
 ) -> list[Any]:
     """The decomposition at every layer from one forward pass.
@@ -152,6 +162,7 @@ def decompose_layers(
         split_input=split_input,
         split_correction=split_correction,
         dtype=dtype,
+        bias=bias,
     )
     recipe = DecompositionRecipe.for_model(model, **options)
     layers = convention.resolve_many(recipe.spec, layers)

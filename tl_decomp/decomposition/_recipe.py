@@ -19,11 +19,19 @@ from tl_decomp import adapters
 from tl_decomp._core import checks, convention
 from tl_decomp._core.convention import Layer
 from tl_decomp._core.spec import InexactDecompositionError, ModelSpec
-from tl_decomp.decomposition._algebra import Centering, Granularity, Rows, Stack, check_causal
+from tl_decomp.decomposition._algebra import (
+    BiasRule,
+    Centering,
+    Granularity,
+    Rows,
+    Stack,
+    check_causal,
+)
 from tl_decomp.decomposition._reduce import Reduced, check_statistic, iter_reduced
 from tl_decomp.decomposition._result import Decomposition
 from tl_decomp.decomposition._terms import Terms
 from tl_decomp.decomposition._tokens import (
+    distribute_bias,
     frozen_hooks,
     iter_materialised,
     reduce_tokens,
@@ -51,6 +59,7 @@ class DecompositionRecipe(Terms):
     split_correction: bool = False
     dtype: torch.dtype | None = None
     chunk_size: int = 16
+    bias: BiasRule = "separate"
 
     @classmethod
     def for_model(cls, model: Any, **options: Any) -> DecompositionRecipe:
@@ -60,6 +69,9 @@ class DecompositionRecipe(Terms):
         if recipe.granularity == "expert" and not recipe.moe_layers:
             raise ValueError("granularity='expert' needs a mixture-of-experts model")
         checks.choice(recipe.centering, "centering", get_args(Centering))
+        checks.choice(recipe.bias, "bias", get_args(BiasRule))
+        if recipe.bias != "separate" and recipe.granularity != "token":
+            raise ValueError("bias='distribute' spreads the bias over tokens: granularity='token'")
         if recipe.granularity == "token":  # a token's share is centred by its own mean
             recipe = replace(recipe, centering="terms")
             frozen_hooks(model, recipe.spec)  # refuses what it cannot freeze, before any work
@@ -177,6 +189,8 @@ class DecompositionRecipe(Terms):
 
     def _token_reduced(self, cache, statistic, layers, mask) -> Iterator[Reduced]:
         check_statistic(statistic, self.spec)
+        if self.bias != "separate":
+            raise ValueError("bias='distribute' needs each layer's whole token stack: no reduce=")
         spec = self.spec
         wanted = sorted(convention.resolve_many(spec, layers), key=partial(convention.depth, spec))
         self.check_cache(cache)
@@ -255,7 +269,10 @@ class DecompositionRecipe(Terms):
         stacks = iter_materialised(run, wanted, like, dt)
         labels, kinds = token_labels(like.shape[1])
         for layer in wanted:
-            yield self._finish(stacks.pop(layer), labels, kinds, cache, layer, tokens, mask)
+            stack = stacks.pop(layer)
+            if self.bias == "distribute":
+                stack = distribute_bias(stack, cache[convention.site(self.spec, layer)])
+            yield self._finish(stack, labels, kinds, cache, layer, tokens, mask)
 
     def _result(self, st: Stack, cache, layer: Layer, tokens, mask, copy):
         return self._finish(*st.snapshot(copy), cache, layer, tokens, mask)

@@ -52,6 +52,11 @@ class Decomposition(Result):
 
     def coarse(self) -> Decomposition:
         """The same decomposition summed into the paper's four terms ``i, h, f, c``."""
+        if "t" in self.kinds:
+            raise ValueError(
+                "a decomposition by token has no i, h, f, c terms: decompose with "
+                "granularity='coarse' (or 'head') for those"
+            )
         index = torch.tensor([KINDS.index(k) for k in self.kinds], device=self.factors.device)
         out = self.factors.new_zeros((4, *self.factors.shape[1:]))
         out.index_add_(0, index, self.factors)
@@ -77,6 +82,14 @@ class Decomposition(Result):
         embedding, the decomposed logit lens at a block output. See
         `tl_decomp.decomposition._logit.logit_attribution`."""
         return logit_attribution(self, tokens, incorrect)
+
+    def str_tokens(self, batch: int = 0) -> list[str]:
+        """The input's tokens as text (each id decoded alone), to set beside ``pos{k}``."""
+        if self.tokens is None:
+            raise ValueError("this decomposition was read from a cache: it holds no token ids")
+        tokenizer = self.meta["recipe"].model.tokenizer
+        ids = self.tokens[batch][self.mask()[batch].to(self.tokens.device)].tolist()
+        return [tokenizer.decode([i]) for i in ids]
 
     def mask(self) -> Tensor:
         """Boolean ``[batch pos]``: the real (unpadded) positions."""

@@ -24,6 +24,7 @@ tokens contribute exactly zero (set, not rounded).
 
 from __future__ import annotations
 
+import warnings
 from collections import Counter
 from collections.abc import Callable, Iterator, Sequence
 from functools import partial
@@ -31,6 +32,7 @@ from typing import Any
 
 import einops
 import torch
+from jaxtyping import Float
 from torch import Tensor
 
 from tl_decomp import adapters
@@ -90,7 +92,9 @@ def run_tokens(
         calls: Counter[str] = Counter()
         hooks = [(h, partial(_counted, fn, calls, h)) for h, fn in frozen.hooks(sel)]
         hooks += [(s, partial(_keep, out, s, b, V, dt)) for s in sites]
-        with torch.no_grad():
+        with torch.no_grad(), warnings.catch_warnings():
+            # the bridge rebuilds a norm from its edited hook_scale, and says so each time
+            warnings.filterwarnings("ignore", "A forward hook edited hook_scale")
             adapters.run_with_hooks(
                 model,
                 ids.repeat_interleave(V, 0),
@@ -250,6 +254,22 @@ def iter_materialised(
     return stacks
 
 
+def distribute_bias(
+    stack: Float[Tensor, "factor batch pos d_model"], e: Float[Tensor, "batch pos d_model"]
+) -> Float[Tensor, "factor batch pos d_model"]:
+    """The ``bias`` factor (the last) spread over the token factors in proportion to
+    ``|<t_k, e>|`` at each position (evenly where every token's is 0); the sum is unchanged
+    and ``bias`` is left zero."""
+    tokens, bias = stack[:-1], stack[-1]
+    weight = (tokens * e.to(stack)).sum(-1).abs()
+    total = weight.sum(0, keepdim=True)
+    weight = torch.where(total > 0, weight / total.clamp_min(1e-300), 1.0 / len(tokens))
+    out = stack.clone()
+    out[:-1] += weight[..., None] * bias
+    out[-1] = 0
+    return out
+
+
 def reduce_tokens(
     recipe: Any,
     run: Callable[[Rows], None],
@@ -300,4 +320,11 @@ def _token_reduced(recipe, target: Target, values, total, labels, kinds) -> Redu
     )
 
 
-__all__ = ["frozen_hooks", "iter_materialised", "reduce_tokens", "run_tokens", "token_labels"]
+__all__ = [
+    "distribute_bias",
+    "frozen_hooks",
+    "iter_materialised",
+    "reduce_tokens",
+    "run_tokens",
+    "token_labels",
+]

@@ -28,7 +28,7 @@ from jaxtyping import Float
 from torch import Tensor
 
 from tl_decomp._core import convention
-from tl_decomp.decomposition import Decomposition
+from tl_decomp.decomposition import Decomposition, InformationFlow
 from tl_decomp.viz._html import Component, View, resend_bundle
 
 if TYPE_CHECKING:
@@ -315,6 +315,52 @@ def attribution_view(
     return components_html(attribution_components(result, tokens, query=query, batch=batch))
 
 
+# -- information flow -----------------------------------------------------------------------
+def flow_components(flow: InformationFlow) -> tuple[Component, Component]:
+    """The two panels of `flow_view`: the kept routes per block, as attention-style patterns
+    (``route[b, i, j]``: the weight of every kept edge ``j -> i`` of block ``b``, heads summed,
+    the residual edge on the diagonal), and each input token's contribution at the target
+    position per layer."""
+    n = len(flow.tokens)
+    routes = torch.zeros(flow.attention.shape[0], n, n, dtype=torch.float64)
+    for e in flow.edges():
+        routes[e["block"], e["destination"], e["source"]] += e["weight"]
+    bound = max(routes.abs().max().item(), 1e-12)
+    tokens = list(flow.tokens)
+    pattern = {
+        "tokens": tokens,
+        "attention": routes.tolist(),
+        "attentionHeadNames": [f"block {b}" for b in range(routes.shape[0])],
+        "maxValue": bound,
+        "minValue": -bound,
+        "maskUpperTri": False,
+    }
+    what = "logit of " + repr(flow.target) if flow.target is not None else "share"
+    contributions = {
+        "tokens": _escaped(tokens),
+        "values": flow.contributions.T.tolist(),  # [pos layer]
+        "labels": [convention.name(L, title=True) for L in range(flow.contributions.shape[0])],
+    }
+    at = f"{flow.tokens[flow.position]!r} (position {flow.position})"
+    return (
+        Component("AttentionHeads", pattern, f"routes into {at}, |share| ≥ {flow.threshold:g}"),
+        Component("ColoredTokensMulti", contributions, f"each input token's {what} at {at}"),
+    )
+
+
+def flow_view(flow: InformationFlow) -> View:
+    """The routes into one position drawn back to the input tokens, beside each input
+    token's contribution there at every layer (`tl_decomp.information_flow`).
+
+    Example:
+        >>> from tl_decomp import information_flow, tiny_model
+        >>> view = flow_view(information_flow(tiny_model("gpt2"), "the cat sat"))
+        >>> [c.name for c in view.components]
+        ['AttentionHeads', 'ColoredTokensMulti']
+    """
+    return components_html(flow_components(flow))
+
+
 __all__ = [
     "Component",
     "View",
@@ -323,6 +369,8 @@ __all__ = [
     "attribution_components",
     "attribution_view",
     "components_html",
+    "flow_components",
+    "flow_view",
     "identifiability_components",
     "identifiability_view",
     "resend_bundle",
