@@ -168,7 +168,7 @@ def test_decompose_layers_granularity_and_formats(tiny, capsys):
     rc, out, err = run(capsys, "decompose", "the cat", "--layers", "0,-1", "--granularity", "layer")
     assert rc == 0, err
     lines = out.splitlines()
-    assert "[CLS] the cat [SEP]" in lines[0] and "0_attn_out" in lines[2]
+    assert "'[CLS]' 'the' 'cat' '[SEP]'" in lines[0] and "0_attn_out" in lines[2]
     assert [line.split()[0] for line in lines[3:]] == ["0", "3"]  # -1: the last layer, 3
     rc, out, _ = run(capsys, "decompose", "the cat", "--json")
     rows = json.loads(out)

@@ -45,6 +45,7 @@ from tl_decomp.decomposition import (
     source_names_filter,
     source_norms,
     source_shares,
+    token_logit_attribution,
 )
 from tl_decomp.decomposition import names_filter as decomposition_names_filter
 from tl_decomp.identifiability import (
@@ -130,6 +131,7 @@ __all__ = [
     "states_from_cache",
     "states_names_filter",
     "tiny_model",
+    "token_logit_attribution",
     "token_identifiability",
     "views",
     "word_factors",

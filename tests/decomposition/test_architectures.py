@@ -252,8 +252,8 @@ def test_family_is_exact_or_refused(family):
 
 def _table() -> str:
     rows = [
-        "| family | Hugging Face class | decomposition | logit attribution |",
-        "|---|---|---|---|",
+        "| family | Hugging Face class | decomposition | logit attribution | by input token |",
+        "|---|---|---|---|---|",
     ]
     for family in FAMILIES:
         status, detail = outcome(family)
@@ -272,8 +272,27 @@ def _table() -> str:
         logit = "" if status != "exact" else "exact (final embedding and lens)"
         if refused:
             logit = "refused: a head before W_U" if "final" in refused else "final exact; no lens"
-        rows.append(f"| {family} | {zoo.FAMILIES[family].model_class} | {what} | {logit} |")
+        token = "" if status != "exact" else _token_note(family)
+        cls = zoo.FAMILIES[family].model_class
+        rows.append(f"| {family} | {cls} | {what} | {logit} | {token} |")
     return "\n".join(rows)
+
+
+def _token_note(family: str) -> str:
+    """``granularity="token"``: exact, or the short reason it is refused."""
+    err = TOKEN_REFUSALS.get(family)
+    if err is None:
+        return "exact"
+    for needle, why in (
+        ("mixture-of-experts", "mixture-of-experts MLPs"),
+        ("fused", "gate fused with the up-projection"),
+        ("no down-projection", "MLP activation not hooked"),
+        ("by key position", "z is not pattern @ v"),
+        ("times in one", "a module run twice per pass"),
+    ):
+        if needle in err:
+            return "refused: " + why
+    return "refused"
 
 
 @pytest.mark.skipif(KINDS[-1] != "bridge", reason="the README's table is TransformerLens 4.x's")

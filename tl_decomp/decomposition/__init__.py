@@ -10,7 +10,11 @@ statistics and checkpoint comparison; `_linearity` the FF sublayer's linearity.
 
 from tl_decomp.decomposition._algebra import KINDS, BiasRule, Centering, Granularity, Statistic
 from tl_decomp.decomposition._decompose import decompose, decompose_layers, names_filter
-from tl_decomp.decomposition._flow import InformationFlow, information_flow
+from tl_decomp.decomposition._flow import (
+    InformationFlow,
+    information_flow,
+    token_logit_attribution,
+)
 from tl_decomp.decomposition._linearity import FFLinearity, ff_linearity
 from tl_decomp.decomposition._logit import LogitAttribution, logit_attribution
 from tl_decomp.decomposition._recipe import DecompositionRecipe
@@ -61,4 +65,5 @@ __all__ = [
     "source_names_filter",
     "source_norms",
     "source_shares",
+    "token_logit_attribution",
 ]

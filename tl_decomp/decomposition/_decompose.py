@@ -25,7 +25,7 @@ from tl_decomp.decomposition._recipe import DecompositionRecipe
 from tl_decomp.decomposition._result import Decomposition
 
 
-def _run(model: Any, recipe: DecompositionRecipe, input: Any, attention_mask: Tensor | None):
+def cache_for(model: Any, recipe: DecompositionRecipe, input: Any, attention_mask: Tensor | None):
     """``(cache, tokens, mask, routing)``: the user's own cache as it is (nothing runs again;
     no tokens, no routing), or text / ids tokenised and cached exactly as the recipe reads
     them, in one forward pass."""
@@ -81,7 +81,7 @@ def decompose(
             ``expert`` (as ``layer``, with each mixture-of-experts MLP split into
             ``L_expertE`` terms and ``L_shared_expert``) or ``token``: ``pos0 .. pos{n-1}``,
             what each input position contributed through the whole network, and ``bias``
-            (docs/method.md §8).
+            (docs/method.md §10).
         centering: ``correction`` puts every LayerNorm centering in ``c`` (the paper);
             ``terms`` centres each term so ``c`` holds biases only. The sum is identical.
         attention_mask: 1/0 mask for token-id input.
@@ -114,7 +114,7 @@ def decompose(
     )
     recipe = DecompositionRecipe.for_model(model, **options)
     layer = convention.resolve(recipe.spec, layer)
-    cache, tokens, mask, routing = _run(model, recipe, input, attention_mask)
+    cache, tokens, mask, routing = cache_for(model, recipe, input, attention_mask)
     return recipe.decompose(cache, layer, tokens=tokens, attention_mask=mask, routing=routing)
 
 
@@ -170,7 +170,7 @@ def decompose_layers(
         from tl_decomp.decomposition._reduce import check_statistic
 
         check_statistic(reduce, recipe.spec)  # before the forward pass
-    cache, tokens, mask, routing = _run(model, recipe, input, attention_mask)
+    cache, tokens, mask, routing = cache_for(model, recipe, input, attention_mask)
     if reduce is not None:
         return list(
             recipe.iter_reduced(cache, reduce, layers, attention_mask=mask, routing=routing)

@@ -17,7 +17,7 @@ from __future__ import annotations
 
 import re
 from dataclasses import dataclass
-from typing import Any
+from typing import Any, Literal
 
 import torch
 from jaxtyping import Float
@@ -27,7 +27,11 @@ from tl_decomp import adapters
 from tl_decomp._core import checks
 from tl_decomp._core.aliases import Model, TextInput
 from tl_decomp._core.results import Result
-from tl_decomp.decomposition._decompose import decompose_layers
+from tl_decomp.decomposition._algebra import check_causal
+from tl_decomp.decomposition._decompose import cache_for, decompose_layers
+from tl_decomp.decomposition._logit import LogitAttribution, pick_bias, token_columns
+from tl_decomp.decomposition._recipe import DecompositionRecipe
+from tl_decomp.decomposition._tokens import token_labels, token_logits
 
 _SOURCE = re.compile(r"L(\d+)H(\d+)K(\d+)")
 
@@ -163,6 +167,79 @@ def information_flow(
                            None if target is None else str(target), threshold)  # fmt: skip
 
 
+def token_logit_attribution(
+    model: Model,
+    input: TextInput,
+    tokens: Any,
+    incorrect: Any = None,
+    *,
+    position: int | Literal["last"] = "last",
+    attention_mask: Tensor | None = None,
+) -> LogitAttribution:
+    """Each input token's direct logit for `tokens` (minus `incorrect`'s) at one position of
+    each example, exactly: ``values.sum(0) == logits``, the unembedding's own output there.
+
+    The same numbers as ``decompose(..., granularity="token").logit_attrs(tokens)`` at that
+    position, from one frozen forward pass and one backward pass instead of ``pos + 1``
+    forward passes: with every norm, pattern and activation frozen the network is affine, so
+    token ``k``'s logit is ``<d logit / d x_k, x_k>``.
+
+    Args:
+        model: a decoder (the unembedding reads the final embedding).
+        input: text(s) or token ids, as `decompose`.
+        tokens: the token whose logit is explained, as `Decomposition.logit_attrs`: a str or
+            id, or one per example.
+        incorrect: the same, subtracted (a logit difference).
+        position: ``"last"`` (each example's last real token, padding skipped) or an index.
+        attention_mask: for token-id input.
+
+    Returns:
+        A `LogitAttribution` with ``values [pos + 1, batch, 1]`` (``pos{k}``, then ``bias``,
+        which holds ``b_U``) and ``logits [batch, 1]``.
+
+    Example:
+        >>> from tl_decomp import decompose, tiny_model
+        >>> model = tiny_model("gpt2", dtype=torch.float64)
+        >>> la = token_logit_attribution(model, ["the cat sat", "a dog"], "mat")
+        >>> d = decompose(model, ["the cat sat", "a dog"], granularity="token")
+        >>> bool(torch.allclose(la.values[:, 1, 0], d.logit_attrs("mat").values[:, 1, 2]))
+        True
+    """
+    recipe = DecompositionRecipe.for_model(model, granularity="token")
+    spec = recipe.spec
+    if not spec.unembed_reads_final:
+        raise NotImplementedError(
+            f"token logit attribution on {spec.architecture}: a head lies between the final "
+            "embedding and the unembedding"
+        )
+    cache, ids, mask, _ = cache_for(model, recipe, input, attention_mask)
+    check_causal(spec, cache, mask)
+    b, n = cache[spec.embeds[0][1]].shape[:2]
+    real = torch.ones(b, n, dtype=torch.bool) if mask is None else mask.bool().cpu()
+    if position == "last":
+        pos = real.long().cumsum(1).argmax(1)  # each row's last real token
+    else:
+        p = checks.integer(position, "position", least=-n, most=n - 1) % n
+        pos = torch.full((b,), p)
+    W_U, dt = model.W_U.detach(), cache[spec.final].dtype
+    b_U = getattr(model, "b_U", None)
+    b_U = torch.zeros(W_U.shape[1], dtype=dt) if b_U is None else b_U.detach()
+    rows = torch.arange(b)
+    direction = token_columns(model, W_U, tokens, torch.Size((b, n)))[rows, pos]
+    bias = pick_bias(b_U, model, tokens, torch.Size((b, n)))[rows, pos]
+    if incorrect is not None:
+        direction = direction - token_columns(model, W_U, incorrect, torch.Size((b, n)))[rows, pos]
+        bias = bias - pick_bias(b_U, model, incorrect, torch.Size((b, n)))[rows, pos]
+    values, _ = token_logits(model, spec, cache, direction.to(dt), pos, tokens=ids, mask=mask)
+    values[-1] += bias.to(values)
+    final = cache[spec.final][rows, pos.to(cache[spec.final].device)]
+    own = (final * direction.to(final)).sum(-1) + bias.to(final)
+    err = (values.sum(0) - own.to(values)).abs().max().item()
+    recipe.check_exact(err, own.abs().max().item(), "the unembedding", "final", values.dtype)
+    labels, _ = token_labels(n)
+    return LogitAttribution(values[:, :, None], labels, own[:, None].to(values), False, err)
+
+
 def _routes(sources: list[Any], n_blocks: int, n_heads: int) -> tuple[Tensor, Tensor]:
     """Block ``b``'s source shares in its own output state, and the rest."""
     n = sources[0].values.shape[-1]
@@ -182,4 +259,4 @@ def _strings(model: Model, input: TextInput) -> tuple[str, ...]:
     return tuple(model.tokenizer.decode([i]) for i in ids[0].tolist())
 
 
-__all__ = ["InformationFlow", "information_flow"]
+__all__ = ["InformationFlow", "information_flow", "token_logit_attribution"]

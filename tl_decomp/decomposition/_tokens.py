@@ -1,4 +1,4 @@
-"""Every hidden state split by input token, exactly (``granularity="token"``; docs/method.md §8).
+"""Every hidden state split by input token, exactly (`granularity="token"`; method §10).
 
 Hold every nonlinear quantity of a forward pass at its value on the full input and the
 network is affine in its input embeddings: ``F(x) = M x + c``. Token ``k``'s factor at a
@@ -154,11 +154,16 @@ class _Frozen:
                 z = einops.rearrange(z, "b q (h dh) -> b q h dh", h=spec.n_heads)
             check_values(spec, L, a, v, z, dt)
 
-    def hooks(self, sel: Tensor) -> list[tuple[str, Callable[..., Any]]]:
+    def hooks(
+        self, sel: Tensor, leaves: list[Tensor] | None = None
+    ) -> list[tuple[str, Callable[..., Any]]]:
+        """The re-run's hooks; with `leaves`, each injected embedding is a leaf tensor that
+        requires grad, appended there."""
         V, b = sel.shape[0], self.cache[self.spec.embeds[0][1]].shape[0]
         hooks: list[tuple[str, Callable[..., Any]]] = []
         for _, h in self.spec.embeds:
-            hooks.append((h, partial(_inject, self.cache[h], sel, b)))
+            inject = partial(_inject, self.cache[h], sel, b)
+            hooks.append((h, inject if leaves is None else partial(_leaf, inject, leaves)))
         for s in self.sites.scales:
             hooks.append((s, partial(_fixed, self.cache[s], V, b)))
         for name, rms in self.sites.plain:
@@ -206,6 +211,58 @@ def _inject(full: Tensor, sel: Tensor, b: int, t: Tensor, *, hook: Any) -> Tenso
     x = x.expand(b, *x.shape[1:])
     out = x[:, None] * sel.to(t.device, t.dtype).view(1, V, n, *([1] * (x.ndim - 2)))
     return out.reshape(-1, *x.shape[1:])
+
+
+def _leaf(inject: Callable[..., Tensor], leaves: list[Tensor], t: Tensor, *, hook: Any) -> Tensor:
+    x = inject(t, hook=hook).detach().requires_grad_(True)
+    leaves.append(x)
+    return x
+
+
+def token_logits(
+    model: Model,
+    spec: ModelSpec,
+    cache: Cache,
+    direction: Float[Tensor, "batch d_model"],
+    position: Tensor,
+    *,
+    tokens: Tensor | None,
+    mask: Tensor | None,
+) -> tuple[Float[Tensor, "factor batch"], Float[Tensor, " batch"]]:
+    """Each input token's direct logit (``<final embedding, direction>``) at one position
+    per example, from one frozen forward pass and one backward pass: the frozen network is
+    affine, so token ``k``'s term is ``<d logit / d x_k, x_k>`` exactly; the last row is the
+    logit of ``F(0)`` (no token). Returns ``(values [pos + 1, batch], F(x)'s logit)``."""
+    frozen = _Frozen(model, spec, cache, direction.dtype)
+    b, n = cache[spec.embeds[0][1]].shape[:2]
+    device = adapters.model_device(model)
+    ids = torch.zeros(b, n, dtype=torch.long, device=device) if tokens is None else tokens
+    mask = torch.ones(b, n, dtype=torch.long, device=device) if mask is None else mask
+    sel = torch.ones(2, n, dtype=direction.dtype, device=device)
+    sel[1] = 0  # the full input, then F(0)
+    leaves: list[Tensor] = []
+    out: dict[str, Tensor] = {}
+    calls: Counter[str] = Counter()
+    hooks = [(h, partial(_counted, fn, calls, h)) for h, fn in frozen.hooks(sel, leaves)]
+    hooks.append((spec.final, partial(_store, out, "final")))
+    with torch.enable_grad(), warnings.catch_warnings():
+        warnings.filterwarnings("ignore", "A forward hook edited hook_scale")
+        adapters.run_with_hooks(
+            model, ids.repeat_interleave(2, 0), mask.repeat_interleave(2, 0), hooks
+        )
+        _check_once(spec, calls)
+        final = einops.rearrange(out["final"], "(b v) p d -> v b p d", v=2)
+        rows = torch.arange(b, device=final.device)
+        at = final[:, rows, position.to(final.device)]  # [2 batch d_model]
+        logit = (at * direction.to(at)).sum(-1)  # [2 batch]
+        grads = torch.autograd.grad(logit[0].sum(), leaves, allow_unused=True)
+    values = torch.zeros(n + 1, b, dtype=logit.dtype, device=logit.device)
+    for x, g in zip(leaves, grads, strict=True):
+        if g is not None:
+            per = (g * x).detach().reshape(b, 2, n, -1)[:, 0].sum(-1)  # [batch pos]
+            values[:n] += per.T.to(values)
+    values[n] = logit[1].detach()
+    return values, logit[0].detach()
 
 
 def _fixed(full: Tensor, V: int, b: int, t: Tensor, *, hook: Any) -> Tensor:
