@@ -7,6 +7,8 @@ mark above the resident set before, as in ``bench_reduce.py``; time: wall clock,
 - ``run``: ``model.run_with_cache(tokens)`` (every hook cached: the baseline);
 - ``logit``: token-level logit attribution of the next token at the final embedding,
   ``decompose_layers(granularity="token", layers=["final"], reduce=("logit", ids))``;
+- ``fast``: the same at the last position only, `td.token_logit_attribution` (one frozen
+  forward pass and one backward pass);
 - ``lens``: the same at every layer (the decomposed logit lens by token, streamed);
 - ``stack``: the full token stack ``[pos + 1, 1, pos, d_model]`` at one layer (block 15's
   output), ``decompose(granularity="token", layer=15)``.
@@ -48,6 +50,8 @@ if case == "run":
 elif case == "logit":
     r = td.decompose_layers(model, ids, layers=["final"], granularity="token",
                             reduce=("logit", torch.tensor(nxt)[None]))
+elif case == "fast":
+    r = td.token_logit_attribution(model, ids, nxt[-1])
 elif case == "lens":
     target = ("logit", torch.tensor(nxt)[None])
     r = td.decompose_layers(model, ids, granularity="token", reduce=target)
@@ -71,7 +75,7 @@ def measure(case: str) -> dict:
 
 
 def main() -> None:
-    results = {case: measure(case) for case in ("run", "logit", "lens", "stack")}
+    results = {case: measure(case) for case in ("run", "logit", "fast", "lens", "stack")}
     base = results["run"]
     print("SmolLM2-135M, float32, 128 tokens; ratios to a plain run_with_cache")
     print(f"{'case':8s} {'seconds':>8s} {'x time':>7s} {'peak MiB':>9s} {'x memory':>9s}")

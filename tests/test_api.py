@@ -309,3 +309,12 @@ def test_context_check_counts_the_tokens_the_model_will_see():
     assert td.decompose(model, text).tokens.shape[1] == td.model_spec(model).n_ctx
     stats = td.corpus_statistics(model, [text], progress=False)
     assert stats.n_tokens == td.model_spec(model).n_ctx
+
+
+def test_results_are_ordinary_tensors():
+    """Not inference-mode tensors: they mix with parameters that require grad."""
+    model = cached_model("gpt2")
+    d = td.decompose(model, "the cat sat")
+    w = torch.randn(d.target.shape[-1], 3, dtype=d.target.dtype, requires_grad=True)
+    (d.factors.sum(0) @ w).sum().backward()  # inference tensors cannot be saved for this
+    assert w.grad is not None and not d.factors.is_inference()

@@ -71,3 +71,18 @@ def test_ranked_table_and_token_forms():
         d.logit_attrs("the cat")
     with pytest.raises(ValueError, match="integers"):
         d.logit_attrs(torch.tensor([1.5]))
+
+
+def test_padded_rows_read_their_last_real_token():
+    """A padded batch: the tables default to each row's last real token, never padding."""
+    model = cached_model("gpt2")
+    d = decompose(model, ["the cat sat on the mat", "a dog"], granularity="layer")
+    la = d.logit_attrs("mat")
+    last = int(d.mask()[1].nonzero().max())
+    assert la.position(1, "last") == last < d.tokens.shape[1] - 1
+    ranked = dict(la.ranked(batch=1))
+    assert abs(sum(ranked.values()) - la.logits[1, last].item()) < 1e-9
+    with pytest.raises(ValueError, match="padding"):
+        la.ranked(batch=1, pos=-1)
+    by_abs = [abs(v) for _, v in la.ranked(batch=1, by="abs")]
+    assert by_abs == sorted(by_abs, reverse=True)

@@ -114,7 +114,7 @@ def _layout(model: Any, names: set[str]) -> dict[str, bool]:
     want |= {last, "ln_final.hook_in"}
     n = min(4, int(model.cfg.n_ctx))
     tokens = torch.arange(n, device=next(model.parameters()).device)[None] % model.cfg.d_vocab
-    with exclusive(model), torch.inference_mode(), evaluating(model):
+    with exclusive(model), torch.no_grad(), evaluating(model):
         _, cache = model.run_with_cache(tokens, names_filter=lambda h: h in want)
     same = lambda a, b: a in cache and b in cache and _close(cache[a], cache[b])  # noqa: E731
     pattern = cache["blocks.0.attn.hook_pattern"]
@@ -181,7 +181,7 @@ def _rounds(
     ref = next(model.parameters())
     gen = torch.Generator().manual_seed(0)
     x = (3 * torch.randn(2, d, generator=gen, dtype=torch.float64) + 1).to(ref)
-    with torch.inference_mode():
+    with torch.no_grad():
         y = orig(x).double()
     x = x.double()
     c = x if rms else x - x.mean(-1, keepdim=True)

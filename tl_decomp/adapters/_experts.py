@@ -56,7 +56,7 @@ def expert_terms(model: Any, L: int, args: tuple[Any, ...], mlp_in: Tensor, mlp_
     hidden, index, weights, *rest = args
     n = int(experts.num_experts)
     shape = mlp_out.shape
-    with torch.inference_mode():
+    with torch.no_grad():
         full = experts(hidden, index, weights, *rest)
         try:  # a module without the "index n = no expert" convention fails here or below
             terms = [

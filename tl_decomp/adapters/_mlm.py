@@ -62,6 +62,6 @@ def mlm_logits(model: Any, resid: Tensor) -> Tensor:
             f"{type(model).__name__} ({architecture(model)}) has no masked-LM head"
         )
     flat = resid.reshape(1, -1, resid.shape[-1])  # HookedEncoder's modules want [batch pos d]
-    with torch.inference_mode():
+    with torch.no_grad():
         out = model.unembed(model.mlm_head(flat)) if head is None else head(flat)
     return out.reshape(*resid.shape[:-1], out.shape[-1])

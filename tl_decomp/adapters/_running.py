@@ -36,7 +36,7 @@ def run_with_cache(
         kwargs["attention_mask"] = attention_mask
         if token_type_ids is not None and kind == "TransformerBridge":
             kwargs["token_type_ids"] = token_type_ids
-    with exclusive(model), torch.inference_mode(), evaluating(model):
+    with exclusive(model), torch.no_grad(), evaluating(model):
         _, cache = model.run_with_cache(tokens, **kwargs)
     return cache
 

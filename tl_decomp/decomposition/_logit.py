@@ -14,12 +14,13 @@ The target is the unembedding's output, before anything a model applies to logit
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import Any
+from typing import Any, Literal
 
 import torch
-from jaxtyping import Float
+from jaxtyping import Float, Int
 from torch import Tensor
 
+from tl_decomp._core import checks
 from tl_decomp._core.results import Result
 
 
@@ -34,6 +35,8 @@ class LogitAttribution(Result):
         logits: the unembedding's own logit (difference) at that layer ``[batch pos]``: the
             model's (final embedding) or the logit lens's (earlier layers).
         lens: True when this is the logit lens at a block output, not the final embedding.
+        attention_mask: 1 = real token, 0 = padding (None: no padding); the tables read each
+            row's last real token unless told a position.
     """
 
     values: Float[Tensor, "factor batch pos"]
@@ -41,6 +44,7 @@ class LogitAttribution(Result):
     logits: Float[Tensor, "batch pos"]
     lens: bool
     max_abs_error: float
+    attention_mask: Int[Tensor, "batch pos"] | None = None
 
     def __repr__(self) -> str:
         shape = "x".join(map(str, self.values.shape))
@@ -50,10 +54,35 @@ class LogitAttribution(Result):
             f"max_abs_error={self.max_abs_error:.2g})"
         )
 
-    def ranked(self, batch: int = 0, pos: int = -1) -> list[tuple[str, float]]:
-        """``(label, logit)`` at one position, largest first."""
-        col = self.values[:, batch, pos].tolist()
-        return sorted(zip(self.labels, col, strict=True), key=lambda kv: -kv[1])
+    def position(self, batch: int, pos: int | Literal["last"]) -> int:
+        """`pos` of row `batch` as an index: ``"last"`` is its last real token; a padding
+        position is refused (it holds no token of the text)."""
+        n = self.values.shape[2]
+        real = (
+            torch.ones(n, dtype=torch.bool)
+            if self.attention_mask is None
+            else self.attention_mask[batch].bool().cpu()
+        )
+        if pos == "last":
+            return int(real.nonzero().max())
+        p = checks.integer(pos, "pos", least=-n, most=n - 1) % n
+        if not real[p]:
+            raise ValueError(f"position {pos} of example {batch} is padding; pos='last' is its "
+                             f"last real token ({int(real.nonzero().max())})")  # fmt: skip
+        return p
+
+    def ranked(
+        self,
+        batch: int = 0,
+        pos: int | Literal["last"] = "last",
+        by: Literal["value", "abs"] = "value",
+    ) -> list[tuple[str, float]]:
+        """``(label, logit)`` at one position (default: the example's last real token),
+        largest first; ``by="abs"`` by magnitude, so the strongest opposing terms rank too."""
+        checks.choice(by, "by", ("value", "abs"))
+        col = self.values[:, batch, self.position(batch, pos)].tolist()
+        key = (lambda kv: -abs(kv[1])) if by == "abs" else (lambda kv: -kv[1])
+        return sorted(zip(self.labels, col, strict=True), key=key)
 
     def rows(self) -> list[dict[str, Any]]:
         """One row per factor and position: ``label, batch, pos, logit``."""
@@ -65,11 +94,16 @@ class LogitAttribution(Result):
             for p in range(vals.shape[2])
         ]
 
-    def to_pandas(self, batch: int = 0, pos: int = -1) -> Any:  # type: ignore[override]  # one position, as `ranked`
+    def to_pandas(  # type: ignore[override]  # one position, as `ranked`
+        self,
+        batch: int = 0,
+        pos: int | Literal["last"] = "last",
+        by: Literal["value", "abs"] = "value",
+    ) -> Any:
         """`ranked` as a DataFrame with columns ``label``, ``logit``."""
         import pandas as pd
 
-        return pd.DataFrame(self.ranked(batch, pos), columns=["label", "logit"])
+        return pd.DataFrame(self.ranked(batch, pos, by), columns=["label", "logit"])
 
 
 def logit_attribution(d: Any, tokens: Any, incorrect: Any = None) -> LogitAttribution:
@@ -129,7 +163,7 @@ def logit_attribution(d: Any, tokens: Any, incorrect: Any = None) -> LogitAttrib
     err = (values.sum(0) - logits).abs().max().item()
     # The lens runs the model's own final norm, float32-rounding ones included.
     recipe.check_exact(err, logits.abs().max().item(), "the unembedding", "final", dt)
-    return LogitAttribution(values, tuple(labels), logits, lens, err)
+    return LogitAttribution(values, tuple(labels), logits, lens, err, d.attention_mask)
 
 
 def _fold_into_bias(values: Tensor, labels: list[str], b_U: Tensor) -> tuple[Tensor, list[str]]:
@@ -168,7 +202,7 @@ def pick_bias(b_U: Tensor, model: Any, tokens: Any, shape: torch.Size) -> Tensor
 def own_logits(model: Any, recipe: Any, d: Any, tokens: Any, incorrect: Any) -> Tensor:
     """The unembedding run on the model's own state (the final embedding, or the final norm
     of a block output), for the tokens asked."""
-    with torch.inference_mode():
+    with torch.no_grad():
         x = d.target.to(model.W_U.device)  # the unembedding's device
         x = x if d.site == recipe.spec.final else model.ln_final(x)
         out = model.unembed(x).to(device=d.factors.device, dtype=d.factors.dtype)
