@@ -10,6 +10,7 @@ import torch
 from support.helpers import RTOL, NoHooksLeft, assert_close
 from support.models import cached_model
 
+import tl_decomp as td
 from tl_decomp import DecompositionRecipe, decompose, decompose_layers, model_spec
 
 TEXTS = ["the cat sat on the mat .", "a dog ran", "the big cat is on a mat and the dog sat"]
@@ -268,3 +269,16 @@ def test_results_print_short():
     assert "tensor(" not in att and len(att) < 400
     words = repr(load_pos(150))
     assert "150 in all" in words and len(words) < 400
+
+
+def test_a_cache_run_without_the_mask_it_is_given_is_refused():
+    """BERT sees its padding when run without the mask: decomposing that cache under the
+    mask would mix two runs (the shares of the short text were off by 0.11 on MiniLM)."""
+    model = cached_model("bert")
+    ids, mask = td.adapters.as_tokens(model, td.model_spec(model), ["the cat sat on", "a"], None)
+    names = td.decomposition_names_filter(model)
+    _, unmasked = model.run_with_cache(ids, names_filter=names)
+    with NoHooksLeft(model), pytest.raises(ValueError, match="not run with this attention_mask"):
+        td.decompose(model, unmasked, attention_mask=mask)
+    _, masked = model.run_with_cache(ids, attention_mask=mask, names_filter=names)
+    assert td.decompose(model, masked, attention_mask=mask).relative_error < 1e-9

@@ -86,3 +86,15 @@ def test_padded_rows_read_their_last_real_token():
         la.ranked(batch=1, pos=-1)
     by_abs = [abs(v) for _, v in la.ranked(batch=1, by="abs")]
     assert by_abs == sorted(by_abs, reverse=True)
+
+
+def test_targets_as_a_list_one_per_example_and_ids_checked():
+    model = cached_model("gpt2")
+    d = decompose(model, ["the cat sat", "a dog ran"], granularity="layer")
+    both = d.logit_attrs(["mat", "dog"])
+    assert torch.allclose(both.values[:, 0], d.logit_attrs("mat").values[:, 0])
+    assert torch.allclose(both.values[:, 1], d.logit_attrs("dog").values[:, 1])
+    with pytest.raises(ValueError, match="one per example"):
+        d.logit_attrs(["mat", "dog", "cat"])
+    with pytest.raises(ValueError, match="not in the vocabulary"):
+        d.logit_attrs(10**7)

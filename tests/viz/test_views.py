@@ -331,7 +331,7 @@ def test_save_is_atomic_replaces_files_and_refuses_links(tmp_path, monkeypatch, 
 @pytest.mark.browser
 def test_saved_views_open_offline_in_chromium(tmp_path):
     """Every component of the four views, saved as one page: drawn, with no request."""
-    from test_report import CHROMIUM, load
+    from support.browser import CHROMIUM, load
 
     if CHROMIUM is None:
         pytest.skip("needs Chromium (scripts/check.sh installs it)")
@@ -354,7 +354,7 @@ def test_saved_views_open_offline_in_chromium(tmp_path):
 def open_fragments(path, wait: float = 1.0) -> dict:
     """Open a page of notebook outputs in Chromium: after `wait` seconds, once every
     component shows something (or 30 s more), what mounted and what the page says."""
-    from test_report import Chromium
+    from support.browser import Chromium
 
     probe = """({pwned: window.__pwned === undefined ? 0 : 1, imgs: document.images.length,
       text: document.body.innerText, cv: document.querySelectorAll("div.cv").length,
@@ -377,7 +377,7 @@ def open_fragments(path, wait: float = 1.0) -> dict:
 def test_notebook_views_run_no_script_from_tokens(tmp_path, session):
     """Notebook outputs of every view, in headless Chromium, the bundle in the second: all
     mount, and no token runs script."""
-    from test_report import CHROMIUM
+    from support.browser import CHROMIUM
 
     if CHROMIUM is None:
         pytest.skip("needs Chromium (scripts/check.sh installs it)")
@@ -408,7 +408,7 @@ def test_notebook_views_run_no_script_from_tokens(tmp_path, session):
 
 @pytest.mark.browser
 def test_a_view_without_the_bundle_says_how_to_get_it(tmp_path, session):
-    from test_report import CHROMIUM
+    from support.browser import CHROMIUM
 
     if CHROMIUM is None:
         pytest.skip("needs Chromium (scripts/check.sh installs it)")
@@ -433,3 +433,18 @@ def test_attention_view_shows_norm_based_attention_as_a_third_panel():
     third = shown_[2][1]
     assert third["minValue"] == 0 and third["attentionHeadNames"][0] == "L1H0"
     assert torch.tensor(third["attention"]).sub(nb[0].float()).abs().max() < 1e-4  # 4 decimals
+
+
+def test_str_of_a_view_says_what_it_is():
+    view = views.shares_view(decompose(cached_model("bert", dtype=torch.float32), "the cat"))
+    assert str(view).startswith("View(ColoredTokensMulti") and "save(path)" in str(view)
+
+
+def test_saved_pages_get_the_permissions_open_would_give(tmp_path):
+    view = views.shares_view(decompose(cached_model("bert", dtype=torch.float32), "the cat"))
+    old = os.umask(0o077)
+    try:
+        path = view.save(tmp_path / "v.html")
+    finally:
+        os.umask(old)
+    assert stat.S_IMODE(path.stat().st_mode) == 0o600

@@ -32,6 +32,16 @@ def check_path(path: str | os.PathLike[str], what: str = "the file") -> Path:
     return out
 
 
+def _umask() -> int:
+    try:  # Linux says it without changing it (os.umask would, for every thread, briefly)
+        status = Path("/proc/self/status").read_text()
+        return int(next(ln for ln in status.splitlines() if ln.startswith("Umask:")).split()[1], 8)
+    except (OSError, StopIteration, ValueError):
+        current = os.umask(0o022)
+        os.umask(current)
+        return current
+
+
 def atomic_write(
     path: str | os.PathLike[str], text: str, what: str = "the file"
 ) -> tuple[Path, bool]:
@@ -41,8 +51,9 @@ def atomic_write(
     out = check_path(path, what)
     data = text.encode("utf-8")
     replaced = out.exists()
-    # A replaced file keeps its mode; a new one gets the usual rw-r--r-- (mkstemp's is 0600).
-    mode = stat.S_IMODE(out.stat().st_mode) if replaced else 0o644
+    # A replaced file keeps its mode; a new one gets what open() would give under the
+    # process's umask (mkstemp's own is 0600).
+    mode = stat.S_IMODE(out.stat().st_mode) if replaced else 0o666 & ~_umask()
     fd, tmp = tempfile.mkstemp(prefix=f".{out.name}.", suffix=".tmp", dir=out.parent)
     try:
         with os.fdopen(fd, "wb") as f:

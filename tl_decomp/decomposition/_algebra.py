@@ -187,20 +187,31 @@ def head_values(
     return v if value_bias or blk.b_V is None else v - blk.b_V[heads].to(v.device, dt)
 
 
-def check_causal(spec: ModelSpec, cache, mask: Tensor | None) -> None:
-    """Refuse a causal model whose pattern weighs later keys at a real query: the forward
-    pass is not the model's (TransformerLens's bridge drops ``openai-gpt``'s causal mask under
-    an attention mask), so no decomposition of it answers a question about the model."""
-    if not spec.causal:
-        return
+def check_patterns(spec: ModelSpec, cache, mask: Tensor | None) -> None:
+    """Check every real query's pattern against what the run must have been, before work.
+
+    - a causal model whose pattern weighs later keys is refused: the forward pass is not the
+      model's (TransformerLens's bridge drops ``openai-gpt``'s causal mask under an attention
+      mask), so no decomposition of it answers a question about the model;
+    - weight on a key `mask` calls padding means the cache was run without that mask (or with
+      another): decomposing it under this one would mix two runs.
+    """
     for L, blk in enumerate(spec.blocks):
-        a = cache[blk.pattern]
-        later = torch.ones(a.shape[-2:], dtype=torch.bool, device=a.device).triu(1)
-        if mask is not None:  # a padded query may spread over every key: not ours to judge
-            later = later & mask.bool().to(a.device)[:, None, :, None]
-        leak = a.nan_to_num(0.0).masked_fill(~later, 0.0).abs().max().item()
-        if leak > 1e-6:
-            _not_causal(spec, L, leak)
+        a = cache[blk.pattern].nan_to_num(0.0)
+        real = None if mask is None else mask.bool().to(a.device)  # [batch pos]
+        rows = torch.ones_like(a, dtype=torch.bool) if real is None else real[:, None, :, None]
+        if spec.causal:
+            later = torch.ones(a.shape[-2:], dtype=torch.bool, device=a.device).triu(1)
+            leak = a.masked_fill(~(later & rows), 0.0).abs().max().item()
+            if leak > 1e-6:
+                _not_causal(spec, L, leak)
+        if real is not None:
+            padded = a.masked_fill(~(rows & ~real[:, None, None, :]), 0.0).abs().max().item()
+            if padded > 1e-6:
+                raise ValueError(
+                    f"block {L}'s pattern gives padded keys weight up to {padded:.2g}: this "
+                    "cache was not run with this attention_mask; pass the mask it was run with"
+                )
 
 
 def _not_causal(spec: ModelSpec, L: int, leak: float) -> None:

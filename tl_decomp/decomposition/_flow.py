@@ -27,7 +27,7 @@ from tl_decomp import adapters
 from tl_decomp._core import checks
 from tl_decomp._core.aliases import Model, TextInput
 from tl_decomp._core.results import Result
-from tl_decomp.decomposition._algebra import check_causal
+from tl_decomp.decomposition._algebra import check_patterns
 from tl_decomp.decomposition._decompose import cache_for, decompose_layers
 from tl_decomp.decomposition._logit import LogitAttribution, pick_bias, token_columns
 from tl_decomp.decomposition._recipe import DecompositionRecipe
@@ -213,7 +213,7 @@ def token_logit_attribution(
             "embedding and the unembedding"
         )
     cache, ids, mask, _ = cache_for(model, recipe, input, attention_mask)
-    check_causal(spec, cache, mask)
+    check_patterns(spec, cache, mask)
     b, n = cache[spec.embeds[0][1]].shape[:2]
     real = torch.ones(b, n, dtype=torch.bool) if mask is None else mask.bool().cpu()
     if position == "last":

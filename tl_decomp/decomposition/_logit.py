@@ -175,18 +175,37 @@ def _fold_into_bias(values: Tensor, labels: list[str], b_U: Tensor) -> tuple[Ten
     return out, labels[: k + 1]
 
 
-def _ids(model: Any, tokens: Any, shape: torch.Size) -> Tensor:
-    """Token ids ``[batch pos]`` from a str, an id, or ids ``[batch]`` / ``[batch pos]``."""
-    if isinstance(tokens, str):
-        ids = model.tokenizer(tokens, add_special_tokens=False)["input_ids"]
+def _one_id(model: Any, token: Any) -> int:
+    if isinstance(token, str):
+        ids = model.tokenizer(token, add_special_tokens=False)["input_ids"]
         if len(ids) != 1:
-            raise ValueError(f"{tokens!r} is {len(ids)} tokens, not one")
-        tokens = ids[0]
-    t = torch.as_tensor(tokens)
-    if t.is_floating_point():
-        raise ValueError("token ids must be integers")
+            raise ValueError(f"{token!r} is {len(ids)} tokens, not one")
+        return int(ids[0])
+    if isinstance(token, bool) or not isinstance(token, int):
+        raise TypeError(f"a token is a str or an int id, not {type(token).__name__}")
+    return token
+
+
+def _ids(model: Any, tokens: Any, shape: torch.Size) -> Tensor:
+    """Token ids ``[batch pos]`` from a str or an id (every position), a list of them or ids
+    ``[batch]`` (one per example), or ids ``[batch pos]``; each id within the vocabulary."""
+    if isinstance(tokens, (list, tuple)):
+        if len(tokens) != shape[0]:
+            raise ValueError(f"{len(tokens)} tokens for {shape[0]} examples: give one per "
+                             "example, or one for all")  # fmt: skip
+        t = torch.tensor([_one_id(model, tok) for tok in tokens])
+    elif isinstance(tokens, (str, int)):
+        t = torch.tensor(_one_id(model, tokens))
+    else:
+        t = torch.as_tensor(tokens)
+        if t.is_floating_point() or t.dtype == torch.bool:
+            raise ValueError("token ids must be integers")
     if t.ndim == 1:
         t = t[:, None]
+    d_vocab = model.W_U.shape[-1]
+    if t.numel() and (t.min() < 0 or t.max() >= d_vocab):
+        raise ValueError(f"token id {int(t.max() if t.max() >= d_vocab else t.min())} is not in "
+                         f"the vocabulary (0 .. {d_vocab - 1})")  # fmt: skip
     return t.expand(shape).long()
 
 

@@ -25,7 +25,7 @@ from tl_decomp.decomposition._algebra import (
     Granularity,
     Rows,
     Stack,
-    check_causal,
+    check_patterns,
 )
 from tl_decomp.decomposition._reduce import Reduced, check_statistic, iter_reduced
 from tl_decomp.decomposition._result import Decomposition
@@ -135,7 +135,7 @@ class DecompositionRecipe(Terms):
         spec = self.spec
         wanted = sorted(convention.resolve_many(spec, layers), key=partial(convention.depth, spec))
         self.check_cache(cache)
-        check_causal(spec, cache, attention_mask)
+        check_patterns(spec, cache, attention_mask)
         dt = self.compute_dtype()
         if self.granularity == "token":
             yield from self._token_layers(cache, wanted, tokens, attention_mask, dt)
@@ -194,7 +194,7 @@ class DecompositionRecipe(Terms):
         spec = self.spec
         wanted = sorted(convention.resolve_many(spec, layers), key=partial(convention.depth, spec))
         self.check_cache(cache)
-        check_causal(spec, cache, mask)
+        check_patterns(spec, cache, mask)
         dt = self.compute_dtype()
         run = self._token_run(cache, wanted, None, mask, dt)
         return reduce_tokens(self, run, cache, statistic, wanted, mask, dt)

@@ -31,7 +31,7 @@ from tl_decomp._core.aliases import Cache, Model
 from tl_decomp._core.convention import Layer
 from tl_decomp._core.results import Result
 from tl_decomp._core.spec import InexactDecompositionError, ModelSpec
-from tl_decomp.decomposition._algebra import KINDS, Rows, check_causal
+from tl_decomp.decomposition._algebra import KINDS, Rows, check_patterns
 from tl_decomp.decomposition._logit import own_logits, pick_bias, token_columns
 
 STATISTICS = ("shares", "norm_ratios", "cosines")
@@ -140,7 +140,7 @@ def iter_reduced(
     spec = recipe.spec
     wanted = sorted(convention.resolve_many(spec, layers), key=partial(convention.depth, spec))
     recipe.check_cache(cache)
-    check_causal(spec, cache, attention_mask)
+    check_patterns(spec, cache, attention_mask)
     dt = recipe.compute_dtype()
     like = cache[spec.embeds[0][1]]
     targets: dict[Any, Target] = {

@@ -293,3 +293,6 @@ class View(RenderedHTML):
     def __repr__(self) -> str:
         shown = ", ".join(f"{c.name} {c.title!r}" if c.title else c.name for c in self.components)
         return f"View({shown}): displays in Jupyter; .save(path) writes an offline page"
+
+    # print(view) outside a notebook: what it is and how to see it, not a page of HTML
+    __str__ = __repr__
