@@ -293,7 +293,14 @@ def main(argv: Sequence[str] | None = None) -> int:
     try:
         commands = {"decompose": _decompose, "stats": _stats, "flow": _flow, "report": _report}
         return commands[args.command](args)
-    except (ValueError, TypeError, ModuleNotFoundError, NotImplementedError, OSError) as err:
+    except (
+        ValueError,
+        TypeError,
+        ModuleNotFoundError,
+        NotImplementedError,
+        OSError,
+        MemoryError,
+    ) as err:
         print(f"tl-decomp: error: {err}", file=sys.stderr)
         return 2 if isinstance(err, (ValueError, TypeError)) else 1
 

@@ -282,3 +282,15 @@ def test_a_cache_run_without_the_mask_it_is_given_is_refused():
         td.decompose(model, unmasked, attention_mask=mask)
     _, masked = model.run_with_cache(ids, attention_mask=mask, names_filter=names)
     assert td.decompose(model, masked, attention_mask=mask).relative_error < 1e-9
+
+
+def test_a_stack_that_cannot_fit_is_refused_before_any_forward_pass(monkeypatch):
+    model = cached_model("gpt2")
+    calls = []
+    monkeypatch.setattr(td.adapters, "run_with_cache", lambda *a, **k: calls.append(a))
+    for granularity in ("head", "source", "token"):
+        with NoHooksLeft(model), pytest.raises(MemoryError, match=r"stack.*reduce="):
+            decompose_layers(model, ["the cat sat"] * 4, granularity=granularity, max_memory=10**4)
+    with pytest.raises(MemoryError, match="max_memory"):
+        decompose(model, "the cat sat", max_memory=100)
+    assert not calls  # refused before the model ran

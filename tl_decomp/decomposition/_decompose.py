@@ -18,27 +18,58 @@ import torch
 from torch import Tensor
 
 from tl_decomp import adapters
-from tl_decomp._core import checks, convention
+from tl_decomp._core import checks, convention, memory
 from tl_decomp._core.convention import Layer
 from tl_decomp.decomposition._algebra import BiasRule, Centering, Granularity
 from tl_decomp.decomposition._recipe import DecompositionRecipe
 from tl_decomp.decomposition._result import Decomposition
 
 
-def cache_for(model: Any, recipe: DecompositionRecipe, input: Any, attention_mask: Tensor | None):
+def cache_for(
+    model: Any,
+    recipe: DecompositionRecipe,
+    input: Any,
+    attention_mask: Tensor | None,
+    n_stacks: int = 0,
+    max_memory: int | None = None,
+):
     """``(cache, tokens, mask, routing)``: the user's own cache as it is (nothing runs again;
     no tokens, no routing), or text / ids tokenised and cached exactly as the recipe reads
-    them, in one forward pass."""
+    them, in one forward pass. `n_stacks` factor stacks must fit in memory (checked first)."""
     if checks.is_cache(input):
-        mask = None if attention_mask is None else checks.mask(attention_mask, _pos(recipe, input))
+        shape = _pos(recipe, input)
+        check_memory(recipe, shape, n_stacks, max_memory)
+        mask = None if attention_mask is None else checks.mask(attention_mask, shape)
         return input, None, mask, None
     tokens, mask = adapters.as_tokens(model, recipe.spec, input, attention_mask)
+    check_memory(recipe, tokens.shape, n_stacks, max_memory)
     device = adapters.model_device(model)
     tokens, mask = tokens.to(device), mask.to(device)
     moe = list(recipe.moe_layers) if recipe.granularity == "expert" else []
     with adapters.exclusive(model), adapters.capture(model, moe) as routing:
         cache = adapters.run_with_cache(model, tokens, mask, recipe.names_filter)
     return cache, tokens, mask, routing
+
+
+def check_memory(
+    recipe: DecompositionRecipe, shape: torch.Size, n_stacks: int, max_memory: int | None
+) -> None:
+    """Refuse, before any forward pass, `n_stacks` ``[factor batch pos d_model]`` stacks that
+    do not fit (``max_memory`` bytes, or what the model's device has free)."""
+    if max_memory is not None:
+        checks.integer(max_memory, "max_memory", least=1)
+    if n_stacks == 0:
+        return
+    b, n = shape
+    n_factors = n + 1 if recipe.granularity == "token" else len(recipe.layout(n_pos=n))
+    itemsize = torch.empty((), dtype=recipe.compute_dtype()).element_size()
+    nbytes = n_stacks * n_factors * b * n * recipe.spec.d_model * itemsize
+    what = f"{n_stacks} stack(s) of {n_factors} factors x {b} x {n} x {recipe.spec.d_model}"
+    hint = (
+        "ask for fewer layers, or stream a statistic with reduce= (decompose_layers), or "
+        "one layer at a time with DecompositionRecipe.iter_layers, or fewer texts per batch"
+    )
+    memory.check_fits(nbytes, what, hint, adapters.model_device(recipe.model), max_memory)
 
 
 def _pos(recipe: DecompositionRecipe, cache: Any) -> torch.Size:
@@ -59,6 +90,7 @@ def decompose(
     split_correction: bool = False,
     dtype: torch.dtype | None = None,
     bias: BiasRule = "separate",
+    max_memory: int | None = None,
 ) -> Decomposition:
     """Decompose a hidden state of `model` exactly into input, attention, MLP and correction.
 
@@ -82,6 +114,8 @@ def decompose(
             ``L_expertE`` terms and ``L_shared_expert``) or ``token``: ``pos0 .. pos{n-1}``,
             what each input position contributed through the whole network, and ``bias``
             (docs/method.md §10).
+        max_memory: bytes the factor stack may take (default: what the model's device has
+            free); a larger one raises `MemoryError` with its size before any forward pass.
         centering: ``correction`` puts every LayerNorm centering in ``c`` (the paper);
             ``terms`` centres each term so ``c`` holds biases only. The sum is identical.
         attention_mask: 1/0 mask for token-id input.
@@ -114,7 +148,9 @@ def decompose(
     )
     recipe = DecompositionRecipe.for_model(model, **options)
     layer = convention.resolve(recipe.spec, layer)
-    cache, tokens, mask, routing = cache_for(model, recipe, input, attention_mask)
+    cache, tokens, mask, routing = cache_for(
+        model, recipe, input, attention_mask, n_stacks=1, max_memory=max_memory
+    )
     return recipe.decompose(cache, layer, tokens=tokens, attention_mask=mask, routing=routing)
 
 
@@ -131,6 +167,7 @@ def decompose_layers(
     dtype: torch.dtype | None = None,
     bias: BiasRule = "separate",
     reduce: Any = None,
+    max_memory: int | None = None,
 ) -> list[Any]:
     """The decomposition at every layer from one forward pass.
 
@@ -170,7 +207,10 @@ def decompose_layers(
         from tl_decomp.decomposition._reduce import check_statistic
 
         check_statistic(reduce, recipe.spec)  # before the forward pass
-    cache, tokens, mask, routing = cache_for(model, recipe, input, attention_mask)
+    stacks = 0 if reduce is not None else len(layers) + 1  # the list, and the walk's buffer
+    cache, tokens, mask, routing = cache_for(
+        model, recipe, input, attention_mask, n_stacks=stacks, max_memory=max_memory
+    )
     if reduce is not None:
         return list(
             recipe.iter_reduced(cache, reduce, layers, attention_mask=mask, routing=routing)

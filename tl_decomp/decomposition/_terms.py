@@ -37,11 +37,13 @@ class Terms:
     chunk_size: int
 
     # -- labels -----------------------------------------------------------------------------
-    def layout(self, cache: Any = None) -> dict[str, str]:
+    def layout(self, cache: Any = None, n_pos: int | None = None) -> dict[str, str]:
         """Every label the decomposition can hold, with its kind (i, h, f or c). Granularity
-        ``source`` has one row per key position, so it needs the `cache` to count them."""
+        ``source`` has one row per key position: `n_pos`, or counted in the `cache`."""
         spec, g = self.spec, self.granularity
-        keys = range(cache[spec.blocks[0].pattern].shape[-1] if g == "source" else 0)
+        if g == "source" and n_pos is None:
+            n_pos = cache[spec.blocks[0].pattern].shape[-1]
+        keys = range(n_pos if g == "source" and n_pos is not None else 0)
         if g == "coarse":
             return {k: k for k in KINDS}
         rows = {label: "i" for label, _ in (spec.embeds if self.split_input else [("input", "")])}
