@@ -10,6 +10,7 @@ import torch
 from support.helpers import NoHooksLeft
 from support.models import KINDS, cached_model
 
+import tl_decomp as td
 from tl_decomp import adapters, model_spec
 from tl_decomp.identifiability import AttributionResult, hidden_token_attribution
 
@@ -215,3 +216,24 @@ def test_half_precision_model_warns_and_stays_close_to_float32():
     assert got.contributions.dtype == torch.float32
     assert torch.allclose(got.contributions.sum(-1), torch.ones(3, 1, 7))
     assert (got.contributions - want.contributions).abs().max() < 0.05
+
+
+@pytest.mark.skipif(KINDS[-1] != "bridge", reason="the zoo is TransformerLens 4.x's")
+@pytest.mark.parametrize("family", ["mixtral", "qwen2_moe", "olmoe"])
+def test_hta_on_experts_booted_the_way_users_do(family):
+    """Hugging Face's default expert kernel (grouped_mm) has no forward-mode AD: HTA runs the
+    experts' eager loop inside the call (same numbers) and restores the model's choice."""
+    from support import zoo
+
+    user = zoo.boot(family, torch.float32, as_users_do=True)  # grouped_mm: no float64
+    config = user.original_model.config
+    before = config._experts_implementation_internal
+    assert before != "eager"
+    ids = torch.arange(3, 11)[None]
+    got = hidden_token_attribution(user, ids, layers=[-1], method="exact")
+    eager = zoo.boot(family, torch.float32)
+    want = hidden_token_attribution(eager, ids, layers=[-1], method="exact")
+    assert torch.allclose(got.contributions, want.contributions, atol=1e-5)
+    d = td.decompose(user, ids, granularity="expert")  # the decomposition, default kernels too
+    assert d.relative_error < 1e-4
+    assert config._experts_implementation_internal == before

@@ -440,11 +440,15 @@ def dtype_for(family: str, dtype: torch.dtype = torch.float64) -> torch.dtype:
     return torch.float32 if _spec(family).float32_only else dtype
 
 
-def boot(family: str, dtype: torch.dtype = torch.float64) -> Any:
-    """The family's tiny model as a `TransformerBridge` in eval mode (see `dtype_for`)."""
+def boot(family: str, dtype: torch.dtype = torch.float64, *, as_users_do: bool = False) -> Any:
+    """The family's tiny model as a `TransformerBridge` in eval mode (see `dtype_for`).
+
+    Mixture-of-experts families boot with the eager expert loop (the reference's), or, with
+    `as_users_do`, Hugging Face's default kernel (``grouped_mm``), as a user's model runs."""
     from transformer_lens.model_bridge import TransformerBridge
 
-    overrides = {"_experts_implementation_internal": "eager"} if _spec(family).moe else None
+    eager = _spec(family).moe and not as_users_do
+    overrides = {"_experts_implementation_internal": "eager"} if eager else None
     bridge = TransformerBridge.boot_transformers(
         model_dir(family), device="cpu", dtype=dtype, hf_config_overrides=overrides
     )

@@ -10,7 +10,14 @@ model class.
 """
 
 from tl_decomp.adapters._derive import model_spec, windows
-from tl_decomp.adapters._experts import Routing, capture, expert_terms, moe_module, shared_module
+from tl_decomp.adapters._experts import (
+    Routing,
+    capture,
+    eager_experts,
+    expert_terms,
+    moe_module,
+    shared_module,
+)
 from tl_decomp.adapters._freeze import FrozenSites, frozen_sites
 from tl_decomp.adapters._mlm import mlm_logits, tokenize_offsets
 from tl_decomp.adapters._running import (
@@ -37,6 +44,7 @@ __all__ = [
     "check_corpus",
     "check_finite",
     "check_lengths",
+    "eager_experts",
     "embedding_matrix",
     "evaluating",
     "exclusive",

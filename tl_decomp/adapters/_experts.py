@@ -56,7 +56,9 @@ def expert_terms(model: Any, L: int, args: tuple[Any, ...], mlp_in: Tensor, mlp_
     hidden, index, weights, *rest = args
     n = int(experts.num_experts)
     shape = mlp_out.shape
-    with torch.no_grad():
+    # The "index n = no expert" slots are the eager loop's convention; grouped_mm reads them
+    # as memory (measured: terms off by 1e29), so the split always runs the eager loop.
+    with torch.no_grad(), eager_experts(model):
         full = experts(hidden, index, weights, *rest)
         try:  # a module without the "index n = no expert" convention fails here or below
             terms = [
@@ -92,3 +94,25 @@ def _verify(model: Any, L: int, got: Tensor, want: Tensor, what: str) -> None:
             f"something tl_decomp cannot split by expert: the terms miss {what} by {rel:.2g} "
             "(relative); granularity='layer' keeps the MLP whole"
         )
+
+
+@contextlib.contextmanager
+def eager_experts(model: Any) -> Iterator[None]:
+    """Every mixture-of-experts module runs Hugging Face's eager loop for the duration (the
+    same numbers): its default ``grouped_mm`` kernel has no forward-mode AD, which Hidden
+    Token Attribution needs. The model's own choice is restored afterwards, even on error."""
+    hf = getattr(model, "original_model", None)
+    modules = hf.modules() if hf is not None else []
+    configs = {
+        id(m.config): m.config
+        for m in modules
+        if getattr(getattr(m, "config", None), "_experts_implementation_internal", None)
+    }
+    saved = [(cfg, cfg._experts_implementation_internal) for cfg in configs.values()]
+    try:
+        for cfg, _ in saved:
+            cfg._experts_implementation_internal = "eager"
+        yield
+    finally:
+        for cfg, value in saved:
+            cfg._experts_implementation_internal = value

@@ -169,7 +169,7 @@ def per_example(model, spec, tokens, mask, source, layers, opts, progress):
                 adapters.check_finite({source: x0, **dict(zip(sites, run(x0), strict=True))})
             chunk = chunk_size or max(16, min(1024, 2**22 // (n * spec.d_model)))
             # Forward-mode AD levels are global to the process: one JVP loop at a time.
-            with _FORWARD_AD, adapters.exclusive(model):
+            with _FORWARD_AD, adapters.exclusive(model), adapters.eager_experts(model):
                 sq, v = _sq_norms(run, x0, method, n_probes, chunk, len(layers), seed + b, bar)
             norm2 = torch.zeros(shape, dtype=sq.dtype, device=device) if norm2 is None else norm2
             norm2[:, b, :n, :n] = sq
