@@ -294,3 +294,12 @@ def test_a_stack_that_cannot_fit_is_refused_before_any_forward_pass(monkeypatch)
     with pytest.raises(MemoryError, match="max_memory"):
         decompose(model, "the cat sat", max_memory=100)
     assert not calls  # refused before the model ran
+
+
+def test_a_cache_without_its_batch_dim_reads_as_a_batch_of_one():
+    model = cached_model("gpt2")
+    ids = decompose(model, "the cat sat").tokens
+    names = td.decomposition_names_filter(model)
+    _, cache = model.run_with_cache(ids, names_filter=names, remove_batch_dim=True)
+    d = decompose(model, cache, layer=2)
+    assert d.factors.shape[1] == 1 and d.relative_error < 1e-9

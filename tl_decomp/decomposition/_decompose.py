@@ -37,6 +37,8 @@ def cache_for(
     no tokens, no routing), or text / ids tokenised and cached exactly as the recipe reads
     them, in one forward pass. `n_stacks` factor stacks must fit in memory (checked first)."""
     if checks.is_cache(input):
+        if getattr(input, "has_batch_dim", True) is False:  # run_with_cache(remove_batch_dim)
+            input = {name: t[None] for name, t in input.items()}  # read as a batch of one
         shape = _pos(recipe, input)
         check_memory(recipe, shape, n_stacks, max_memory)
         mask = None if attention_mask is None else checks.mask(attention_mask, shape)
