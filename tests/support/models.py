@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import functools
 import os
+from importlib.metadata import version
 
 import pytest
 import torch
@@ -26,6 +27,16 @@ def cached_model(
 ):
     """Session-wide models; tests must treat them as read-only."""
     return tiny_model(arch, kind=kind, dtype=dtype, processed=processed)  # type: ignore[arg-type]
+
+
+TL3 = version("transformer-lens").startswith("3.")
+
+
+def skip_broken(arch: str, kind: str, processed: bool, dtype: torch.dtype) -> None:
+    """Skip a case whose own forward pass fails inside TransformerLens."""
+    if TL3 and kind == "bridge" and arch == "qwen2" and processed and dtype == torch.float64:
+        # compatibility mode adds a float32 o_proj bias to a float64 model
+        pytest.skip("TransformerLens 3.9's own compatibility-mode forward fails on float64 Qwen2")
 
 
 def model_params():

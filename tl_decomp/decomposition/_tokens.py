@@ -89,8 +89,8 @@ def run_tokens(
         sel = torch.zeros(V, n, dtype=dt, device=device)
         sel[torch.arange(V - 1), torch.arange(start, end)] = 1
         out: dict[str, Tensor] = {}
-        calls: Counter[str] = Counter()
-        hooks = [(h, partial(_counted, fn, calls, h)) for h, fn in frozen.hooks(sel)]
+        calls = _Calls()
+        hooks = [(h, partial(calls.hook, fn, h)) for h, fn in frozen.hooks(sel)]
         hooks += [(s, partial(_keep, out, s, b, V, dt)) for s in sites]
         with torch.no_grad(), warnings.catch_warnings():
             # the bridge rebuilds a norm from its edited hook_scale, and says so each time
@@ -102,7 +102,7 @@ def run_tokens(
                 hooks,
                 stop_after=stop_after,
             )
-        _check_once(spec, calls)
+        _check_once(spec, calls.counts)
         for site, layer in sites.items():
             y = out[site]  # [V batch pos d_model]
             rows = y[:-1] - y[-1:]
@@ -117,9 +117,21 @@ def run_tokens(
                 sink(layer, n, y[-1:])
 
 
-def _counted(fn: Callable[..., Any], calls: Counter[str], name: str, t: Tensor, *, hook: Any):
-    calls[name] += 1
-    return fn(t, hook=hook)
+class _Calls:
+    """How often each frozen hook runs in a pass. A module called again at once on the same
+    input (TransformerLens 3's blocks apply `ln1` to the query, key and value inputs in turn)
+    is one place, frozen by one value; any other second call is a second place."""
+
+    def __init__(self) -> None:
+        self.counts: Counter[str] = Counter()
+        self.last: tuple[str, Tensor] | None = None
+
+    def hook(self, fn: Callable[..., Any], name: str, t: Tensor, *, hook: Any):
+        again = self.last is not None and self.last[0] == name and torch.equal(self.last[1], t)
+        if not again:
+            self.counts[name] += 1
+        self.last = (name, t)
+        return fn(t, hook=hook)
 
 
 def _check_once(spec: ModelSpec, calls: Counter[str]) -> None:
@@ -242,15 +254,15 @@ def token_logits(
     sel[1] = 0  # the full input, then F(0)
     leaves: list[Tensor] = []
     out: dict[str, Tensor] = {}
-    calls: Counter[str] = Counter()
-    hooks = [(h, partial(_counted, fn, calls, h)) for h, fn in frozen.hooks(sel, leaves)]
+    calls = _Calls()
+    hooks = [(h, partial(calls.hook, fn, h)) for h, fn in frozen.hooks(sel, leaves)]
     hooks.append((spec.final, partial(_store, out, "final")))
     with torch.enable_grad(), warnings.catch_warnings():
         warnings.filterwarnings("ignore", "A forward hook edited hook_scale")
         adapters.run_with_hooks(
             model, ids.repeat_interleave(2, 0), mask.repeat_interleave(2, 0), hooks
         )
-        _check_once(spec, calls)
+        _check_once(spec, calls.counts)
         final = einops.rearrange(out["final"], "(b v) p d -> v b p d", v=2)
         rows = torch.arange(b, device=final.device)
         at = final[:, rows, position.to(final.device)]  # [2 batch d_model]
