@@ -97,6 +97,105 @@ def test_linear_fit_is_least_squares_on_rank_deficient_badly_scaled_states():
         assert (got - (Z_new @ C - 2)).abs().max() < 1e-3  # and recovers the true relation
 
 
+def _scaled_noisy(seed: int, n: int = 3000, d: int = 12):
+    """Targets with norms spread over two orders of magnitude, states = a linear layer of them
+    plus isotropic noise: least squares fits the large targets, the cosine loss all alike."""
+    gen = torch.Generator().manual_seed(seed)
+    A = torch.randn(d, d, generator=torch.Generator().manual_seed(0), dtype=torch.float64)
+    y = torch.randn(n, d, generator=gen, dtype=torch.float64)
+    y = y * torch.exp(1.5 * torch.randn(n, 1, generator=gen, dtype=torch.float64))
+    x = y @ A + 0.5 * torch.randn(n, d, generator=gen, dtype=torch.float64)
+    return x, y
+
+
+def test_linear_map_trains_under_the_cosine_loss():
+    from tl_decomp.identifiability._maps import map_loss, train_map
+
+    x, y = _scaled_noisy(0)
+    xv, yv = _scaled_noisy(1, n=500)
+    xt, yt = _scaled_noisy(2, n=2000)
+    lsq = LinearFit()
+    lsq.add(x, y)
+    g_lsq = lsq.fit()
+    g_cos = train_map(x, y, xv, yv, "linear", "cosine", seed=0)
+    assert isinstance(g_cos, torch.nn.Linear)
+    # brute-force reference: full-batch L-BFGS on the cosine loss from the same start
+    ref = torch.nn.Linear(12, 12, dtype=torch.float64)
+    ref.load_state_dict(g_lsq.state_dict())
+    ref.requires_grad_(True)
+    opt = torch.optim.LBFGS(ref.parameters(), max_iter=500, line_search_fn="strong_wolfe")
+
+    def closure():
+        opt.zero_grad()
+        out = map_loss(ref(x), y, "cosine")
+        out.backward()
+        return out
+
+    opt.step(closure)
+    with torch.no_grad():
+        got, start, best = (map_loss(g(xt), yt, "cosine").item() for g in (g_cos, g_lsq, ref))
+    assert best < start * 0.9  # the two losses disagree here: the cosine optimum is elsewhere
+    assert got < start and (got - best) < 0.25 * (start - best), (got, start, best)
+    # under "mse" the trained map stays at the least-squares optimum it starts from
+    g_mse = train_map(x, y, xv, yv, "linear", "mse", seed=0)
+    with torch.no_grad():
+        assert map_loss(g_mse(xt), yt, "mse") <= map_loss(g_lsq(xt), yt, "mse") * (1 + 1e-6)
+
+
+def test_the_maps_loss_is_named_in_the_result():
+    table = _table(n=40, d=16)
+
+    def states(tokens):
+        return torch.stack([table[tokens], torch.tanh(table[tokens] @ table[:16].T)])
+
+    kw = dict(layers=[0, 1], distance="cosine")
+    train = _batches(table, states, n_seq=120)
+    test = _batches(table, states, seed=1)
+    default = identifiability_from_states(train, test, mapping="linear", **kw)
+    cosine = identifiability_from_states(train, test, mapping="linear", loss="cosine", **kw)
+    mlp = identifiability_from_states(train, test, mapping="mlp", **kw)
+    naive = identifiability_from_states([], test, mapping="naive", **kw)
+    assert (default.loss, cosine.loss, mlp.loss, naive.loss) == ("mse", "cosine", "cosine", None)
+    assert [r["map"] for r in (default, cosine, mlp, naive) for r in r.rows()[:1]] == [
+        "linear/mse", "linear/cosine", "mlp/cosine", "naive"
+    ]  # fmt: skip
+    assert "linear/cosine" in str(cosine) and "loss='cosine'" in repr(cosine)
+    assert cosine.parameters == default.parameters == 17 * 16 and naive.parameters == 0
+    assert default.train_tokens == sum(int(b.mask.sum()) for b in train)
+    with pytest.raises(ValueError, match="naive.*loss does not apply"):
+        identifiability_from_states([], test, mapping="naive", loss="mse", **kw)
+    with pytest.raises((ValueError, TypeError), match="loss"):  # TypeError: beartype on
+        identifiability_from_states(train, test, mapping="linear", loss="l1", **kw)
+
+
+def test_small_training_sample_warns_and_is_flagged():
+    table = _table(n=40, d=16)  # the linear map: 17 x 16 = 272 parameters, 85 tokens needed
+
+    def states(tokens):
+        return torch.stack([table[tokens], table[tokens] @ table[:16].T])
+
+    test = _batches(table, states, seed=1)
+    with pytest.warns(UserWarning, match=r"fitted on 60 training tokens.*at least 85"):
+        small = identifiability_from_states(
+            _batches(table, states, n_seq=8), test, [0, 1], mapping="linear"
+        )
+    assert small.small_sample and small.train_tokens == 60
+    assert "small sample" in str(small)
+    import warnings
+
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        enough = identifiability_from_states(
+            _batches(table, states, n_seq=24), test, [0, 1], mapping="linear"
+        )  # 180 tokens
+        naive = identifiability_from_states([], test, [0, 1], mapping="naive")
+    assert not enough.small_sample and "small sample" not in str(enough)
+    assert not naive.small_sample
+    # the MLP has twice the parameters: 170 tokens
+    with pytest.warns(UserWarning, match="the mlp map has 544 parameters"):
+        identifiability_from_states(_batches(table, states, n_seq=16), test, [0, 1], mapping="mlp")
+
+
 def test_cosine_ignores_scale_l2_does_not():
     table = _table()
     gen = torch.Generator().manual_seed(2)
@@ -248,7 +347,8 @@ def test_minilm_linear_map_is_the_least_squares_fit():
     batches = list(
         gather_states(model, model_spec(model), corpus, range(60), [6], 16, False, tqdm())
     )
-    (g,) = fit_maps(batches, 1, "linear", "cosine", 0, 0)
+    (g,), n_train = fit_maps(batches, 1, "linear", "mse", 0, 0)
+    assert n_train == sum(int(b.mask.sum()) for b in batches)
     X = torch.cat([b.states[0][b.mask.bool()] for b in batches]).double()
     Y = torch.cat([b.e0[b.mask.bool()] for b in batches]).double()
     rows = torch.cat([X, torch.ones_like(X[:, :1])], 1)

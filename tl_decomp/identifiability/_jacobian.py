@@ -3,11 +3,13 @@
 A run of the model with the activation at the source site replaced by the JVP's input (the
 one write-hook in tl_decomp; it lives only for the call), tangents in chunks (basis vectors
 for ``exact``, Gaussian probes for ``estimate``), and the per-example loop that sums
-``||J u||^2`` into ``[layer batch query_pos key_pos]``.
+``||J u||^2`` into ``[layer batch query_pos key_pos]`` (Frobenius), or gathers each key
+position's ``d_model`` columns and takes the blocks' largest singular values (spectral).
 """
 
 from __future__ import annotations
 
+import contextlib
 import functools
 import threading
 from collections.abc import Callable, Iterator, Sequence
@@ -25,6 +27,7 @@ from tl_decomp._core.convention import Layer
 from tl_decomp._core.spec import ModelSpec
 
 Method = Literal["exact", "estimate"]
+Norm = Literal["frobenius", "spectral"]
 
 
 def layer_sites(spec: ModelSpec, layers: Sequence[Layer]) -> list[str]:
@@ -72,7 +75,8 @@ def source_activation(model: Any, tokens: Tensor, source: str) -> Tensor:
 def _tangents(
     n: int, d: int, method: Method, n_probes: int, chunk: int, like: Tensor, seed: int
 ) -> Iterator[tuple[Tensor, Tensor]]:
-    """Chunks of (input position, tangent [chunk 1 pos d_model]): basis vectors or probes."""
+    """Chunks of (flat index ``pos * per_pos + k``, tangent [chunk 1 pos d_model]): basis
+    vectors (``k`` = the input coordinate) or probes."""
     per_pos = d if method == "exact" else n_probes
     gen = torch.Generator().manual_seed(seed)
     for start in range(0, n * per_pos, chunk):
@@ -85,7 +89,7 @@ def _tangents(
             u[torch.arange(len(flat)), 0, pos] = torch.randn(
                 (len(flat), d), generator=gen, dtype=torch.float64
             ).to(like)
-        yield pos.to(like.device), u
+        yield flat.to(like.device), u
 
 
 _FORWARD_AD = threading.RLock()
@@ -123,25 +127,31 @@ def _columns(run: Callable[[Tensor], Tensor], x0: Tensor) -> Callable[[Tensor], 
 def _sq_norms(
     run: Callable[[Tensor], Tensor],
     x0: Tensor,
-    method: Method,
-    n_probes: int,
-    chunk: int,
+    opts: tuple[Method, Norm, int, int, int],
     n_layers: int,
-    seed: int,
     bar: Any,
 ) -> tuple[Tensor, Tensor | None]:
-    """Per (layer, query, key): ``||J||_F^2`` (exact) or its probe mean and the mean's variance."""
+    """Per (layer, query, key): ``||J||^2`` in the chosen norm (exact) or the probe mean of
+    ``||J u||^2`` and the mean's variance (estimate: Frobenius only)."""
+    method, norm, n_probes, chunk, seed = opts
     n, d = x0.shape[1:]
+    per_pos = d if method == "exact" else n_probes
     s1 = x0.new_zeros((n_layers, n, n), dtype=torch.float64)
     s2 = torch.zeros_like(s1)
+    # spectral: one key position's blocks, [layer query d_out d_in], filled column by column
+    block = x0.new_zeros((n_layers, n, d, d), dtype=torch.float64) if norm == "spectral" else None
     column = _columns(run, x0)
-    for pos, u in _tangents(n, d, method, n_probes, chunk, x0, seed):
+    for flat, u in _tangents(n, d, method, n_probes, chunk, x0, seed):
+        pos = flat // per_pos
         with torch.no_grad():
-            q = column(u).double().pow(2).sum(-1)  # [chunk layer 1 query]
-        q = einops.rearrange(q, "c l 1 i -> l i c")
-        s1.index_add_(2, pos, q)
-        if method == "estimate":
-            s2.index_add_(2, pos, q * q)
+            cols = column(u).double()  # [chunk layer 1 query d_model]
+        if block is not None:
+            _fill_spectral(block, s1, cols, pos, flat % per_pos)
+        else:
+            q = einops.rearrange(cols.pow(2).sum(-1), "c l 1 i -> l i c")
+            s1.index_add_(2, pos, q)
+            if method == "estimate":
+                s2.index_add_(2, pos, q * q)
         bar.update(len(pos))
     if method == "exact":
         return s1, None
@@ -150,10 +160,44 @@ def _sq_norms(
     return mean, var_q / n_probes
 
 
+def _fill_spectral(block: Tensor, s1: Tensor, cols: Tensor, pos: Tensor, k: Tensor) -> None:
+    """Write the columns ``J[:, :, :, k]`` of key position `pos`; once a position's last
+    column is in, ``s1[:, :, pos] = sigma_max^2`` of its ``[d_out d_in]`` blocks."""
+    d = block.shape[-1]
+    for j in pos.unique().tolist():
+        sel = pos == j
+        block[..., k[sel]] = einops.rearrange(cols[sel], "c l 1 i e -> l i e c")
+        if int(k[sel].max()) == d - 1:  # tangents come in order: position j is complete
+            # sigma_max^2 = largest eigenvalue of J^T J (eigvalsh: symmetric, faster than SVD)
+            gram = block.transpose(-1, -2) @ block
+            with _one_thread(gram):
+                s1[:, :, j] = torch.linalg.eigvalsh(gram)[..., -1].clamp_min(0)
+
+
+@contextlib.contextmanager
+def _one_thread(x: Tensor) -> Iterator[None]:
+    """Intra-op threads off for a CPU eigendecomposition batch (restored after).
+
+    A batch of ``d_model x d_model`` eigendecompositions runs one LAPACK call per matrix,
+    which threads only synchronise: measured on a busy 2-core machine, 12 MiniLM-sized (384)
+    blocks took 0.11 s with one thread and 1.1-4.5 s with two. Called under `_FORWARD_AD`,
+    so HTA never nests it; `tl_decomp.attention` keeps its own switch for its factorisations.
+    """
+    if x.device.type != "cpu":
+        yield
+        return
+    saved = torch.get_num_threads()
+    torch.set_num_threads(1)
+    try:
+        yield
+    finally:
+        torch.set_num_threads(saved)
+
+
 def per_example(model, spec, tokens, mask, source, layers, opts, progress):
     """Squared Jacobian-block norms (and, estimated, their variances) ``[layer b q k]``, one
     example at a time on its real tokens."""
-    method, n_probes, chunk_size, seed = opts
+    method, norm, n_probes, chunk_size, seed = opts
     device, sites = tokens.device, layer_sites(spec, layers)
     shape = (len(layers), *tokens.shape, tokens.shape[1])
     norm2: Tensor | None = None
@@ -168,9 +212,12 @@ def per_example(model, spec, tokens, mask, source, layers, opts, progress):
             with torch.no_grad():  # a NaN would become NaN contributions and a wrong P̃
                 adapters.check_finite({source: x0, **dict(zip(sites, run(x0), strict=True))})
             chunk = chunk_size or max(16, min(1024, 2**22 // (n * spec.d_model)))
+            adapters.load_forward_ad()  # torch's deprecation warnings on first use, silenced
             # Forward-mode AD levels are global to the process: one JVP loop at a time.
             with _FORWARD_AD, adapters.exclusive(model), adapters.eager_experts(model):
-                sq, v = _sq_norms(run, x0, method, n_probes, chunk, len(layers), seed + b, bar)
+                sq, v = _sq_norms(
+                    run, x0, (method, norm, n_probes, chunk, seed + b), len(layers), bar
+                )
             norm2 = torch.zeros(shape, dtype=sq.dtype, device=device) if norm2 is None else norm2
             norm2[:, b, :n, :n] = sq
             if v is not None:

@@ -12,7 +12,7 @@ import functools
 import warnings
 from collections.abc import Iterable, Iterator, Sequence
 from dataclasses import dataclass
-from typing import Any, Literal, NamedTuple
+from typing import Any, Literal, NamedTuple, get_args
 
 import torch
 from jaxtyping import Bool, Float, Int
@@ -21,9 +21,18 @@ from torch import Tensor, nn
 from tl_decomp import adapters
 from tl_decomp._core import convention, distributed
 from tl_decomp._core.convention import Layer
-from tl_decomp._core.results import Result
+from tl_decomp._core.results import Result, text_table
 from tl_decomp._core.spec import ModelSpec
-from tl_decomp.identifiability._maps import Distance, Mapping, fit_maps
+from tl_decomp.identifiability._maps import (
+    MIN_TOKENS_PER_PARAMETER,
+    Distance,
+    Loss,
+    Mapping,
+    default_loss,
+    fit_maps,
+    parameters,
+    small_sample,
+)
 
 Match = Literal["token", "position"]
 
@@ -99,9 +108,18 @@ class IdentifiabilityResult(Result):
         correct: per test token and layer, whether it was identified.
         token_ids, positions, sequences: each test token's id, position, and corpus index.
         maps: the fitted ``g_l: e^l -> e^0``, one module per layer (identity for naive).
+        mapping, distance, lookup, match: the protocol (`token_identifiability`).
+        loss: what the maps were trained to minimise: ``mse`` (for ``linear``: least squares,
+            closed form), ``cosine`` (mean ``1 - cos``), or None for ``naive``.
         cross: ``cross[a, b]``: rate of the map fitted on ``layers[a]`` applied to
             ``layers[b]`` (computed with ``cross_layer=True``).
         train, test: corpus indices of the two splits.
+        train_tokens: tokens each map was fitted on (0 for naive; a trained map's stored
+            sample, at most ``max_mlp_tokens``).
+        parameters: trainable parameters of each map.
+        small_sample: the maps had fewer training values (``train_tokens * d_model``) than
+            `MIN_TOKENS_PER_PARAMETER` times their parameters: they may overfit (a warning
+            was raised; the table says so).
     """
 
     rates: Float[Tensor, " layer"]
@@ -118,13 +136,30 @@ class IdentifiabilityResult(Result):
     match: str = "token"
     train: tuple[int, ...] = ()
     test: tuple[int, ...] = ()
+    loss: str | None = None
+    train_tokens: int = 0
+    parameters: int = 0
+    small_sample: bool = False
 
     def rows(self) -> list[dict[str, Any]]:
-        """One record per layer: ``layer``, ``identified`` (the rate)."""
+        """One record per layer: ``layer``, ``identified`` (the rate), and the ``map``:
+        mapping and training loss (``linear/mse``, ``linear/cosine``, ``mlp/cosine``…)."""
+        how = self.mapping if self.loss is None else f"{self.mapping}/{self.loss}"
         return [
-            {"layer": convention.name(L), "identified": r}
+            {"layer": convention.name(L), "identified": r, "map": how}
             for L, r in zip(self.layers, self.rates.tolist(), strict=True)
         ]
+
+    def __str__(self) -> str:
+        head = f"{self.distance} lookup over the {self.lookup}, match by {self.match}"
+        if self.mapping != "naive":
+            head += f"; {self.train_tokens:,} training tokens, {self.parameters:,} parameters"
+        if self.small_sample:
+            head += (
+                f"\nsmall sample: fewer than {MIN_TOKENS_PER_PARAMETER}x the map's "
+                "parameters in training values (tokens x d_model); it may overfit"
+            )
+        return head + "\n" + text_table(self.rows())
 
     def rate(self, layer: Layer) -> float:
         """The identifiability rate at `layer`, one of `layers` as scored (a residual-stream
@@ -217,6 +252,7 @@ def identifiability_from_states(
     *,
     mapping: Mapping = "linear",
     distance: Distance = "cosine",
+    loss: Loss | None = None,
     vocab: Vocab | None = None,
     cross_layer: bool = False,
     seed: int = 0,
@@ -225,17 +261,19 @@ def identifiability_from_states(
 ) -> IdentifiabilityResult:
     """Fit ``g_l: e^l -> e^0`` on the `train` batches, score the `test` batches.
 
-    For hidden states gathered elsewhere; `token_identifiability` gathers them from a model.
-    Each iterable is read once. `vocab` switches to the vocabulary lookup. Under
+    For hidden states gathered elsewhere; `token_identifiability` gathers them from a model
+    (and documents `loss`). Each iterable is read once. `vocab` switches to the vocabulary
+    lookup. Under
     `torch.distributed`, each rank passes its `distributed.deal` share of the batches: the
     linear map's normal equations are summed over ranks and the scored tokens gathered back
     in batch order, so every rank returns the one-process result (the linear map to
-    rounding; ``mapping="mlp"`` is refused).
+    rounding; a trained map, ``mlp`` or ``loss="cosine"`` linear, is refused).
     """
     if match == "position" and vocab is not None:
         raise ValueError("match='position' needs lookup='sequence' (vocabulary items have none)")
+    loss = check_loss(mapping, distance, loss)
     train, test = _at_least_float32(train), _at_least_float32(test)
-    maps = fit_maps(train, len(layers), mapping, distance, seed, max_mlp_tokens)
+    maps, n_train = fit_maps(train, len(layers), mapping, loss, seed, max_mlp_tokens)
     with distributed.guard():
         scored = _score_split(test, maps, layers, distance, vocab, cross_layer, match)
     per_batch = scored[0]
@@ -248,7 +286,7 @@ def identifiability_from_states(
     if not per_batch:
         raise ValueError("the test split holds no tokens")
     hit, ids, pos, seqs = (torch.cat(parts, -1) for parts in zip(*per_batch, strict=True))
-    n = hit.shape[1]
+    n, d = hit.shape[1], _d_model(maps)
     return IdentifiabilityResult(
         rates=hit.double().mean(1),
         layers=tuple(layers),
@@ -262,7 +300,28 @@ def identifiability_from_states(
         lookup="sequence" if vocab is None else "vocab",
         cross=None if cross is None else cross.double() / n,
         match=match,
+        loss=loss,
+        train_tokens=n_train,
+        parameters=parameters(mapping, d),
+        small_sample=small_sample(mapping, d, n_train),
     )
+
+
+def _d_model(maps: Sequence[nn.Module]) -> int:
+    """The maps' input width (0 for the parameter-free naive map)."""
+    weights = list(maps[0].parameters()) if maps else []
+    return weights[0].shape[1] if weights else 0
+
+
+def check_loss(mapping: Mapping, distance: Distance, loss: Loss | None) -> Loss | None:
+    """`loss` checked against `mapping`, or the mapping's default (`default_loss`)."""
+    if loss is None:
+        return default_loss(mapping, distance)
+    if loss not in get_args(Loss):
+        raise ValueError(f"loss must be one of {get_args(Loss)} or None, not {loss!r}")
+    if mapping == "naive":
+        raise ValueError("mapping='naive' fits nothing: loss does not apply (leave it None)")
+    return loss
 
 
 def _score_split(

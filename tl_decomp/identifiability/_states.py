@@ -28,12 +28,13 @@ from tl_decomp import adapters
 from tl_decomp._core import checks, convention, distributed
 from tl_decomp._core.convention import Layer
 from tl_decomp._core.spec import ModelSpec
-from tl_decomp.identifiability._maps import Distance, Mapping
+from tl_decomp.identifiability._maps import Distance, Loss, Mapping
 from tl_decomp.identifiability._scoring import (
     IdentifiabilityResult,
     Match,
     StateBatch,
     Vocab,
+    check_loss,
     identifiability_from_states,
 )
 
@@ -119,6 +120,7 @@ def token_identifiability(
     *,
     mapping: Mapping = "linear",
     distance: Distance = "cosine",
+    loss: Loss | None = None,
     lookup: Lookup = "sequence",
     layers: Sequence[Layer] | None = None,
     seed: int = 0,
@@ -137,10 +139,19 @@ def token_identifiability(
     Args:
         model: a TransformerBridge, HookedTransformer or HookedEncoder.
         corpus: texts, one sequence each (the split is by sequence).
-        mapping: ``naive`` (identity), ``linear`` (least squares with bias, closed form) or
-            ``mlp`` (one hidden layer; Adam; early stopping on every 10th training sequence;
-            trained with the loss of `distance`).
+        mapping: ``naive`` (identity), ``linear`` (an affine map) or ``mlp`` (one hidden
+            layer; Adam; early stopping on every 10th training sequence).
         distance: ``cosine`` or ``l2`` for the nearest-neighbour lookup.
+        loss: what the map is trained to minimise: ``mse`` or ``cosine`` (mean
+            ``1 - cos``). Default: ``mse`` for ``linear`` (least squares, closed form,
+            streamed), the lookup's own distance for ``mlp``. Brunner et al. train every map
+            with the lookup's distance: ``loss="cosine"`` with a cosine lookup is their
+            linear-cosine protocol (trained by Adam from the least-squares fit, on the
+            `max_mlp_tokens` sample; never worse on the validation sequences than least
+            squares). A map fitted on fewer training values (tokens x d_model) than
+            ``MIN_TOKENS_PER_PARAMETER`` (5) times its parameters warns and is flagged in
+            the result's table (MiniLM, d_model 384: 1,925 training tokens for the linear
+            map, about 100 shipped sentences; twice that for the MLP).
         lookup: among the layer-0 vectors of the token's own sequence (``sequence``) or of
             every vocabulary item at the token's position (``vocab``; costs ``d_vocab`` dot
             products per token and layer).
@@ -150,13 +161,14 @@ def token_identifiability(
         test_fraction: share of sequences held out for scoring.
         batch_size: sequences per forward pass (memory is per batch, not per corpus).
         cross_layer: also score every map on every layer (`IdentifiabilityResult.cross_layer`).
-        max_mlp_tokens: training tokens the MLP map keeps in memory (a uniform sample of
-            the training split's tokens).
+        max_mlp_tokens: training tokens a trained map (``mlp``, or ``linear`` with
+            ``loss="cosine"``) keeps in memory (a uniform sample of the training split's
+            tokens).
         match: ``token`` (default): identified when the nearest layer-0 vector holds the
             same token id; ``position``: only when it is the token's own position, stricter
-            where a sequence repeats a token (MiniLM, 500 shipped sentences, naive cosine, last
-            layer: 0.925 by id, 0.857 by position). Brunner et al. do not say which they
-            counted.
+            where a sequence repeats a token (demo 03: MiniLM, 300 shipped sentences, naive
+            cosine, layer 6: 0.933 by id, 0.862 by position). Brunner et al. do not say
+            which they counted.
         progress: show a progress bar over the corpus.
 
     Example:
@@ -176,12 +188,14 @@ def token_identifiability(
         "match": (match, ("token", "position")),
     }
     layers = _check(spec, corpus, layers, options, test_fraction)
+    loss = check_loss(mapping, distance, loss)
     if match == "position" and lookup == "vocab":
         raise ValueError("match='position' needs lookup='sequence' (vocabulary items have none)")
     corpus = adapters.check_corpus(model, spec, corpus, batch_size, "corpus")
     checks.integer(seed, "seed")
     checks.integer(max_mlp_tokens, "max_mlp_tokens", least=1)
-    train, test = split_corpus(corpus, test_fraction, seed, mapping)
+    trained = mapping == "mlp" or loss == "cosine"  # every 10th training sequence validates
+    train, test = split_corpus(corpus, test_fraction, seed, "mlp" if trained else mapping)
     vocab = Vocab.for_model(model, spec) if lookup == "vocab" else None
     total = len(test) + (len(train) if mapping != "naive" else 0)
     bar_on = progress and distributed.is_main()
@@ -202,6 +216,7 @@ def token_identifiability(
             layers,
             mapping=mapping,
             distance=distance,
+            loss=loss,
             vocab=vocab,
             cross_layer=cross_layer,
             seed=seed,
