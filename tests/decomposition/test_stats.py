@@ -131,3 +131,81 @@ def test_ff_linearity_paper_protocol_is_the_mean_per_dimension_r2_in_sample():
     assert pooled.protocol == "heldout" and pooled.held_out
     with pytest.raises((ValueError, TypeError), match="protocol"):  # ours or the type checker
         ff_linearity(model, texts, protocol="authors", progress=False)  # type: ignore[arg-type]
+
+
+def test_ff_linearity_curve_is_the_statistic_on_each_prefix():
+    # One pass gives the R² on the first k texts: the same number a separate call on them gives.
+    model = cached_model("gpt2", "bridge", torch.float64)
+    gen = torch.Generator().manual_seed(1)
+    words = ["the", "cat", "dog", "sat", "mat", "a", "big", "ran", "on", "is", "red", "old"]
+    texts = [
+        " ".join(words[int(i)] for i in torch.randint(12, (int(n),), generator=gen))
+        for n in torch.randint(4, 12, (120,), generator=gen)
+    ]
+    for protocol in ("paper", "heldout"):
+        r = ff_linearity(model, texts, protocol=protocol, sizes=(50, 90, 120), batch_size=8,
+                         progress=False)  # fmt: skip
+        assert r.sizes == (50, 90, 120) and r.curve is not None and r.curve.shape == (3, 3)
+        assert torch.equal(r.curve[-1], r.r2) and r.curve_tokens[-1] == r.n_train
+        assert r.rows()[0][f"r2 @ {r.curve_tokens[0]}"] == r.curve[0, 0].item()
+    curve = ff_linearity(model, texts, protocol="paper", sizes=(50, 90), progress=False).curve
+    assert curve is not None
+    for k, row in zip((50, 90), curve, strict=True):
+        alone = ff_linearity(model, texts[:k], protocol="paper", batch_size=7, progress=False)
+        assert torch.allclose(row, alone.r2, atol=1e-9, rtol=0), (k, row - alone.r2)
+    with pytest.raises(ValueError, match="increase"):
+        ff_linearity(model, texts, protocol="paper", sizes=(90, 50), progress=False)
+    with pytest.raises(ValueError, match="sizes\\[0\\] must be"):
+        ff_linearity(model, texts, protocol="paper", sizes=(121,), progress=False)
+    with pytest.raises(ValueError, match="held-out"):  # seed 0 holds none of the first text out
+        held = ff_linearity(model, texts, progress=False).held_out
+        ff_linearity(model, texts, sizes=(min(held),), progress=False)
+
+
+def test_the_quoted_ff_linearity_numbers_are_demo_01s_with_their_token_counts():
+    # One source for the R² the docs quote: demo 01's printed curve (each with its tokens).
+    import json
+    import re
+    from pathlib import Path
+
+    import tl_decomp.decomposition._linearity as linearity
+
+    root = Path(__file__).parents[2]
+    cells = json.loads((root / "demos/01_decompose.ipynb").read_text())["cells"]
+    out = next(
+        "".join(o.get("text", ""))
+        for c in cells
+        for o in c.get("outputs", [])
+        if "FF linearity, paper protocol" in "".join(o.get("text", ""))
+    )
+    curve = [line.split() for line in out.splitlines() if re.match(r"\s*\d+\s+\d\.\d{3}\s", line)]
+    tokens, r2 = [int(r[0]) for r in curve], [r[1:] for r in curve]
+    limit = re.search(r"∞ \(fit of a \+ b/n\)\s+(.*)", out)[1].split()  # type: ignore[index]
+    pooled = re.search(r"pooled R² on (\d+) held-out tokens \(fit on \d+\): \[(.*)\]", out)
+    assert len(tokens) == 4 and len(limit) == 6 and pooled
+    held_tokens, pooled_r2 = pooled[1], [f"{float(v):.2f}" for v in pooled[2].split(",")]
+    reproducing = (root / "docs/reproducing.md").read_text()
+    method = (root / "docs/method.md").read_text()
+    docs = (linearity.FFLinearity, linearity.ff_linearity)
+    quotes = {
+        "reproducing": (reproducing, [
+            f"at {tokens[-1]} tokens (500 sentences): {'/'.join(r2[-1])}",
+            f"(`a + b/n`): {'/'.join(limit)}",
+            f"block 0 at {'/'.join(map(str, tokens))} tokens: {'/'.join(r[0] for r in r2)}",
+            f"{'/'.join(pooled_r2)} ({held_tokens} tokens)",
+        ]),
+        "method": (" ".join(method.split()), [
+            f"{pooled_r2[0]} pooled, held out, on {held_tokens} tokens, against {r2[-1][0]} "
+            f"per dimension, in-sample, on {tokens[-1]} tokens",
+            f"{' / '.join(r[0] for r in r2)} at {' / '.join(map(str, tokens))} tokens",
+            f"to {limit[0]} at large samples",
+        ]),
+        "docstrings": (" ".join(" ".join((f.__doc__ or "").split()) for f in docs), [
+            f"{' / '.join(r[0] for r in r2[1:])} at {' / '.join(map(str, tokens[1:]))} tokens",
+            f"{pooled_r2[0]} pooled, held out, on {held_tokens} tokens; {r2[-1][0]} per "
+            f"dimension, in-sample, on {tokens[-1]}",
+        ]),
+    }  # fmt: skip
+    for where, (text, wanted) in quotes.items():
+        for quote in wanted:
+            assert quote in text, (where, quote)

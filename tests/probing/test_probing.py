@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import einops
 import pytest
 import torch
 from support.helpers import NoHooksLeft, assert_close
@@ -19,6 +20,7 @@ from tl_decomp.probing import (
     split,
     word_factors,
 )
+from tl_decomp.probing._classifiers import agreement, fit_predict, selector
 
 TERMS = ("i", "h", "f", "c")
 WORDS = [["the", "cat", "sat", "on", "the", "mat"], ["a", "dog", "ran", "."]] * 3
@@ -87,6 +89,45 @@ def test_agreement_matrix():
     assert m[SUBSETS.index("f"), SUBSETS.index("i")] < 0.6
 
 
+def test_agreement_macro_f1_is_sklearns_between_each_pair_of_subsets():
+    # The authors' agreement matrix: f1_score(a's predictions, b's, average="macro").
+    from sklearn.metrics import f1_score
+
+    g = torch.Generator().manual_seed(0)
+    pred = torch.randint(0, 5, (6, 40), generator=g)
+    pred[1] = pred[0]
+    pred[2, :20] = 4  # a class only some subsets predict
+    same, f1 = agreement(pred, n_classes=7)
+    for a in range(6):
+        for b in range(6):
+            ref = f1_score(pred[b].numpy(), pred[a].numpy(), average="macro")
+            assert abs(f1[a, b].item() - ref) < 1e-12, (a, b)
+            assert same[a, b].item() == (pred[a] == pred[b]).double().mean().item()
+    assert torch.equal(f1, f1.T) and f1[0, 1] == 1
+
+
+def test_probe_table_agreement_is_the_mean_over_seeds_of_sklearns_macro_f1():
+    from sklearn.metrics import f1_score
+
+    wf = constructed("h", n=200)
+    subsets = ["i", "h", "i+h"]
+    t = probe_factors(wf, probe="knn", seeds=[0, 1], subsets=subsets, progress=False)
+    ref = torch.zeros(3, 3, dtype=torch.float64)
+    for seed in (0, 1):  # the same split and probe, predicted again, scored by sklearn
+        parts = [einops.einsum(selector(subsets), wf.factors[:, i], "s f, f n d -> s n d")
+                 for i in split(200, seed)]  # fmt: skip
+        y = [wf.labels[i] for i in split(200, seed)]
+        opts = {"n_jobs": 1}
+        pred = fit_predict("knn", parts[0], y[0], parts[1], y[1], parts[2], 3, seed, opts)
+        for a in range(3):
+            for b in range(3):
+                ref[a, b] += f1_score(pred[b], pred[a], average="macro") / 2
+    assert torch.allclose(t.agreement("macro_f1").double(), ref, atol=1e-6)
+    assert torch.equal(t.agreement(), t.pairwise_agreement)
+    with pytest.raises((ValueError, TypeError), match="metric must be one of|typechecking"):
+        t.agreement("kappa")  # type: ignore[arg-type]
+
+
 def test_splits_are_80_10_10_by_occurrence_and_follow_the_seed():
     for n in (10, 11, 257):
         tr, va, te = split(n, seed=1)
@@ -107,6 +148,7 @@ def test_table_renders_mean_and_std_and_plots():
     matplotlib.use("Agg")
     assert len(t.plot().patches) == 15
     assert t.plot_agreement().get_images()
+    assert t.plot_agreement(metric="macro_f1").get_images()
 
 
 # -- features from a model ----------------------------------------------------------------

@@ -3,6 +3,9 @@
 Every function takes one tensor per split, ``[subset occurrence d]``. Each subset gets its
 own probe, fitted by scikit-learn (logistic regression, a one-hidden-layer MLP, k-NN), with
 its regularisation chosen on the validation split; subsets run in parallel with joblib.
+The MLP has no dropout (`MLPClassifier` has none): its L2 penalty, picked on validation, is
+its only regulariser. A torch MLP with dropout would be a second training loop to maintain
+for a regulariser the subsets' ranking does not hinge on; docs/method.md §4 states the gap.
 """
 
 from __future__ import annotations
@@ -129,5 +132,14 @@ def macro_f1(pred: Int[Tensor, "subset n"], y: Int[Tensor, " n"], n_classes: int
     p, t = F.one_hot(pred, n_classes).bool(), F.one_hot(y, n_classes).bool()[None]
     tp, fp, fn = (p & t).sum(1), (p & ~t).sum(1), (~p & t).sum(1)
     denom = 2 * tp + fp + fn
-    f1 = torch.where(denom > 0, 2 * tp / denom.clamp_min(1), 0.0)
+    f1 = torch.where(denom > 0, 2 * tp.double() / denom.clamp_min(1), 0.0)
     return f1.sum(1) / (denom > 0).sum(1)
+
+
+def agreement(pred: Int[Tensor, "subset n"], n_classes: int) -> tuple[Tensor, Tensor]:
+    """Two ``[subset subset]`` matrices between subsets' predictions on the same words: the
+    share given the same label, and the macro-F1 of one against the other (the authors';
+    per class ``2|A ∩ B| / (|A| + |B|)``, so symmetric; diagonal 1)."""
+    same = (pred[:, None] == pred[None]).double().mean(-1)
+    f1 = torch.stack([macro_f1(pred, truth, n_classes) for truth in pred], 1).double()
+    return same, f1

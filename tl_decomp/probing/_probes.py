@@ -3,9 +3,10 @@
 A word occurrence's feature for a subset of ``{i, h, f, c}`` is the sum of those factors,
 summed over the word's word-pieces (the paper's choice). Three probes (multinomial logistic
 regression, a one-hidden-layer MLP, k-NN with k=5 and cosine similarity) are trained on an
-80/10/10 split of the occurrences per seed; the 10% validation split picks the training epoch
-(early stopping), the last 10% is scored. The probes themselves live in `_probes`; masked-token
-prediction from subsets (section 4) in `tl_decomp.probing`.
+80/10/10 split of the occurrences per seed; the 10% validation split picks the
+regularisation from a small grid (`C` / `alpha`; no early stopping), the last 10% is scored.
+The probes themselves live in `_classifiers`; masked-token prediction from subsets (section
+4) in `tl_decomp.probing`.
 Word factors are gathered by `tl_decomp.probing`, re-exported here.
 """
 
@@ -14,7 +15,7 @@ from __future__ import annotations
 import numbers
 from collections.abc import Hashable, Sequence
 from dataclasses import dataclass
-from typing import Any, Literal
+from typing import Any, Literal, get_args
 
 import einops
 import torch
@@ -25,11 +26,19 @@ from tqdm.auto import tqdm
 from tl_decomp._core import checks
 from tl_decomp._core.convention import Layer
 from tl_decomp._core.results import Result
-from tl_decomp.probing._classifiers import SUBSETS, fit_predict, macro_f1, selector, subset_names
+from tl_decomp.probing._classifiers import (
+    SUBSETS,
+    agreement,
+    fit_predict,
+    macro_f1,
+    selector,
+    subset_names,
+)
 from tl_decomp.probing._classifiers import split as split_occurrences
 from tl_decomp.probing._words import WordFactors, word_factors
 
 Probe = Literal["linear", "mlp", "knn"]
+Agreement = Literal["same_label", "macro_f1"]
 
 
 @dataclass(frozen=True, repr=False)
@@ -42,6 +51,9 @@ class ProbeTable(Result):
         accuracy, macro_f1: ``[subset seed]``, fractions in [0, 1].
         pairwise_agreement: ``[subset subset]``, the share of test occurrences on which two
             subsets' probes predict the same label, averaged over seeds (diagonal: 1).
+        pairwise_macro_f1: ``[subset subset]``, the macro-F1 of one subset's test
+            predictions scored against the other's (the authors' agreement matrix;
+            symmetric), averaged over seeds (diagonal: 1).
         seeds: the seeds, one per column.
         classes: the label set.
         n_occurrences: word occurrences split into train / validation / test.
@@ -55,6 +67,7 @@ class ProbeTable(Result):
     accuracy: Float[Tensor, "subset seed"]
     macro_f1: Float[Tensor, "subset seed"]
     pairwise_agreement: Float[Tensor, "subset subset"]
+    pairwise_macro_f1: Float[Tensor, "subset subset"]
     seeds: tuple[int, ...]
     classes: tuple[Hashable, ...]
     n_occurrences: int
@@ -76,9 +89,11 @@ class ProbeTable(Result):
         m = self._metric(metric)
         return m.std(1) if m.shape[1] > 1 else torch.zeros(m.shape[0])
 
-    def agreement(self) -> Float[Tensor, "subset subset"]:
-        """Pairwise prediction agreement between subsets (rows and columns: `subsets`)."""
-        return self.pairwise_agreement
+    def agreement(self, metric: Agreement = "same_label") -> Float[Tensor, "subset subset"]:
+        """Pairwise agreement between subsets' predictions (rows and columns: `subsets`):
+        ``same_label`` (the share of words labelled alike) or ``macro_f1`` (the authors')."""
+        checks.choice(metric, "metric", get_args(Agreement))
+        return self.pairwise_agreement if metric == "same_label" else self.pairwise_macro_f1
 
     def rows(self) -> list[dict[str, Any]]:
         """One record per subset: mean and std over seeds of accuracy and macro-F1."""
@@ -117,22 +132,24 @@ class ProbeTable(Result):
         ax.legend(loc="lower right")
         return ax
 
-    def plot_agreement(self, ax: Any = None) -> Any:
-        """Heat map of `agreement()`; returns the matplotlib axes."""
+    def plot_agreement(self, ax: Any = None, metric: Agreement = "same_label") -> Any:
+        """Heat map of `agreement(metric)`; returns the matplotlib axes."""
         import matplotlib.pyplot as plt
 
+        matrix = self.agreement(metric)
         ax = ax or plt.subplots(figsize=(5.5, 4.5))[1]
-        im = ax.imshow(self.pairwise_agreement, vmin=0, vmax=1, cmap="viridis")
+        im = ax.imshow(matrix, vmin=0, vmax=1, cmap="viridis")
         ticks = list(range(len(self.subsets)))
         ax.set_xticks(ticks, self.subsets, rotation=90)
         ax.set_yticks(ticks, self.subsets)
-        ax.figure.colorbar(im, ax=ax, label="prediction agreement")
+        label = "same label" if metric == "same_label" else "macro-F1 between subsets"
+        ax.figure.colorbar(im, ax=ax, label=label)
         return ax
 
 
 def _options(probe, seeds, subsets, split, hidden, C, alpha, max_iter, n_jobs):
     """Every probing option checked (before any model run, in `probe_subsets`)."""
-    checks.choice(probe, "probe", ("linear", "mlp", "knn"))
+    checks.choice(probe, "probe", get_args(Probe))
     checks.choice(split, "split", ("per_seed", "fixed"))
     if isinstance(seeds, numbers.Integral) and not isinstance(seeds, bool):
         seeds = range(checks.integer(seeds, "seeds", least=1))
@@ -212,7 +229,8 @@ def probe_factors(
     if n < 10:
         raise ValueError(f"{n} word occurrences: an 80/10/10 split needs at least 10")
     sel, x = selector(subsets), wf.factors.float()
-    acc, f1, agree = [], [], torch.zeros(len(subsets), len(subsets))
+    acc, f1 = [], []
+    agree, agree_f1 = (torch.zeros(len(subsets), len(subsets), dtype=torch.float64) for _ in "ab")
     for seed in tqdm(seeds, desc=f"{probe} probes", disable=not progress, unit="seed"):
         idxs = split_occurrences(n, 0 if split == "fixed" else seed)
         parts = [einops.einsum(sel, x[:, idx], "s f, f n d -> s n d") for idx in idxs]
@@ -220,14 +238,17 @@ def probe_factors(
         pred = fit_predict(probe, parts[0], y_tr, parts[1], y_va, parts[2], n_classes, seed, opts)
         acc.append((pred == y_te).float().mean(1))
         f1.append(macro_f1(pred, y_te, n_classes))
-        agree += (pred[:, None] == pred[None]).float().mean(-1) / len(seeds)
+        same, between = agreement(pred, n_classes)
+        agree += same / len(seeds)
+        agree_f1 += between / len(seeds)
     counts = torch.bincount(wf.labels, minlength=n_classes)
     return ProbeTable(
         probe=probe,
         subsets=subsets,
         accuracy=torch.stack(acc, 1),
         macro_f1=torch.stack(f1, 1).float(),
-        pairwise_agreement=agree,
+        pairwise_agreement=agree.float(),
+        pairwise_macro_f1=agree_f1.float(),
         seeds=seeds,
         classes=wf.classes,
         n_occurrences=n,
