@@ -1,23 +1,23 @@
-"""Real headless Chromium for the page tests, over the DevTools protocol on a pipe
-(``--remote-debugging-pipe``), with no Python driver: every network request a page makes,
-every script error and every Content-Security-Policy violation is seen, and a screenshot
-taken. Tests using it skip only where no Chromium is installed (scripts/check.sh installs
-Debian's; ``TL_DECOMP_REQUIRE_BROWSER=1`` makes a missing one a failure)."""
+"""Real headless Chromium for the page tests, driven by Playwright's Python package.
+
+Playwright launches the system Chromium (``executable_path``: no browser download) and sees
+every network request a page makes, every script error and console error, and takes a
+screenshot; a script run before the page's own records alerts and Content-Security-Policy
+violations. Tests using it skip only where Chromium or Playwright is missing (scripts/check.sh
+installs Debian's Chromium and the ``dev`` extra); ``TL_DECOMP_REQUIRE_BROWSER=1`` makes a
+missing one a failure.
+"""
 
 from __future__ import annotations
 
-import base64
 import dataclasses
-import fcntl
+import importlib.util
 import io
-import json
 import os
-import select
 import shutil
-import subprocess
-import tempfile
 import time
 from pathlib import Path
+from typing import Any
 
 import pytest
 
@@ -25,24 +25,18 @@ EVIL = "<img src=x onerror=alert(1)>"
 CHROMIUM = next(
     (p for p in map(shutil.which, ("chromium", "chromium-browser", "google-chrome")) if p), None
 )
+PLAYWRIGHT = importlib.util.find_spec("playwright") is not None
+REQUIRED = os.environ.get("TL_DECOMP_REQUIRE_BROWSER") == "1"
 browser = pytest.mark.browser
-# scripts/check.sh installs Chromium and sets TL_DECOMP_REQUIRE_BROWSER=1: there, no skip.
+# scripts/check.sh installs Chromium and sets TL_DECOMP_REQUIRE_BROWSER=1: there, no skip
+# (Chromium() then fails, naming what is missing).
 needs_chromium = pytest.mark.skipif(
-    CHROMIUM is None and os.environ.get("TL_DECOMP_REQUIRE_BROWSER") != "1",
-    reason="needs Chromium (Debian: apt-get install chromium; scripts/check.sh installs it)",
+    not (CHROMIUM and PLAYWRIGHT) and not REQUIRED,
+    reason="needs Chromium and Playwright (Debian: apt-get install chromium; "
+    "pip install -e '.[dev]'; scripts/check.sh installs both)",
 )
-FLAGS = [
-    "--headless",
-    "--no-sandbox",
-    "--disable-gpu",
-    "--disable-quic",
-    "--no-first-run",
-    "--disable-background-networking",
-    "--disable-component-update",
-    "--disable-sync",
-    "--window-size=1280,900",
-    "--remote-debugging-pipe",
-]
+ARGS = ["--no-sandbox", "--disable-gpu", "--disable-quic", "--disable-background-networking",
+        "--disable-component-update", "--disable-sync", "--no-first-run"]  # fmt: skip
 # Runs before any script of the page: records alerts, CSP violations and script errors.
 PROBE = """window.__alerts = []; window.__csp = []; window.__errors = [];
 window.alert = (m) => window.__alerts.push(String(m));
@@ -52,86 +46,49 @@ window.addEventListener("error", (e) => window.__errors.push(String(e.message)))
 
 
 class Chromium:
-    """Headless Chromium over the DevTools protocol: JSON messages ending in NUL, fds 3/4."""
+    """One headless system Chromium with one page (1280 x 900), the probe installed, and
+    every request, page error and console error recorded."""
 
     def __init__(self) -> None:
         assert CHROMIUM is not None, "no chromium on PATH (TL_DECOMP_REQUIRE_BROWSER=1)"
-        self.profile = tempfile.mkdtemp(prefix="tl_decomp_chromium_")
-        cmd_r, self.cmd_w = os.pipe()
-        self.res_r, res_w = os.pipe()
+        assert PLAYWRIGHT, "no playwright (pip install -e '.[dev]'; TL_DECOMP_REQUIRE_BROWSER=1)"
+        from playwright.sync_api import sync_playwright
 
-        def child() -> None:  # the protocol's fixed descriptors: 3 = commands, 4 = replies
-            a, b = (fcntl.fcntl(fd, fcntl.F_DUPFD, 10) for fd in (cmd_r, res_w))
-            os.dup2(a, 3)
-            os.dup2(b, 4)
+        self._driver = sync_playwright().start()
+        try:
+            self._browser = self._driver.chromium.launch(executable_path=CHROMIUM, args=ARGS)
+        except Exception:
+            self._driver.stop()
+            raise
+        self.page = self._browser.new_page(viewport={"width": 1280, "height": 900})
+        self.page.add_init_script(PROBE)
+        self.requests: list[str] = []
+        self.problems: list[str] = []  # uncaught exceptions and console errors
+        self.page.on("request", lambda r: self.requests.append(r.url))
+        self.page.on("pageerror", lambda e: self.problems.append(f"pageerror: {e}"[:300]))
+        self.page.on("console", self._console)
 
-        self.proc = subprocess.Popen(
-            [CHROMIUM, *FLAGS, f"--user-data-dir={self.profile}", "about:blank"],
-            preexec_fn=child,
-            close_fds=False,  # close_fds would shut 3 and 4 after preexec_fn
-            stdout=subprocess.DEVNULL,
-            stderr=subprocess.DEVNULL,
-        )
-        os.close(cmd_r)
-        os.close(res_w)
-        self.buf, self.next_id, self.events = b"", 0, []
-        target = self.send("Target.createTarget", url="about:blank")["targetId"]
-        self.session = self.send("Target.attachToTarget", targetId=target, flatten=True)[
-            "sessionId"
-        ]
-        for domain in ("Page", "Network", "Runtime", "Log"):
-            self.send(f"{domain}.enable", self.session)
-        self.send("Page.addScriptToEvaluateOnNewDocument", self.session, source=PROBE)
+    def _console(self, message: Any) -> None:
+        if message.type == "error":
+            self.problems.append(f"console: {message.text}"[:300])
 
-    def _message(self, timeout: float) -> dict:
-        while b"\0" not in self.buf:
-            ready, _, _ = select.select([self.res_r], [], [], max(timeout, 0))
-            if not ready:
-                raise TimeoutError("Chromium did not answer")
-            chunk = os.read(self.res_r, 1 << 20)
-            if not chunk:
-                raise EOFError("Chromium closed the DevTools pipe")
-            self.buf += chunk
-        msg, self.buf = self.buf.split(b"\0", 1)
-        return json.loads(msg)
+    def open(self, path: Path, timeout: float = 30) -> None:
+        self.page.goto(path.resolve().as_uri(), wait_until="load", timeout=timeout * 1000)
 
-    def send(self, method: str, session: str | None = None, timeout: float = 30, **params):
-        self.next_id += 1
-        msg: dict = {"id": self.next_id, "method": method, "params": params}
-        if session:
-            msg["sessionId"] = session
-        os.write(self.cmd_w, json.dumps(msg).encode() + b"\0")
-        end = time.monotonic() + timeout
-        while True:
-            m = self._message(end - time.monotonic())
-            if m.get("id") == self.next_id:
-                if "error" in m:
-                    raise RuntimeError(f"{method}: {m['error']}")
-                return m["result"]
-            self.events.append(m)
-
-    def wait_for(self, method: str, timeout: float = 30) -> dict:
-        end = time.monotonic() + timeout
-        while not any(e.get("method") == method for e in self.events):
-            self.events.append(self._message(end - time.monotonic()))
-        return next(e for e in self.events if e.get("method") == method)
-
-    def js(self, expression: str):
-        res = self.send("Runtime.evaluate", self.session, expression=expression, returnByValue=True)
-        if "exceptionDetails" in res:
-            raise RuntimeError(res["exceptionDetails"])
-        return res["result"].get("value")
+    def js(self, expression: str) -> Any:
+        return self.page.evaluate(expression)
 
     def close(self) -> None:
         try:
-            self.send("Browser.close", timeout=5)
-            self.proc.wait(10)
-        except (OSError, RuntimeError, TimeoutError, EOFError, subprocess.TimeoutExpired):
-            self.proc.kill()
-            self.proc.wait()
-        os.close(self.cmd_w)
-        os.close(self.res_r)
-        shutil.rmtree(self.profile, ignore_errors=True)
+            self._browser.close()
+        finally:
+            self._driver.stop()
+
+    def __enter__(self) -> Chromium:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.close()
 
 
 @dataclasses.dataclass
@@ -141,6 +98,8 @@ class Loaded:
     png: bytes
     text: str
     problems: list[str]  # exceptions, console errors, CSP violations
+    seconds: float  # from navigation until every component was drawn
+    clipped: list[str]  # selector labels cut by their box (CLIPPED_PROBE)
 
 
 # What each component must have put in the DOM once React has committed it.
@@ -151,11 +110,26 @@ DOM_PROBE = """(() => {
       name: d.dataset.component, mounted: d.dataset.mounted === "1",
       canvases: d.querySelectorAll("canvas").length,
       drawn: [...d.querySelectorAll("canvas")].filter((c) => c.width > 0).length,
-      spans: d.querySelectorAll("span").length, text: d.innerText })),
+      spans: d.querySelectorAll("span").length, text: d.innerText,
+      buttons: [...d.querySelectorAll("button")].map((b) => b.innerText) })),
     props: JSON.parse(document.getElementById("tl-decomp-props").textContent).length,
     imgs: document.images.length, scripts: document.scripts.length,
     alerts: window.__alerts, csp: window.__csp, errors: window.__errors,
     svgs: document.querySelectorAll("figure svg").length };
+})()"""
+
+
+# Once drawn: the names on the AttentionHeads selector's thumbnails (circuitsvis 1.43, pinned,
+# writes each as an <h4> over the thumbnail's canvas) wider than their thumbnail, which the
+# next one then covers: "L23 L23 …" for "L23H0 L23H1".
+CLIPPED_PROBE = """(() => {
+  const cut = (e) => {
+    const r = e.getBoundingClientRect(), box = e.parentElement.getBoundingClientRect();
+    return e.scrollWidth > e.clientWidth + 1 || r.left < box.left - 1 || r.right > box.right + 1;
+  };
+  return [...document.querySelectorAll('div.cv[data-component="AttentionHeads"] *')]
+    .filter((e) => e.tagName === "H4" && e.parentElement.querySelector("canvas") && cut(e))
+    .map((e) => e.innerText.trim());
 })()"""
 
 
@@ -168,36 +142,23 @@ def _ready(dom: dict) -> bool:
 
 def load(path: Path, timeout: float = 30) -> Loaded:
     """Open `path` in a fresh Chromium, wait until every component is drawn, screenshot."""
-    chrome = Chromium()
-    try:
-        chrome.send("Page.navigate", chrome.session, url=path.resolve().as_uri())
-        chrome.wait_for("Page.loadEventFired", timeout)
+    with Chromium() as chrome:
+        start = time.perf_counter()
+        chrome.open(path, timeout)
         end = time.monotonic() + timeout
         while not _ready(dom := chrome.js(DOM_PROBE)) and time.monotonic() < end:
             time.sleep(0.2)
+        seconds = time.perf_counter() - start
+        clipped = chrome.js(CLIPPED_PROBE)
         # A viewport as tall as the page, so the capture needs no resize: chart.js redraws
         # its canvases after every resize, and a capture mid-redraw shows them blank.
-        height = chrome.send("Page.getLayoutMetrics", chrome.session)["cssContentSize"]["height"]
-        chrome.send("Emulation.setDeviceMetricsOverride", chrome.session, width=1280,
-                    height=int(height), deviceScaleFactor=1, mobile=False)  # fmt: skip
+        height = chrome.js("document.documentElement.scrollHeight")
+        chrome.page.set_viewport_size({"width": 1280, "height": int(height)})
         time.sleep(1.0)
-        shot = chrome.send("Page.captureScreenshot", chrome.session, format="png")
+        png = chrome.page.screenshot(timeout=timeout * 1000)
         text = chrome.js("document.body.innerText")
-    finally:
-        chrome.close()
-    requests = [
-        e["params"]["request"]["url"]
-        for e in chrome.events
-        if e.get("method") == "Network.requestWillBeSent"
-    ]
-    problems = [
-        json.dumps(e["params"])[:300]
-        for e in chrome.events
-        if e.get("method") == "Runtime.exceptionThrown"
-        or (e.get("method") == "Log.entryAdded" and e["params"]["entry"]["level"] == "error")
-    ]
-    problems += dom["errors"] + dom["csp"]
-    return Loaded(requests, dom, base64.b64decode(shot["data"]), text, problems)
+        problems = chrome.problems + dom["errors"] + dom["csp"]
+        return Loaded(chrome.requests, dom, png, text, problems, seconds, clipped)
 
 
 def save_screenshot(png: bytes, name: str) -> None:
@@ -208,7 +169,7 @@ def save_screenshot(png: bytes, name: str) -> None:
         (Path(folder) / name).write_bytes(png)
 
 
-def assert_page_ok(page: Loaded, path: Path) -> None:
+def assert_page_ok(page: Loaded, path: Path, plots: int = 3) -> None:
     assert page.requests == [path.resolve().as_uri()], "the page asked for more than itself"
     assert page.problems == []
     comps = page.dom["components"]
@@ -221,7 +182,7 @@ def assert_page_ok(page: Loaded, path: Path) -> None:
             assert c["spans"] > 0 and c["text"].strip()
     assert page.dom["scripts"] == 3  # the bundle, the props, the mount: nothing injected
     assert page.dom["imgs"] == 0 and page.dom["alerts"] == []
-    assert page.dom["svgs"] >= 3  # the matplotlib plots
+    assert page.dom["svgs"] >= plots  # the matplotlib plots
 
 
 def assert_not_blank(png: bytes) -> None:

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import dataclasses
 import functools
 import html
 import json
@@ -16,6 +17,7 @@ import warnings
 import pytest
 import torch
 from circuitsvis.utils.render import RenderedHTML
+from support.browser import Chromium, load, needs_chromium
 from support.models import cached_model
 
 import tl_decomp as td
@@ -329,12 +331,9 @@ def test_save_is_atomic_replaces_files_and_refuses_links(tmp_path, monkeypatch, 
 
 
 @pytest.mark.browser
+@needs_chromium
 def test_saved_views_open_offline_in_chromium(tmp_path):
     """Every component of the four views, saved as one page: drawn, with no request."""
-    from support.browser import CHROMIUM, load
-
-    if CHROMIUM is None:
-        pytest.skip("needs Chromium (scripts/check.sh installs it)")
     view = views.View([c for v in four_views() for c in v.components])
     path = view.save(tmp_path / "views.html")
     page = load(path)
@@ -354,33 +353,24 @@ def test_saved_views_open_offline_in_chromium(tmp_path):
 def open_fragments(path, wait: float = 1.0) -> dict:
     """Open a page of notebook outputs in Chromium: after `wait` seconds, once every
     component shows something (or 30 s more), what mounted and what the page says."""
-    from support.browser import Chromium
-
     probe = """({pwned: window.__pwned === undefined ? 0 : 1, imgs: document.images.length,
       text: document.body.innerText, cv: document.querySelectorAll("div.cv").length,
       shown: [...document.querySelectorAll("div.cv")].filter((d) => d.innerText.trim()).length,
       mounted: document.querySelectorAll('div.cv[data-mounted="1"]').length})"""
-    chrome = Chromium()
-    try:
-        chrome.send("Page.navigate", chrome.session, url=path.resolve().as_uri())
-        chrome.wait_for("Page.loadEventFired", 60)
+    with Chromium() as chrome:
+        chrome.open(path, 60)
         time.sleep(wait)
         end = time.monotonic() + 30
         while (got := chrome.js(probe))["shown"] < got["cv"] and time.monotonic() < end:
             time.sleep(0.2)
         return got
-    finally:
-        chrome.close()
 
 
 @pytest.mark.browser
+@needs_chromium
 def test_notebook_views_run_no_script_from_tokens(tmp_path, session):
     """Notebook outputs of every view, in headless Chromium, the bundle in the second: all
     mount, and no token runs script."""
-    from support.browser import CHROMIUM
-
-    if CHROMIUM is None:
-        pytest.skip("needs Chromium (scripts/check.sh installs it)")
     evil = "</script><script>window.__pwned = 1</script>"
     bert = cached_model("bert")
     d = decompose(bert, "the cat sat")  # [CLS] the cat sat [SEP]
@@ -407,11 +397,8 @@ def test_notebook_views_run_no_script_from_tokens(tmp_path, session):
 
 
 @pytest.mark.browser
+@needs_chromium
 def test_a_view_without_the_bundle_says_how_to_get_it(tmp_path, session):
-    from support.browser import CHROMIUM
-
-    if CHROMIUM is None:
-        pytest.skip("needs Chromium (scripts/check.sh installs it)")
     view = four_views()[2]
     view._repr_html_()  # the session's first output, not on the page
     path = tmp_path / "alone.html"
@@ -448,3 +435,34 @@ def test_saved_pages_get_the_permissions_open_would_give(tmp_path):
     finally:
         os.umask(old)
     assert stat.S_IMODE(path.stat().st_mode) == 0o600
+
+
+def test_flow_view_props_are_the_kept_edges():
+    """The routes panel holds exactly the edges `InformationFlow.edges` keeps (heads summed
+    per block, the residual on the diagonal), against a loop over every block, head and pair;
+    the token panel is the contributions, one button per layer."""
+    flow = td.information_flow(cached_model("gpt2"), "the cat sat on the mat")
+    cut = flow.attention.abs().max().item() / 4  # a random tiny model's heads write little
+    flow = dataclasses.replace(flow, threshold=cut)
+    (routes_name, routes), (tokens_name, contributions) = shown(views.flow_view(flow))
+    assert (routes_name, tokens_name) == ("AttentionHeads", "ColoredTokensMulti")
+    n_blocks, n_heads, n, _ = flow.attention.shape
+    expected = torch.zeros(n_blocks, n, n, dtype=torch.float64)
+    alive = {flow.position}
+    for b in reversed(range(n_blocks)):  # followed back from the last block, as edges() says
+        reached = set()
+        for i in alive:
+            if abs(flow.residual[b, i]) >= cut:
+                expected[b, i, i] += flow.residual[b, i].item()
+                reached.add(i)
+            for h in range(n_heads):
+                for j in range(n):
+                    if abs(flow.attention[b, h, i, j]) >= cut:
+                        expected[b, i, j] += flow.attention[b, h, i, j].item()
+                        reached.add(j)
+        alive = reached
+    assert (expected != 0).sum() > n_blocks  # attention edges as well as residual ones
+    assert torch.allclose(torch.tensor(routes["attention"], dtype=torch.float64), expected)
+    assert routes["attentionHeadNames"] == [f"block {b}" for b in range(n_blocks)]
+    assert contributions["values"] == flow.contributions.T.tolist()
+    assert contributions["labels"] == [f"layer {L}" for L in range(n_blocks + 1)]

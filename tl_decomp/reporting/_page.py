@@ -30,7 +30,8 @@ td:first-child,th:first-child{text-align:left}.cv{margin:4px 0 16px}.row{display
 .row>div{flex:1 1 0;min-width:0}.note{color:#555;font-size:13px}svg{max-width:100%;height:auto}
 section{border-top:1px solid #ccc;margin-top:24px}
 .cv>div[style*=padding-bottom]{padding-bottom:16px!important}
-.cv[data-component^=ColoredTokens] span[style*=inline-block]{margin-right:3px!important}"""
+.cv[data-component^=ColoredTokens] span[style*=inline-block]{margin-right:3px!important}
+ul.note{margin:4px 0}"""
 # circuitsvis pads ColoredTokensMulti by 20 px per value for its tooltip (480 px for 24
 # values); the tooltip floats, so the page drops the padding. Tokens get a gap between them.
 
@@ -38,14 +39,16 @@ section{border-top:1px solid #ccc;margin-top:24px}
 def _rows(rep: Report) -> list[tuple[str, Sequence[Component]]]:
     """(section, components shown side by side in one row), in page order."""
     tokens, a = rep.tokens, rep.attribution
+    shown = [d for d in rep.decompositions if d.layer in rep.share_layers] or rep.decompositions
     rows: list[tuple[str, Sequence[Component]]] = [
-        ("decomposition", views.shares_components(rep.decompositions, tokens))
+        ("decomposition", views.shares_components(shown, tokens))
     ]
     for i, L in enumerate(rep.attention_blocks):
         nb = None if rep.norm_based is None else rep.norm_based[i]
-        pair = views.attention_components(rep.patterns[i], rep.effective[i], tokens, block=L,
-                                          causal=rep.causal, norm_based=nb)  # fmt: skip
-        rows.append((f"attention{L}", pair))
+        panels = views.attention_components(rep.patterns[i], rep.effective[i], tokens, block=L,
+                                            causal=rep.causal, norm_based=nb)  # fmt: skip
+        # one panel a row: the head selector gets the page's width, its labels whole
+        rows += [(f"attention{L}", (panel,)) for panel in panels]
     ident = rep.identifiability
     rows.append(
         ("identifiability", views.identifiability_components(ident, tokens, sequence=ident.test[0]))
@@ -57,6 +60,9 @@ def _rows(rep: Report) -> list[tuple[str, Sequence[Component]]]:
     if a is not None:
         rows.append(("attribution", views.attribution_components(a, tokens, query=rep.query)))
         rows.append(("attribution", views.attribution_components(a, tokens)))
+    if rep.flow is not None:
+        routes, contributions = views.flow_components(rep.flow)
+        rows += [("flow", (contributions,)), ("flow", (routes,))]
     return rows
 
 
@@ -76,7 +82,8 @@ def _body(rep: Report, slots: dict[str, str]) -> str:
     a = rep.attribution
     parts = [
         f"<h1>tl_decomp report</h1><p>{_e(rep.model_name)} · {len(rep.tokens)} tokens · "
-        f"computed in {rep.seconds:.1f} s</p><blockquote>{_e(rep.text)}</blockquote>",
+        f"computed in {rep.seconds:.1f} s</p><blockquote>{_e(rep.text)}</blockquote>"
+        + _left_out(rep),
         "<section><h2>Summary</h2><p class=note>Layer 0 is the layer-0 input, layer l the "
         "output of block l−1, final a decoder's final-norm output; heads are named by block "
         f"(L0H3: block 0, head 3).</p><p class=note>{_e(COLUMNS)}</p>"
@@ -93,7 +100,7 @@ def _body(rep: Report, slots: dict[str, str]) -> str:
         + "</section>",
         "<section><h2>Token identifiability</h2><p class=note>Is each token its own nearest "
         "layer-0 vector of the sentence, after a map g: e^l → e^0?</p>"
-        f"{_plot_identifiability(rep)}{slots['identifiability']}</section>",
+        f"{_naive_note(rep)}{_plot_identifiability(rep)}{slots['identifiability']}</section>",
     ]
     if a is not None:
         how = a.method + (f", {a.n_probes} probes" if a.n_probes else "")
@@ -102,9 +109,59 @@ def _body(rep: Report, slots: dict[str, str]) -> str:
             f"Σ_k ‖∂e_i/∂x_k‖ ({_e(how)}, w.r.t. {_e(a.wrt)}).</p>"
             f"{_plot_attribution(rep)}{slots['attribution']}</section>"
         )
+    if rep.flow is not None:
+        parts.append(_flow_section(rep, slots["flow"]))
     versions = ", ".join(f"{k} {v}" for k, v in rep.meta.items())
     parts.append(f"<p class=note>{_e(versions)}</p>")
     return "".join(parts)
+
+
+def _left_out(rep: Report) -> str:
+    if not rep.left_out:
+        return ""
+    items = "".join(f"<li>{_e(x)}</li>" for x in rep.left_out)
+    return (
+        f"<p class=note>Left out to keep the page small and quick:</p><ul class=note>{items}</ul>"
+    )
+
+
+def _naive_note(rep: Report) -> str:
+    """Why the naive map's curve can fall to ~0 after layer 0, with this text's numbers."""
+    if rep.corpus_identifiability is not None:
+        return ""
+    cos = dict(rep.state_cosines())
+    later = [v for L, v in cos.items() if L not in (0, "final")]
+    return (
+        "<p class=note>The curve uses the naive map (g = identity): a state counts as "
+        "identified when it is still nearest, by cosine, to its own token's layer-0 vector. "
+        "Nothing is fitted, so it falls wherever the states leave the directions of their "
+        "input vectors. Here the mean cosine between two different tokens' states is "
+        f"{cos[0]:.2f} at layer 0 and {min(later, default=cos[0]):.2f} to "
+        f"{max(later, default=cos[0]):.2f} at the later layers: "
+        + (
+            "the higher it is, the more every state points one way (a few large dimensions "
+            "that all tokens share, as decoders grow after their first block), and the fewer "
+            "tokens stay nearest to their own input. "
+            if max(later, default=0) > 0.5
+            else ""
+        )
+        + "A linear map fitted on corpus sentences (corpus_sentences=N, --corpus N) measures "
+        "what the naive map cannot: whether the token is still recoverable.</p>"
+    )
+
+
+def _flow_section(rep: Report, slot: str) -> str:
+    f = rep.flow
+    what = ("the logit of its next-token prediction " + repr(f.target)
+            if f.target is not None else "its state's share")  # fmt: skip
+    return (
+        "<section><h2>Information flow</h2><p class=note>Into token "
+        f"{f.position} ({_e(repr(f.tokens[f.position]))}): each input token's part of {_e(what)} "
+        "at every layer (exact: with the bias term they sum to it), and below, the routes "
+        "that carry it, block by block: the share of each head's term from key j (summed "
+        f"over heads) and of the residual (diagonal) in the state it writes; |share| ≥ "
+        f"{f.threshold:g}, followed back from the last block.</p>{slot}</section>"
+    )
 
 
 def _identifiable_note(rep: Report) -> str:

@@ -34,6 +34,18 @@ def check_path(path: str | os.PathLike[str]) -> Path:
     return files.check_path(path, what="the report")
 
 
+# What a default page draws: sized so that a 30-layer decoder on ~100 tokens gives a page of
+# a few MiB in well under a minute that Chromium draws in seconds (benchmarks/bench_report.py);
+# every cut is said on the page. Each attention panel is 10 chart.js matrices of query x key
+# cells (the head thumbnails and the zoomed head): they, not the bytes, set the browser's time
+# and memory. The costs, measured on SmolLM2 on 2 busy CPU cores: attribution 99² x 8 x 1
+# (78k) took 49 s, the flow 20² x 30 (12k) 24 s, the rest of a 99-token page 50 s.
+ATTENTION_VALUES = 600_000  # numbers in the attention panels (3 per head, query x key)
+ATTRIBUTION_COST = 40_000  # tokens² x directions per token x deepest layer (JVP work)
+FLOW_COST = 12_000  # tokens² x layers: the token split re-runs every block for every token
+SHARE_LAYERS = 6  # layers in the token-by-token shares view (the plot has every layer)
+
+
 def report(
     model: Any,
     text: str,
@@ -44,6 +56,8 @@ def report(
     attribution_layers: Sequence[Layer] | None = None,
     attribution_method: Literal["estimate", "exact"] = "estimate",
     n_probes: int = 8,
+    share_layers: Sequence[Layer] | None = None,
+    flow: bool | None = None,
     query: int | None = None,
     corpus_sentences: int = 0,
     max_tokens: int = 128,
@@ -51,21 +65,27 @@ def report(
 ) -> Report:
     """Analyse `text` with every method of the library and write one HTML page.
 
-    Defaults suit MiniLM on a CPU (a sentence in seconds): attribution is estimated
-    (`n_probes` random directions per token) on layers 1-3 only. One forward pass caches what
-    the decomposition and effective attention read.
+    The defaults keep the page small and quick on any model; what they leave out is listed
+    on the page (`Report.left_out`) with the argument that adds it. One forward pass caches
+    what the decomposition and effective attention read.
 
     Args:
         model: a TransformerBridge, HookedTransformer or HookedEncoder.
         text: one short text.
         path: where to write the page; None writes nothing (`Report.write` later).
         model_name: shown on the page; default the model's ``cfg.model_name``.
-        attention_blocks: blocks whose raw and effective attention to show; default all.
+        attention_blocks: blocks whose raw and effective attention to show; default as many
+            as fit ``ATTENTION_VALUES`` numbers, spread from the first block to the last.
         attribution_layers: residual-stream indices (0 .. n_layers, negatives from the end)
-            for Hidden Token Attribution; default 1, 2, 3 (those the model has); empty skips
-            it (it is the costly part: the run goes as deep as the deepest).
+            for Hidden Token Attribution; empty skips it. Default: up to 3 layers spread
+            over the depth that fits ``ATTRIBUTION_COST`` (the run goes as deep as the
+            deepest layer, ``tokens * directions`` JVPs); none where even layer 1 does not.
         attribution_method: ``estimate`` or ``exact`` (``pos * d_model`` JVPs).
         n_probes: random directions per token for ``estimate``.
+        share_layers: layers drawn token by token in the shares view; default up to 6,
+            spread over the depth (the plot and the table show every layer).
+        flow: the routes into the last token's prediction (`information_flow`; an
+            encoder's: into `query`); default when it fits ``FLOW_COST``.
         query: the position whose contributions are shown token by token (default: middle).
         corpus_sentences: also fit a linear identifiability map on this many sentences of the
             shipped corpus (0: only the text's own tokens, naive map).
@@ -89,11 +109,15 @@ def report(
     start = time.perf_counter()
     spec = adapters.model_spec(model)
     _check_options(text, attribution_method, n_probes, corpus_sentences, max_tokens, query)
-    blocks = convention.blocks(spec, attention_blocks, "attention_blocks")
-    if attribution_layers is None:
-        attribution_layers = range(1, min(3, spec.n_layers) + 1)
-    hta = tuple(attribution_layers)  # empty: skipped
-    hta = convention.resolve_many(spec, hta, "attribution_layers") if hta else ()
+    if flow is not None and not isinstance(flow, bool):
+        raise TypeError(f"flow must be True, False or None, not {flow!r}")
+    blocks = None
+    if attention_blocks is not None:
+        blocks = convention.blocks(spec, attention_blocks, "attention_blocks")
+    hta = None if attribution_layers is None else tuple(attribution_layers)
+    hta = convention.resolve_many(spec, hta, "attribution_layers") if hta else hta
+    shown = tuple(share_layers) if share_layers else None  # empty: the default
+    shown = convention.resolve_many(spec, shown, "share_layers") if shown else None
     ids, mask = adapters.tokenize(model, text, encoder=not spec.causal)
     ids, mask = ids.to(adapters.model_device(model)), mask.to(adapters.model_device(model))
     n = ids.shape[1]
@@ -102,12 +126,19 @@ def report(
     q = n // 2 if query is None else query
     if not -n <= q < n:
         raise ValueError(f"query {q} out of range: the text has {n} tokens")
+    left_out: list[str] = []
+    plan = _Plan(spec, n, attribution_method, n_probes, left_out)
+    blocks = plan.blocks() if blocks is None else blocks
+    hta = plan.attribution() if hta is None else hta
+    flow = plan.flow() if flow is None else flow
+    position = n - 1 if spec.causal else q % n  # the last token's prediction (decoders)
     jobs = {  # the steps of the progress bar
         "decomposition and attention": lambda: _one_pass(model, spec, ids, mask, blocks),
         "identifiability": lambda: _identifiability(model, text, corpus_sentences, progress),
         "attribution": lambda: hidden_token_attribution(
             model, ids, layers=hta, method=attribution_method,
             n_probes=n_probes, progress=progress) if hta else None,
+        "flow": lambda: _flow(model, ids, position, spec.causal) if flow else None,
     }  # fmt: skip
     got: dict[str, Any] = {}
     with tqdm(total=len(jobs) + 1, desc="report", disable=not progress) as bar:
@@ -117,19 +148,112 @@ def report(
             bar.update()
         bar.set_postfix_str("page")
         decompositions, raw, eff, null, norm_based = got["decomposition and attention"]
+        layers = [d.layer for d in decompositions]
+        shown = plan.shares(layers) if shown is None else shown
         rep = Report(
             model_name=model_name or str(getattr(model.cfg, "model_name", type(model).__name__)),
-            text=text, tokens=tuple(model.tokenizer.convert_ids_to_tokens(ids[0].tolist())),
+            text=text, tokens=token_strings(model, ids[0]),
             causal=spec.causal, decompositions=decompositions, attention_blocks=blocks,
             patterns=raw, effective=eff, null_space=null, norm_based=norm_based,
             identifiability=got["identifiability"][0],
             corpus_identifiability=got["identifiability"][1], attribution=got["attribution"],
             query=q % n, d_head=spec.d_head, seconds=time.perf_counter() - start, meta=_versions(),
+            flow=got["flow"], share_layers=tuple(shown), n_blocks=spec.n_layers,
+            left_out=tuple(left_out),
         )  # fmt: skip
         if out is not None:
             rep.write(out)
         bar.update()
     return rep
+
+
+def token_strings(model: Any, ids: Tensor) -> tuple[str, ...]:
+    """Each token as the text it stands for (``" keeper"``, not byte-level BPE's
+    ``"Ġkeeper"``): the tokenizer's own ``convert_tokens_to_string`` of that one token."""
+    tok = model.tokenizer
+    return tuple(tok.convert_tokens_to_string([t]) for t in tok.convert_ids_to_tokens(ids.tolist()))
+
+
+def _spread(items: Sequence[Any], k: int) -> tuple[Any, ...]:
+    """`k` of `items`, evenly spaced, the first and the last included (all when k >= len)."""
+    if k >= len(items):
+        return tuple(items)
+    if k <= 1:
+        return (items[-1],) if k == 1 else ()
+    return tuple(items[round(i * (len(items) - 1) / (k - 1))] for i in range(k))
+
+
+class _Plan:
+    """The default choices of what to draw, each within its budget; what a choice leaves out
+    goes to `left_out`, with the argument (and flag) that adds it."""
+
+    def __init__(self, spec: Any, n: int, method: str, n_probes: int, left_out: list[str]):
+        self.spec, self.n, self.left_out = spec, n, left_out
+        self.directions = n_probes if method == "estimate" else spec.d_model
+
+    def blocks(self) -> tuple[int, ...]:
+        per_block = 3 * self.spec.n_heads * self.n * self.n
+        k = max(1, ATTENTION_VALUES // per_block)
+        chosen = _spread(range(self.spec.n_layers), k)
+        if len(chosen) < self.spec.n_layers:
+            self.left_out.append(
+                f"attention of {self.spec.n_layers - len(chosen)} of {self.spec.n_layers} "
+                f"blocks (shown: {', '.join(map(str, chosen))}); attention_blocks=[…] "
+                "(--attention-blocks 0,1,2) adds others"
+            )
+        return chosen
+
+    def attribution(self) -> tuple[int, ...]:
+        deepest = min(self.spec.n_layers, ATTRIBUTION_COST // (self.n**2 * self.directions))
+        if deepest < 1:
+            self.left_out.append(
+                f"Hidden Token Attribution ({self.n} tokens × {self.directions} directions "
+                "per layer of depth is over the budget); attribution_layers=[1, 2] "
+                "(--attribution-layers 1,2) adds it"
+            )
+            return ()
+        if deepest < self.spec.n_layers:
+            self.left_out.append(
+                f"Hidden Token Attribution beyond layer {deepest} (the run goes as deep as the "
+                "deepest layer); attribution_layers=[…] (--attribution-layers 1,-1) adds others"
+            )
+        return _spread(range(1, deepest + 1), 3)
+
+    def flow(self) -> bool:
+        if self.n**2 * self.spec.n_layers <= FLOW_COST:
+            return True
+        self.left_out.append(
+            f"the information flow (it re-runs the model once per token: {self.n} runs of "
+            f"{self.spec.n_layers} blocks); flow=True (--flow) adds it"
+        )
+        return False
+
+    def shares(self, layers: Sequence[Layer]) -> tuple[Layer, ...]:
+        chosen = _spread(layers, SHARE_LAYERS)
+        if len(chosen) < len(layers):
+            self.left_out.append(
+                f"token-by-token shares of {len(layers) - len(chosen)} of {len(layers)} layers "
+                "(the plot and the table have them all); share_layers=[…] "
+                "(--share-layers 3,4) adds others"
+            )
+        return chosen
+
+
+def _flow(model: Any, ids: Tensor, position: int, causal: bool) -> Any:
+    """Routes into `position` (tokens as the page writes them); a decoder's explain the
+    logit of its own next-token prediction there, named by its text."""
+    import dataclasses
+
+    from tl_decomp.decomposition import information_flow
+
+    tokens = token_strings(model, ids[0])
+    if not causal:
+        return dataclasses.replace(information_flow(model, ids, position=position), tokens=tokens)
+    with torch.no_grad():
+        predicted = int(model(ids)[0, position].argmax())
+    flow = information_flow(model, ids, position=position, target=predicted)
+    shown = token_strings(model, torch.tensor([predicted]))[0]
+    return dataclasses.replace(flow, target=shown, tokens=tokens)
 
 
 def _one_pass(model: Any, spec: Any, ids: Tensor, mask: Tensor, blocks: tuple[int, ...]):

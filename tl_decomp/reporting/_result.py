@@ -46,6 +46,9 @@ class Report(Result):
         corpus_identifiability: a linear map fitted on shipped corpus sentences, or None.
         attribution: Hidden Token Attribution of the text, or None; `query` the position
             whose contributions the page shows token by token.
+        flow: `information_flow` into the last token's prediction (an encoder's: `query`),
+            or None; `share_layers` the layers the shares view draws token by token.
+        left_out: what the defaults did not draw, each with the argument that adds it.
     """
 
     model_name: str
@@ -64,6 +67,10 @@ class Report(Result):
     query: int = 0
     d_head: int = 0
     seconds: float = 0.0
+    flow: Any = None
+    share_layers: tuple[Any, ...] = ()
+    n_blocks: int = 0
+    left_out: tuple[str, ...] = ()
     meta: dict[str, str] = field(default_factory=dict, compare=False, repr=False)
 
     def layer_rows(self) -> list[dict[str, Any]]:
@@ -112,12 +119,28 @@ class Report(Result):
         """`layer_rows`: the page's main table."""
         return self.layer_rows()
 
+    def state_cosines(self) -> list[tuple[Any, float]]:
+        """(layer, mean cosine between the states of two different tokens of the text):
+        near 1 where every state points one way, which a nearest-neighbour lookup in the
+        layer-0 vectors with no map fitted (the naive map) cannot see past."""
+        out = []
+        for d in self.decompositions:
+            e = d.target[0][d.mask()[0]].double()
+            e = e / e.norm(dim=-1, keepdim=True).clamp_min(1e-30)
+            n, gram = e.shape[0], e @ e.T
+            cos = gram.sum() - gram.diagonal().sum()  # the off-diagonal pairs
+            out.append((d.layer, cos.item() / max(n * (n - 1), 1)))
+        return out
+
     def summary(self) -> str:
         """The two tables as plain text, for a terminal."""
-        head = f"{self.model_name}: {len(self.tokens)} tokens: {' '.join(self.tokens)}"
-        return "\n\n".join([head, text_table(self.layer_rows()),
-                            text_table(self.attention_rows()),
-                            textwrap.fill(COLUMNS, 100)])  # fmt: skip
+        shown = "│".join(map(_printable, self.tokens))
+        head = f"{self.model_name}: {len(self.tokens)} tokens: {shown}"
+        parts = [head, text_table(self.layer_rows()), text_table(self.attention_rows()),
+                 textwrap.fill(COLUMNS, 100)]  # fmt: skip
+        if self.left_out:
+            parts.append("left out: " + "; ".join(self.left_out))
+        return "\n\n".join(parts)
 
     def html(self) -> str:
         """The page, self-contained (`tl_decomp.reporting`)."""
@@ -136,6 +159,11 @@ class Report(Result):
         from tl_decomp._core import files
 
         return files.atomic_write(path, self.html(), what="the report")[0]
+
+
+def _printable(token: str) -> str:
+    """A token for a terminal: control characters (a newline token) as escapes."""
+    return "".join(c if c.isprintable() else repr(c)[1:-1] for c in token)
 
 
 def _mean(t: Tensor) -> int | float:
