@@ -8,6 +8,7 @@ import subprocess
 import sys
 
 import pytest
+import torch
 from support.models import cached_model
 
 from tl_decomp import cli, models
@@ -52,7 +53,7 @@ def test_report_writes_page_and_table(tiny, capsys, tmp_path):
     assert rc == 0, err
     assert tiny == ["x"]
     assert path.read_text(encoding="utf-8").startswith("<!doctype html>")
-    assert "[CLS] the cat sat on the mat [SEP]" in out
+    assert "[CLS]│the│cat│sat│on│the│mat│[SEP]" in out  # tokens as text, one bar between
     assert "identified" in out and "‖A−A_eff‖/‖A‖" in out
     assert f"wrote {path}" in out
     assert "loading x" in err and "report: 100%" in err  # the progress bar, on stderr
@@ -194,3 +195,92 @@ def test_options_are_checked_before_the_model_loads(tiny, capsys):
             cli.main(argv)
     rc, _, _ = run(capsys, "report", " ", "--model", "x")
     assert rc == 2 and tiny == []  # nothing loaded
+
+
+@pytest.mark.parametrize(
+    ("argv", "message"),
+    [
+        (["report", "x", "-o", "/proc/x.html"], "cannot write the report to /proc/x.html"),
+        (["report", "x", "-o", "-"], "standard output ('-')"),
+        (["report", "x", "-o", "a\nb.html"], r"'a\nb.html': an empty name or a control"),
+        (["decompose", "x", "-o", "/proc/x.txt"], "cannot write the table to /proc/x.txt"),
+        (["flow", "x", "--csv", "-o", "/no/such/dir/t.csv"], "no directory /no/such/dir"),
+    ],
+)
+def test_output_paths_are_checked_before_the_model_loads(tiny, capsys, argv, message):
+    rc, _, err = run(capsys, *argv)
+    assert rc == 2 and message in err, err
+    assert tiny == []  # refused before loading the model
+    assert ".tmp" not in err  # the user's path, not a temporary file
+
+
+def test_tables_go_to_stdout_or_to_the_file_named(tiny, capsys, tmp_path):
+    rc, out, _ = run(capsys, "decompose", "the cat", "--json", "-o", "-")
+    assert rc == 0 and [r["layer"] for r in json.loads(out)] == ["0", "1", "2", "3"]
+    path = tmp_path / "t.json"
+    rc, out, err = run(capsys, "decompose", "the cat", "--json", "-o", str(path))
+    assert rc == 0 and out == "" and repr(str(path)) in err
+    assert json.loads(path.read_text()) == json.loads(run(capsys, "decompose", "the cat",
+                                                          "--json")[1])  # fmt: skip
+
+
+@pytest.mark.parametrize("form", [[], ["--json"], ["--csv"]], ids=["text", "json", "csv"])
+def test_a_table_ends_with_one_newline_on_stdout_and_in_its_file(tiny, capsys, tmp_path, form):
+    rc, out, _ = run(capsys, "decompose", "the cat", *form)
+    assert rc == 0 and out.endswith("\n") and not out.endswith("\n\n")
+    path = tmp_path / "t.txt"
+    assert run(capsys, "decompose", "the cat", *form, "-o", str(path))[0] == 0
+    assert path.read_text() == out  # the file holds what standard output would
+
+
+def test_a_bogus_model_name_fails_before_transformers_loads(capsys, monkeypatch):
+    """One line, listing the bundled models, without booting anything (offline)."""
+    monkeypatch.setenv("HF_HUB_OFFLINE", "1")
+    for name in ("no-such-model", "not a name!"):
+        rc, _, err = run(capsys, "decompose", "the cat", "--model", name)
+        assert rc == 2 and len(err.strip().splitlines()) == 1
+        assert f"could not load {name!r}" in err and "minilm, smollm2" in err
+    code = (
+        "import sys\nfrom tl_decomp import models\n"
+        "try:\n    models.load_model('no-such-model')\nexcept ValueError:\n    pass\n"
+        "print('transformers' in sys.modules)"
+    )
+    env = {**os.environ, "HF_HUB_OFFLINE": "1"}
+    proc = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True,
+                          env=env, timeout=120, check=True)  # fmt: skip
+    assert proc.stdout.strip() == "False"
+
+
+def test_sentences_beyond_the_corpus_say_so(tiny, capsys, monkeypatch):
+    monkeypatch.setattr("tl_decomp.datasets.load_corpus", lambda n: ["the cat sat", "a dog"][:n])
+    rc, _, err = run(capsys, "stats", "--sentences", "99999999", "--batch-size", "2")
+    assert rc == 0 and "the corpus has 2 sentences; running all 2" in err
+
+
+@pytest.mark.parametrize(
+    ("argv", "message"),
+    [
+        (["stats", "--batch-size", "100000"], "--batch-size: must be in 1..1024"),
+        (["flow", "x", "--top", "10000000"], "--top: must be in 1..1000"),
+        (["flow", "x", "--threshold", "nan"], "--threshold: must be in 0..1"),
+        (["flow", "x", "--threshold", "2"], "--threshold: must be in 0..1"),
+    ],
+)
+def test_costly_options_are_bounded(tiny, capsys, argv, message):
+    with pytest.raises(SystemExit) as exc:
+        cli.main(argv)
+    assert exc.value.code == 2 and message in capsys.readouterr().err and tiny == []
+
+
+def test_a_zero_state_is_said_not_printed_as_shares(capsys, monkeypatch):
+    model = models.tiny_model("gpt2", dtype=torch.float64)
+    with torch.no_grad():  # no embeddings: the layer-0 state is zero at every token
+        for name, p in model.named_parameters():
+            if "wte" in name or "wpe" in name:
+                p.zero_()
+    monkeypatch.setattr(models, "load_model", lambda name, **_: model)
+    rc, out, err = run(capsys, "decompose", "the cat", "--layers", "0,1", "--model", "x")
+    assert rc == 0, err
+    assert "zero states have no shares, left out (layer: tokens) 0: 3" in out
+    row0 = next(line for line in out.splitlines() if line.split()[:1] == ["0"])
+    assert "nan" in row0

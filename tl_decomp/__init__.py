@@ -9,7 +9,16 @@ is, how to run it) · `models`, `datasets` (bundled, offline) · `decomposition`
 `attention`, `identifiability`, `probing` · `viz` · `reporting` · `cli`.
 """
 
-from tl_decomp._core import Cache, InexactDecompositionError, Layer, Model, ModelSpec, TextInput
+from tl_decomp._core import (
+    Cache,
+    InexactDecompositionError,
+    Layer,
+    Model,
+    ModelSpec,
+    TextInput,
+    TokenClassShares,
+    token_class_shares,
+)
 from tl_decomp.adapters import model_spec
 from tl_decomp.attention import (
     AttentionCorrelation,
@@ -96,6 +105,7 @@ __all__ = [
     "Report",
     "SpecialTokenAttention",
     "TextInput",
+    "TokenClassShares",
     "WordFactors",
     "anisotropy",
     "attention_correlation",
@@ -131,6 +141,7 @@ __all__ = [
     "states_from_cache",
     "states_names_filter",
     "tiny_model",
+    "token_class_shares",
     "token_logit_attribution",
     "token_identifiability",
     "views",

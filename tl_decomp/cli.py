@@ -47,8 +47,12 @@ def build_parser() -> argparse.ArgumentParser:
         default="coarse",
     )
     s = sub.add_parser("stats", help="mean ± std shares per layer over the shipped corpus")
-    s.add_argument("--sentences", type=_positive, default=200, help="corpus sentences (200)")
-    s.add_argument("--batch-size", type=_positive, default=16)
+    s.add_argument(
+        "--sentences", type=_positive, default=200, help="corpus sentences (200; more: all)"
+    )
+    s.add_argument(
+        "--batch-size", type=_bounded(MAX_BATCH), default=16, help=f"1..{MAX_BATCH} (16)"
+    )
     f = sub.add_parser(
         "flow",
         help="the input tokens that make up one position's state, per layer (exact)",
@@ -59,8 +63,10 @@ def build_parser() -> argparse.ArgumentParser:
     f.add_argument("text")
     f.add_argument("--target", help="a token whose logit to explain, e.g. ' Paris'")
     f.add_argument("--position", type=int, default=-1, help="the position (-1: the last)")
-    f.add_argument("--top", type=_positive, default=5, help="tokens shown per layer (5)")
-    f.add_argument("--threshold", type=float, default=0.05, help="route pruning (0.05)")
+    f.add_argument(
+        "--top", type=_bounded(MAX_TOP), default=5, help=f"tokens shown per layer, 1..{MAX_TOP} (5)"
+    )
+    f.add_argument("--threshold", type=_fraction, default=0.05, help="route pruning, 0..1 (0.05)")
     r = _report_parser(sub)
     for q in (d, s, f, r):
         q.add_argument(
@@ -74,7 +80,39 @@ def build_parser() -> argparse.ArgumentParser:
         out = q.add_mutually_exclusive_group()
         out.add_argument("--json", action="store_true", help="the table as JSON records")
         out.add_argument("--csv", action="store_true", help="the table as CSV")
+        q.add_argument(
+            "-o",
+            "--output",
+            default="-",
+            metavar="PATH",
+            help="write the table there; '-' is standard output (-)",
+        )
     return p
+
+
+# Bounds on what costs time or memory in proportion to the value, checked by the parser.
+MAX_BATCH = 1024  # texts per forward pass: the factor stacks grow with it
+MAX_TOP = 1000  # rows per layer printed
+
+
+def _bounded(most: int):
+    def parse(value: str) -> int:
+        n = _int(value, 1, f"in 1..{most}")
+        if n > most:
+            raise argparse.ArgumentTypeError(f"must be in 1..{most}, not {n}")
+        return n
+
+    return parse
+
+
+def _fraction(value: str) -> float:
+    try:
+        x = float(value)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"not a number: {value!r}") from None
+    if not 0 <= x <= 1:  # NaN too
+        raise argparse.ArgumentTypeError(f"must be in 0..1, not {value}")
+    return x
 
 
 def _report_parser(sub: Any) -> argparse.ArgumentParser:
@@ -96,17 +134,29 @@ def _report_parser(sub: Any) -> argparse.ArgumentParser:
         "--attention-blocks",
         type=_int_list,
         metavar="B,B",
-        help="blocks whose attention to show, e.g. 0,-1 (all)",
+        help="blocks whose attention to show, e.g. 0,-1 (as many as fit the budget)",
     )
     r.add_argument(
         "--attribution-layers",
         type=_layer_list,
         metavar="L,L",
-        help="layers for attribution, e.g. 1,6; '' skips it (1,2,3)",
+        help="layers for attribution, e.g. 1,6; '' skips it (up to 3 that fit the budget)",
     )
     r.add_argument("--exact", action="store_true", help="exact attribution (slow) not estimate")
     r.add_argument("--probes", type=_at_least_2, default=8, metavar="N", help="per token (8)")
     r.add_argument("--query", type=int, metavar="POS", help="token whose attribution to show")
+    r.add_argument(
+        "--share-layers",
+        type=_layer_list,
+        metavar="L,L",
+        help="layers whose shares to draw token by token (up to 6, spread over the depth)",
+    )
+    r.add_argument(
+        "--flow",
+        action=argparse.BooleanOptionalAction,
+        default=None,
+        help="the routes into the last token's prediction (default: when they fit the budget)",
+    )
     r.add_argument(
         "--corpus",
         type=_non_negative,
@@ -166,15 +216,31 @@ def _layer_list(value: str) -> tuple[int | str, ...]:
 
 
 def _print_rows(rows: list[dict[str, Any]], args: argparse.Namespace, text: str) -> None:
-    """The table as text, JSON records or CSV (pandas, installed with TransformerLens)."""
+    """The table as text, JSON records or CSV (pandas, installed with TransformerLens), on
+    standard output or in the file ``--output`` names."""
     if args.json:
-        print(json.dumps(rows, ensure_ascii=False, indent=1))
+        out = json.dumps(rows, ensure_ascii=False, indent=1) + "\n"
     elif args.csv:
         import pandas as pd
 
-        print(pd.DataFrame(rows).to_csv(index=False), end="")
+        out = pd.DataFrame(rows).to_csv(index=False)
     else:
-        print(text)
+        out = text + "\n"
+    if args.output == "-":
+        print(out, end="")
+        return
+    from tl_decomp._core.files import atomic_write
+
+    path, replaced = atomic_write(args.output, out, what="the table")
+    print(f"{'replaced' if replaced else 'wrote'} {str(path)!r}", file=sys.stderr)
+
+
+def _check_output(args: argparse.Namespace) -> None:
+    """A table's file is checked before the model loads (a bad path fails in a second)."""
+    if getattr(args, "output", "-") != "-" and args.command != "report":
+        from tl_decomp._core.files import check_path
+
+        check_path(args.output, what="the table")
 
 
 def _decompose(args: argparse.Namespace) -> int:
@@ -188,15 +254,20 @@ def _decompose(args: argparse.Namespace) -> int:
     ds = decompose_layers(
         model, args.text, layers=args.layers, granularity=args.granularity, centering=args.centering
     )
-    rows = [
+    shares = [d.shares()[:, 0][:, d.mask()[0]] for d in ds]
+    rows = [  # a zero state has no shares (NaN): the mean is over the others
         {"layer": str(d.layer)}
-        | dict(zip(d.labels, d.shares()[:, 0][:, d.mask()[0]].mean(-1).tolist(), strict=True))
+        | dict(zip(d.labels, s.nanmean(-1).tolist(), strict=True))
         | {"max rel err": d.relative_error}
-        for d in ds
+        for d, s in zip(ds, shares, strict=True)
     ]
     tokens = ds[0].str_tokens()  # as text, not the tokenizer's byte-level glyphs
     head = f"{args.model}: {len(tokens)} tokens: {' '.join(map(repr, tokens))}\n"
     head += "mean share <e,t>/|e|^2 over tokens (each row sums to 1)\n"
+    zero = [f"{d.layer}: {int(s[0].isnan().sum())}" for d, s in zip(ds, shares, strict=True)
+            if s[0].isnan().any()]  # fmt: skip
+    if zero:  # all-zero at a layer: that row is nan
+        head += f"zero states have no shares, left out (layer: tokens) {', '.join(zero)}\n"
     _print_rows(rows, args, head + text_table(rows))
     return 0
 
@@ -210,6 +281,9 @@ def _stats(args: argparse.Namespace) -> int:
     from tl_decomp.models import load_model
 
     corpus = load_corpus(args.sentences)  # before the model: a bad count fails at once
+    if args.sentences > len(corpus):
+        print(f"--sentences {args.sentences}: the corpus has {len(corpus)} sentences; "
+              f"running all {len(corpus)}", file=sys.stderr)  # fmt: skip
     with distributed.from_environment():
         model = load_model(args.model)
         stats = corpus_statistics(
@@ -275,6 +349,8 @@ def _report(args: argparse.Namespace) -> int:
         attribution_layers=args.attribution_layers,
         attribution_method="exact" if args.exact else "estimate",
         n_probes=args.probes,
+        share_layers=args.share_layers,
+        flow=args.flow,
         query=args.query,
         corpus_sentences=args.corpus,
         max_tokens=args.max_tokens,
@@ -292,6 +368,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     try:
         commands = {"decompose": _decompose, "stats": _stats, "flow": _flow, "report": _report}
+        _check_output(args)
         return commands[args.command](args)
     except (
         ValueError,

@@ -3,23 +3,15 @@ architecture."""
 
 from __future__ import annotations
 
-from importlib.metadata import version
-
 import pytest
 import torch
 from support.helpers import RTOL, NoHooksLeft, assert_close
-from support.models import cached_model
+from support.models import TL3, cached_model, skip_broken
 
 import tl_decomp as td
 from tl_decomp import DecompositionRecipe, decompose, decompose_layers, model_spec
 
 TEXTS = ["the cat sat on the mat .", "a dog ran", "the big cat is on a mat and the dog sat"]
-TL3 = version("transformer-lens").startswith("3.")
-
-
-def _skip_broken(arch, kind, processed, dtype):
-    if TL3 and kind == "bridge" and arch == "qwen2" and processed and dtype == torch.float64:
-        pytest.skip("TransformerLens 3.9's own compatibility-mode forward fails on float64 Qwen2")
 
 
 def _tolerance(spec, d, dtype):
@@ -39,7 +31,7 @@ def _tolerance(spec, d, dtype):
 @pytest.mark.parametrize("dtype", [torch.float64, torch.float32], ids=["f64", "f32"])
 def test_invariant_every_layer_granularity_centering(model_case, dtype):
     arch, kind, processed = model_case
-    _skip_broken(arch, kind, processed, dtype)
+    skip_broken(arch, kind, processed, dtype)
     model = cached_model(arch, kind, dtype, processed)
     spec = model_spec(model)
     with NoHooksLeft(model):
@@ -303,3 +295,50 @@ def test_a_cache_without_its_batch_dim_reads_as_a_batch_of_one():
     _, cache = model.run_with_cache(ids, names_filter=names, remove_batch_dim=True)
     d = decompose(model, cache, layer=2)
     assert d.factors.shape[1] == 1 and d.relative_error < 1e-9
+
+
+@pytest.mark.parametrize("granularity", ["coarse", "head", "source"])
+@pytest.mark.parametrize("arch", ["gpt2", "llama"])
+def test_a_stop_at_layer_cache_serves_the_layers_it_holds(arch, granularity):
+    model = cached_model(arch)
+    tokens = torch.tensor([[1, 5, 6, 7, 8], [1, 9, 10, 0, 0]])
+    mask = torch.tensor([[1, 1, 1, 1, 1], [1, 1, 1, 0, 0]])
+    _, cache = model.run_with_cache(tokens, attention_mask=mask, stop_at_layer=2)
+    for layer in (0, 1, 2):
+        got = decompose(model, cache, layer=layer, granularity=granularity, attention_mask=mask)
+        ref = decompose(model, tokens, layer=layer, granularity=granularity, attention_mask=mask)
+        assert got.labels == ref.labels
+        assert_close(got.factors, ref.factors, torch.float64, f"layer {layer}")
+    reduced = decompose_layers(
+        model, cache, layers=[0, 2], attention_mask=mask, granularity=granularity, reduce="shares"
+    )
+    assert_close(reduced[-1].values, ref.shares(), torch.float64, "streamed")
+    for bad in (3, "final"):
+        with pytest.raises(ValueError, match=r"lacks .* serves layers 0\.\.2 .*stop_at_layer"):
+            decompose(model, cache, layer=bad, granularity=granularity, attention_mask=mask)
+    with pytest.raises(ValueError, match="serves layers 0..2"):
+        decompose_layers(model, cache, attention_mask=mask)
+
+
+def test_a_stop_at_layer_cache_is_refused_by_the_token_split_naming_hooks():
+    model = cached_model("gpt2")
+    _, cache = model.run_with_cache(torch.tensor([[1, 5, 6]]), stop_at_layer=2)
+    with pytest.raises(ValueError, match=r"lacks \d+ hook\(s\).*blocks\.2\."):
+        decompose(model, cache, layer=1, granularity="token")
+
+
+def test_a_zero_state_has_no_shares():
+    """A state that is exactly zero: shares and norm ratios NaN (not a row of zeros that
+    claims to sum to 1), streamed as materialised."""
+    model = td.models.tiny_model("gpt2", dtype=torch.float64)
+    with torch.no_grad():  # no embeddings: the layer-0 state is zero
+        for name, p in model.named_parameters():
+            if "wte" in name or "wpe" in name:
+                p.zero_()
+    d = decompose(model, "the cat", layer=0)
+    assert float(d.target.abs().max()) == 0.0
+    assert d.shares().isnan().all() and d.norm_ratios().isnan().all()
+    r = decompose_layers(model, "the cat", layers=[0], reduce="shares")[0]
+    assert r.values.isnan().all()
+    real = decompose(cached_model("gpt2"), "the cat", layer=1)  # a non-zero state: unchanged
+    assert_close(real.shares().sum(0), torch.ones(1, 3, dtype=torch.float64), torch.float64)

@@ -5,8 +5,7 @@ from __future__ import annotations
 
 import pytest
 import torch
-from support.models import cached_model, model_params
-from test_decompose import _skip_broken
+from support.models import KINDS, cached_model, model_params, skip_broken
 
 from tl_decomp import LogitAttribution, decompose, decompose_layers
 
@@ -25,7 +24,7 @@ def _logits(model):
 @pytest.mark.parametrize("case", [p.values[0] for p in model_params()], ids=str)
 def test_final_embedding_sums_to_the_models_logits(case):
     arch, kind, processed = case
-    _skip_broken(arch, kind, processed, torch.float64)
+    skip_broken(arch, kind, processed, torch.float64)
     model = cached_model(arch, kind, torch.float64, processed)
     if arch == "bert":
         with pytest.raises(NotImplementedError, match="head"):
@@ -98,3 +97,36 @@ def test_targets_as_a_list_one_per_example_and_ids_checked():
         d.logit_attrs(["mat", "dog", "cat"])
     with pytest.raises(ValueError, match="not in the vocabulary"):
         d.logit_attrs(10**7)
+
+
+@pytest.mark.parametrize("kind", KINDS)
+@pytest.mark.parametrize("arch", ["gpt2", "llama"])
+def test_rank_and_top_k_of_the_lens_per_layer(arch, kind):
+    """Against a brute-force lens: ``unembed`` of ``accumulated_resid(apply_ln=True)`` at
+    every block output, and the model's own logits at the final embedding; the position
+    "last" is each row's last real token under padding."""
+    model = cached_model(arch, kind)
+    ds = decompose_layers(model, TOKENS, attention_mask=MASK)
+    _, cache = model.run_with_cache(TOKENS, attention_mask=MASK)
+    lens = cache.accumulated_resid(apply_ln=True)  # [layer batch pos d_model]: 0 .. n_layers
+    target = 13
+    for d in ds:
+        la = d.logit_attrs(target)
+        with torch.no_grad():
+            ref = model(TOKENS, attention_mask=MASK) if d.layer == "final" else None
+            ref = model.unembed(lens[d.layer]) if ref is None else getattr(ref, "logits", ref)
+        for b, last in ((0, 5), (1, 3)):
+            want = ref[b, last].double()
+            brute_rank = 1 + sum(1 for v in want.tolist() if v > want[target].item())
+            assert la.rank(b) == la.rank(b, last) == brute_rank, (d.layer, b)
+            order = sorted(range(len(want)), key=lambda i: -want[i].item())[:4]
+            got = la.top_k(4, b)
+            assert [i for _, i, _ in got] == order
+            assert all(abs(v - want[i].item()) < 1e-9 for _, i, v in got)
+            assert got[0][0] == model.tokenizer.decode([order[0]])
+    diff = d.logit_attrs(target, incorrect=7)  # a logit difference: the first token's rank
+    assert diff.rank(0) == la.rank(0) and diff.top_k(3, 1) == la.top_k(3, 1)
+    with pytest.raises(ValueError, match="padding"):
+        la.rank(1, 5)
+    with pytest.raises(ValueError, match="k must be in 1.."):
+        la.top_k(10**9)

@@ -57,6 +57,9 @@ def _tensor(value: Any, arg: str, expected: str) -> Tensor:
 def token_ids(value: Any, arg: str = "input") -> Tensor:
     """Integer ids ``[batch pos]`` (a 1-D tensor is one example) from a tensor or an array."""
     t = _tensor(value, arg, "a text, a list of texts or integer token ids")
+    if t.device.type == "meta":  # no values to read (torch's own error names register_meta)
+        raise ValueError(f"{arg}: token ids are on the meta device, which holds no values; "
+                         "pass them on the model's device (e.g. ids.to('cpu'))")  # fmt: skip
     if t.dtype == torch.bool or t.is_floating_point() or t.is_complex():
         raise TypeError(f"{arg}: token ids must have an integer dtype, not {t.dtype}")
     t = t.unsqueeze(0) if t.ndim == 1 else t
@@ -70,6 +73,8 @@ def token_ids(value: Any, arg: str = "input") -> Tensor:
 def mask(value: Any, shape: torch.Size, arg: str = "attention_mask") -> Tensor:
     """A 1/0 mask of `shape`, as long: bools, or numbers that are exactly 0 or 1."""
     m = _tensor(value, arg, "a tensor of 1 (real token) and 0 (padding)")
+    if m.device.type == "meta":
+        raise ValueError(f"{arg} is on the meta device, which holds no values")
     if m.shape != shape:
         raise ValueError(f"{arg} shape {tuple(m.shape)} != tokens {tuple(shape)}")
     if m.dtype != torch.bool and not ((m == 0) | (m == 1)).all():

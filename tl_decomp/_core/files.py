@@ -16,7 +16,16 @@ from pathlib import Path
 
 
 def check_path(path: str | os.PathLike[str], what: str = "the file") -> Path:
-    """`path` if `what` can be written there; else ValueError saying why (before any work)."""
+    """`path` if `what` can be written there; else ValueError saying why (before any work).
+    The directory is tried with a real file (the permission bits lie to root: /proc); a name
+    with a control character (a newline) or ``-`` (standard output, not a file) is refused."""
+    if not isinstance(path, (str, os.PathLike)):
+        raise TypeError(f"a path is a str or os.PathLike, not {type(path).__name__}")
+    text = os.fspath(path)
+    if not text or any(ord(c) < 32 or ord(c) == 127 for c in text):
+        raise ValueError(f"cannot write {what} to {text!r}: an empty name or a control character")
+    if text == "-":
+        raise ValueError(f"cannot write {what} to standard output ('-'): give a file name")
     out = Path(path)
     where = f"cannot write {what} to {out}"
     if out.is_symlink():
@@ -29,6 +38,11 @@ def check_path(path: str | os.PathLike[str], what: str = "the file") -> Path:
         raise ValueError(f"{where}: no directory {out.parent}")
     if not os.access(out.parent, os.W_OK) or (out.exists() and not os.access(out, os.W_OK)):
         raise ValueError(f"{where}: permission denied")
+    try:  # what atomic_write will do: a temporary file beside the target
+        with tempfile.TemporaryFile(dir=out.parent):
+            pass
+    except OSError as err:
+        raise ValueError(f"{where}: {err.strerror or err}") from None
     return out
 
 

@@ -33,7 +33,13 @@ from tl_decomp.adapters._running import (
     run_with_hooks,
     tokenize,
 )
-from tl_decomp.adapters._state import evaluating, exclusive
+from tl_decomp.adapters._state import (
+    check_no_user_hooks,
+    evaluating,
+    exclusive,
+    load_forward_ad,
+    user_hooks,
+)
 
 __all__ = [
     "FrozenSites",
@@ -41,6 +47,7 @@ __all__ = [
     "as_tokens",
     "cache_model",
     "capture",
+    "check_no_user_hooks",
     "check_corpus",
     "check_finite",
     "check_lengths",
@@ -50,6 +57,7 @@ __all__ = [
     "exclusive",
     "expert_terms",
     "frozen_sites",
+    "load_forward_ad",
     "mlm_logits",
     "model_device",
     "model_spec",
@@ -60,5 +68,6 @@ __all__ = [
     "shared_module",
     "tokenize",
     "tokenize_offsets",
+    "user_hooks",
     "windows",
 ]

@@ -19,6 +19,7 @@ from typing import Any
 from tl_decomp._core.spec import Block, InexactDecompositionError, ModelSpec, Norm
 from tl_decomp.adapters import _bridge, _hooked
 from tl_decomp.adapters._common import model_kind
+from tl_decomp.adapters._state import exclusive
 
 __all__ = ["Block", "InexactDecompositionError", "ModelSpec", "Norm", "model_spec", "windows"]
 
@@ -33,6 +34,32 @@ def model_spec(model: Any) -> ModelSpec:
         ('post', False, ['embed', 'pos_embed', 'token_type_embed'])
     """
     kind = model_kind(model)
+    _check_weights_hold_values(model)
+    # Held while read (another thread's run attaches its hooks under the same lock): the
+    # outermost hold refuses hooks the caller left on the model, before any work.
+    with exclusive(model):
+        return _spec(model, kind)
+
+
+def _check_weights_hold_values(model: Any) -> None:
+    """A model on the ``meta`` device (``to("meta")``, ``init_empty_weights``) has shapes and
+    no values: refused by name here, not by torch's ``Tensor.item()`` deep in a probe."""
+    meta = next((name for name, p in model.named_parameters() if p.is_meta), None)
+    if meta is not None:
+        raise ValueError(
+            f"the model's weights are on the meta device (e.g. {meta}), which holds shapes "
+            "and no values: load real weights first (e.g. model.to_empty(device='cpu') and "
+            "load_state_dict, or load the model without a meta-device init)"
+        )
+
+
+def _spec(model: Any, kind: str) -> ModelSpec:
+    blocks = getattr(model, "blocks", None)
+    if blocks is not None and len(blocks) != model.cfg.n_layers:  # read everywhere below
+        raise ValueError(
+            f"model.cfg.n_layers is {model.cfg.n_layers!r} but the model has {len(blocks)} "
+            "blocks: the config was changed after loading; restore it (or reload the model)"
+        )
     if kind == "TransformerBridge":
         spec = _bridge.spec_bridge(model)
     elif kind == "HookedEncoder":

@@ -187,8 +187,11 @@ def head_values(
     return v if value_bias or blk.b_V is None else v - blk.b_V[heads].to(v.device, dt)
 
 
-def check_patterns(spec: ModelSpec, cache, mask: Tensor | None) -> None:
-    """Check every real query's pattern against what the run must have been, before work.
+def check_patterns(
+    spec: ModelSpec, cache, mask: Tensor | None, n_blocks: int | None = None
+) -> None:
+    """Check every real query's pattern (of the first `n_blocks` blocks, those read) against
+    what the run must have been, before work.
 
     - a causal model whose pattern weighs later keys is refused: the forward pass is not the
       model's (TransformerLens's bridge drops ``openai-gpt``'s causal mask under an attention
@@ -196,7 +199,7 @@ def check_patterns(spec: ModelSpec, cache, mask: Tensor | None) -> None:
     - weight on a key `mask` calls padding means the cache was run without that mask (or with
       another): decomposing it under this one would mix two runs.
     """
-    for L, blk in enumerate(spec.blocks):
+    for L, blk in enumerate(spec.blocks[:n_blocks]):
         a = cache[blk.pattern].nan_to_num(0.0)
         real = None if mask is None else mask.bool().to(a.device)  # [batch pos]
         rows = torch.ones_like(a, dtype=torch.bool) if real is None else real[:, None, :, None]

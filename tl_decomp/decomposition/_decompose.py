@@ -32,14 +32,16 @@ def cache_for(
     attention_mask: Tensor | None,
     n_stacks: int = 0,
     max_memory: int | None = None,
+    layers: Sequence[Layer] | None = None,
 ):
     """``(cache, tokens, mask, routing)``: the user's own cache as it is (nothing runs again;
-    no tokens, no routing), or text / ids tokenised and cached exactly as the recipe reads
-    them, in one forward pass. `n_stacks` factor stacks must fit in memory (checked first)."""
+    no tokens, no routing; it must hold what `layers` read), or text / ids tokenised and
+    cached exactly as the recipe reads them, in one forward pass. `n_stacks` factor stacks
+    must fit in memory (checked first)."""
     if checks.is_cache(input):
         if getattr(input, "has_batch_dim", True) is False:  # run_with_cache(remove_batch_dim)
             input = {name: t[None] for name, t in input.items()}  # read as a batch of one
-        shape = _pos(recipe, input)
+        shape = _pos(recipe, input, layers)
         check_memory(recipe, shape, n_stacks, max_memory)
         mask = None if attention_mask is None else checks.mask(attention_mask, shape)
         return input, None, mask, None
@@ -74,9 +76,9 @@ def check_memory(
     memory.check_fits(nbytes, what, hint, adapters.model_device(recipe.model), max_memory)
 
 
-def _pos(recipe: DecompositionRecipe, cache: Any) -> torch.Size:
+def _pos(recipe: DecompositionRecipe, cache: Any, layers: Sequence[Layer] | None) -> torch.Size:
     """``[batch pos]`` of the run a cache holds."""
-    recipe.check_cache(cache)
+    recipe.check_cache(cache, layers)
     return cache[recipe.spec.embeds[0][1]].shape[:2]
 
 
@@ -151,7 +153,7 @@ def decompose(
     recipe = DecompositionRecipe.for_model(model, **options)
     layer = convention.resolve(recipe.spec, layer)
     cache, tokens, mask, routing = cache_for(
-        model, recipe, input, attention_mask, n_stacks=1, max_memory=max_memory
+        model, recipe, input, attention_mask, n_stacks=1, max_memory=max_memory, layers=[layer]
     )
     return recipe.decompose(cache, layer, tokens=tokens, attention_mask=mask, routing=routing)
 
@@ -211,7 +213,7 @@ def decompose_layers(
         check_statistic(reduce, recipe.spec)  # before the forward pass
     stacks = 0 if reduce is not None else len(layers) + 1  # the list, and the walk's buffer
     cache, tokens, mask, routing = cache_for(
-        model, recipe, input, attention_mask, n_stacks=stacks, max_memory=max_memory
+        model, recipe, input, attention_mask, n_stacks=stacks, max_memory=max_memory, layers=layers
     )
     if reduce is not None:
         return list(

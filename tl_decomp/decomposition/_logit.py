@@ -13,7 +13,8 @@ The target is the unembedding's output, before anything a model applies to logit
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, field
+from functools import partial
 from typing import Any, Literal
 
 import torch
@@ -37,6 +38,9 @@ class LogitAttribution(Result):
         lens: True when this is the logit lens at a block output, not the final embedding.
         attention_mask: 1 = real token, 0 = padding (None: no padding); the tables read each
             row's last real token unless told a position.
+
+    `rank` and `top_k` read the unembedding's logits over the whole vocabulary at one
+    position (the logit lens's, at a block output): where the target stands among them.
     """
 
     values: Float[Tensor, "factor batch pos"]
@@ -45,6 +49,7 @@ class LogitAttribution(Result):
     lens: bool
     max_abs_error: float
     attention_mask: Int[Tensor, "batch pos"] | None = None
+    meta: dict[str, Any] = field(default_factory=dict, compare=False, repr=False)
 
     def __repr__(self) -> str:
         shape = "x".join(map(str, self.values.shape))
@@ -83,6 +88,39 @@ class LogitAttribution(Result):
         col = self.values[:, batch, self.position(batch, pos)].tolist()
         key = (lambda kv: -abs(kv[1])) if by == "abs" else (lambda kv: -kv[1])
         return sorted(zip(self.labels, col, strict=True), key=key)
+
+    def vocab_logits(
+        self, batch: int = 0, pos: int | Literal["last"] = "last"
+    ) -> Float[Tensor, " d_vocab"]:
+        """The unembedding's logit of every token at one position: the model's (final
+        embedding) or the logit lens's ``unembed(ln_final(resid))`` (a block output)."""
+        at = self.meta.get("vocab")
+        if at is None:
+            raise ValueError("this LogitAttribution holds no vocabulary logits: make it with "
+                             "Decomposition.logit_attrs")  # fmt: skip
+        checks.integer(batch, "batch", least=0, most=self.values.shape[1] - 1)
+        return at(batch, self.position(batch, pos))
+
+    def rank(self, batch: int = 0, pos: int | Literal["last"] = "last") -> int:
+        """The target token's rank among the vocabulary's logits at one position: 1 is the
+        top token; tokens with an equal logit share the best rank. With a logit difference,
+        the rank of the first token (`tokens`, not `incorrect`)."""
+        p = self.position(batch, pos)
+        logits = self.vocab_logits(batch, p)
+        target = logits[int(self.meta["ids"][batch, p])]
+        return int((logits > target).sum()) + 1
+
+    def top_k(
+        self, k: int = 5, batch: int = 0, pos: int | Literal["last"] = "last"
+    ) -> list[tuple[str, int, float]]:
+        """The `k` tokens with the largest logits at one position, largest first, as
+        ``(text, id, logit)`` (text: the id decoded alone)."""
+        logits = self.vocab_logits(batch, pos)
+        k = checks.integer(k, "k", least=1, most=logits.shape[-1])
+        top = logits.topk(k)
+        decode = self.meta["decode"]
+        return [(decode(i), i, v) for i, v in zip(top.indices.tolist(), top.values.tolist(),
+                                                   strict=True)]  # fmt: skip
 
     def rows(self) -> list[dict[str, Any]]:
         """One row per factor and position: ``label, batch, pos, logit``."""
@@ -163,7 +201,25 @@ def logit_attribution(d: Any, tokens: Any, incorrect: Any = None) -> LogitAttrib
     err = (values.sum(0) - logits).abs().max().item()
     # The lens runs the model's own final norm, float32-rounding ones included.
     recipe.check_exact(err, logits.abs().max().item(), "the unembedding", "final", dt)
-    return LogitAttribution(values, tuple(labels), logits, lens, err, d.attention_mask)
+    meta = {
+        "vocab": partial(_vocab_at, model, d.target, lens),
+        "ids": _ids(model, tokens, shape),
+        "decode": partial(_decode, model),
+    }
+    return LogitAttribution(values, tuple(labels), logits, lens, err, d.attention_mask, meta)
+
+
+def _vocab_at(model: Any, state: Tensor, lens: bool, batch: int, pos: int) -> Tensor:
+    """The unembedding (after ``ln_final`` for the lens) of one position's state."""
+    with torch.no_grad():
+        x = state[batch, pos][None, None].to(model.W_U.device)
+        x = model.ln_final(x) if lens else x
+        return model.unembed(x)[0, 0]
+
+
+def _decode(model: Any, token_id: int) -> str:
+    tok = getattr(model, "tokenizer", None)
+    return str(token_id) if tok is None else tok.decode([token_id])
 
 
 def _fold_into_bias(values: Tensor, labels: list[str], b_U: Tensor) -> tuple[Tensor, list[str]]:

@@ -6,6 +6,7 @@
 from __future__ import annotations
 
 import math
+import re
 import warnings
 from collections.abc import Iterator, Sequence
 from dataclasses import dataclass, field, replace
@@ -134,8 +135,8 @@ class DecompositionRecipe(Terms):
         """
         spec = self.spec
         wanted = sorted(convention.resolve_many(spec, layers), key=partial(convention.depth, spec))
-        self.check_cache(cache)
-        check_patterns(spec, cache, attention_mask)
+        self.check_cache(cache, wanted)
+        check_patterns(spec, cache, attention_mask, convention.depth(spec, wanted[-1]))
         dt = self.compute_dtype()
         if self.granularity == "token":
             yield from self._token_layers(cache, wanted, tokens, attention_mask, dt)
@@ -193,8 +194,8 @@ class DecompositionRecipe(Terms):
             raise ValueError("bias='distribute' needs each layer's whole token stack: no reduce=")
         spec = self.spec
         wanted = sorted(convention.resolve_many(spec, layers), key=partial(convention.depth, spec))
-        self.check_cache(cache)
-        check_patterns(spec, cache, mask)
+        self.check_cache(cache, wanted)
+        check_patterns(spec, cache, mask, convention.depth(spec, wanted[-1]))
         dt = self.compute_dtype()
         run = self._token_run(cache, wanted, None, mask, dt)
         return reduce_tokens(self, run, cache, statistic, wanted, mask, dt)
@@ -288,8 +289,7 @@ class DecompositionRecipe(Terms):
             factors = factors.masked_fill(pad, 0)
         err = (factors.sum(0) - target.to(factors.dtype)).abs().max().item()
         if not math.isfinite(err):  # NaN or inf anywhere upstream reaches the sum
-            bad = self.first_non_finite(cache)
-            raise ValueError(f"the model's activation {bad} contains NaN or inf")
+            raise ValueError(self.non_finite(cache, layer))
         self.check_exact(err, target.abs().max().item(), site, layer, factors.dtype)
         return Decomposition(
             factors=factors,
@@ -305,7 +305,22 @@ class DecompositionRecipe(Terms):
             meta={"recipe": self},
         )
 
-    def check_cache(self, cache: Any) -> None:
+    def hooks_to(self, layers: Sequence[Layer] | None = None) -> list[str]:
+        """The hooks read to reach the deepest of `layers` (None: every layer): what a
+        ``run_with_cache(stop_at_layer=k)`` cache holds serves the layers up to ``k``."""
+        spec = self.spec
+        wanted = convention.resolve_many(spec, layers)
+        deepest = max(convention.depth(spec, layer) for layer in wanted)
+        if deepest > spec.n_layers or self.granularity == "token":  # the re-run runs them all
+            return self.hooks
+        keep = {convention.site(spec, layer) for layer in wanted}
+        # TransformerLens names every hook of block L "blocks.L.…", on both lines
+        later = tuple(f"blocks.{L}." for L in range(deepest, spec.n_layers))
+        final = {spec.final, *spec._norm_hooks(spec.ln_final)}
+        return [h for h in self.hooks if h in keep or not (h.startswith(later) or h in final)]
+
+    def check_cache(self, cache: Any, layers: Sequence[Layer] | None = None) -> None:
+        """`cache` holds every hook the decomposition at `layers` reads (None: every layer)."""
         source = adapters.cache_model(cache)
         if source is not None and self.model is not None and source is not self.model:
             raise ValueError(
@@ -313,11 +328,18 @@ class DecompositionRecipe(Terms):
                 "decompose a cache with a recipe built for the model that produced it"
             )
         keys = set(cache.keys())
-        missing = [h for h in self.hooks if h not in keys]
+        missing = [h for h in self.hooks_to(layers) if h not in keys]
         if missing:
+            served = [
+                layer
+                for layer in convention.every(self.spec)
+                if all(h in keys for h in self.hooks_to([layer]))
+            ]
+            held = f"; it serves layers {served[0]}..{served[-1]}" if served else ""
             raise ValueError(
                 f"the cache lacks {len(missing)} hook(s) the decomposition reads, e.g. "
-                f"{missing[:5]}; cache them with "
+                f"{missing[:5]}{held} (a run_with_cache(stop_at_layer=k) cache holds layers "
+                "0..k); cache them with "
                 "model.run_with_cache(tokens, names_filter=td.decomposition_names_filter(model))"
             )
 
@@ -342,5 +364,15 @@ class DecompositionRecipe(Terms):
         norms += [spec.ln_final] if layer == "final" else []
         return any(n is not None and n.rounds for n in norms)
 
-    def first_non_finite(self, cache: Any) -> str:
-        return next((h for h in self.hooks if not torch.isfinite(cache[h]).all()), "unknown")
+    def non_finite(self, cache: Any, layer: Layer) -> str:
+        """Why `layer`'s sum is not finite: the first activation read holding NaN or inf, and
+        its block, so a broken late block is not taken for a broken model."""
+        held = (h for h in self.hooks if h in cache)  # a stop_at_layer cache holds a prefix
+        bad = next((h for h in held if not torch.isfinite(cache[h]).all()), "unknown")
+        message = f"the model's activation {bad} contains NaN or inf"
+        block = re.match(r"blocks\.(\d+)\.", bad)  # TransformerLens's names on both lines
+        if block is None:
+            return message
+        b = int(block.group(1))
+        before = f" (layers 0..{b} read only the blocks before it)" if b > 0 else ""
+        return f"{message}: block {b}, which layer {layer!r} reads{before}"

@@ -48,7 +48,7 @@ class Walker(Protocol):
     def model(self) -> Model: ...
 
     def compute_dtype(self) -> torch.dtype: ...
-    def check_cache(self, cache: Cache) -> None: ...
+    def check_cache(self, cache: Cache, layers: Sequence[Layer] | None = None) -> None: ...
     def layout(self, cache: Cache | None = None) -> dict[str, str]: ...
     def steps(self, wanted: Sequence[Layer]) -> list[tuple[str, Any]]: ...
     def sublayer(self, norm: Any, scale: float, cache: Cache, dt: torch.dtype) -> Any: ...
@@ -57,7 +57,7 @@ class Walker(Protocol):
     def rounded(self, layer: Layer) -> bool: ...
     def check_exact(self, err: float, scale: float, site: str, layer: Layer,
                     dtype: torch.dtype) -> None: ...  # fmt: skip
-    def first_non_finite(self, cache: Cache) -> str: ...
+    def non_finite(self, cache: Cache, layer: Layer) -> str: ...
 
 
 @dataclass(frozen=True, repr=False)
@@ -139,8 +139,8 @@ def iter_reduced(
     check_statistic(statistic, recipe.spec)
     spec = recipe.spec
     wanted = sorted(convention.resolve_many(spec, layers), key=partial(convention.depth, spec))
-    recipe.check_cache(cache)
-    check_patterns(spec, cache, attention_mask)
+    recipe.check_cache(cache, wanted)
+    check_patterns(spec, cache, attention_mask, convention.depth(spec, wanted[-1]))
     dt = recipe.compute_dtype()
     like = cache[spec.embeds[0][1]]
     targets: dict[Any, Target] = {
@@ -181,6 +181,8 @@ class Target:
             stat = torch.nn.functional.cosine_similarity(t, e.unsqueeze(0), dim=-1)
         else:
             stat = self.logit(t)
+        if self.name in ("shares", "norm_ratios"):  # a zero state has none (as Decomposition)
+            stat = stat.masked_fill(self.e2.to(t.device) == 0, math.nan)
         if self.pad is not None:
             pad = self.pad.to(t.device)
             stat, dot = stat.masked_fill(pad, 0), dot.masked_fill(pad, 0)
@@ -299,8 +301,7 @@ class _Stream(Rows):
             total = total.masked_fill(target.pad[..., None], 0)
         err, scale = (total - target.e).abs().max().item(), target.e.abs().max().item()
         if not math.isfinite(err):
-            bad = recipe.first_non_finite(self.cache)
-            raise ValueError(f"the model's activation {bad} contains NaN or inf")
+            raise ValueError(recipe.non_finite(self.cache, layer))
         recipe.check_exact(err, scale, target.site, layer, total.dtype)
         self._check_projection(layer, target, scale)
         rows = self.rows()

@@ -3,6 +3,7 @@ to and the error measured when it was built (docs/method.md §1)."""
 
 from __future__ import annotations
 
+import math
 from dataclasses import dataclass, field, replace
 from typing import Any
 
@@ -63,14 +64,20 @@ class Decomposition(Result):
         return replace(self, factors=out, labels=KINDS, kinds=KINDS)
 
     def shares(self) -> Float[Tensor, "factor batch pos"]:
-        """The paper's statistic ``<e, t> / ||e||^2`` per factor (signed; sums to 1)."""
+        """The paper's statistic ``<e, t> / ||e||^2`` per factor (signed; sums to 1). A
+        state that is exactly zero has no shares: NaN there, not a row of zeros."""
         e = self.target.to(self.factors.dtype)
-        return (self.factors * e).sum(-1) / (e * e).sum(-1).clamp_min(1e-30)
+        return self._over_state((self.factors * e).sum(-1), (e * e).sum(-1))
 
     def norm_ratios(self) -> Float[Tensor, "factor batch pos"]:
-        """``||t|| / ||e||`` per factor (Mickus & Vazquez 2023)."""
+        """``||t|| / ||e||`` per factor (Mickus & Vazquez 2023); NaN where ``e`` is zero."""
         e = self.target.to(self.factors.dtype)
-        return self.factors.norm(dim=-1) / e.norm(dim=-1).clamp_min(1e-30)
+        return self._over_state(self.factors.norm(dim=-1), e.norm(dim=-1))
+
+    def _over_state(self, num: Tensor, den: Tensor) -> Tensor:
+        # Padding zeroed by the decomposition (sliding windows) keeps 0, as streamed ones do.
+        zero = (den == 0) & self.mask().to(den.device)
+        return (num / den.clamp_min(1e-30)).masked_fill(zero, math.nan)
 
     def cosines(self) -> Float[Tensor, "factor batch pos"]:
         """``cos(t, e)`` per factor."""

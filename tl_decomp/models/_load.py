@@ -9,7 +9,9 @@ blocks, rotary, grouped-query attention, biases on/off).
 from __future__ import annotations
 
 import functools
+import os
 import tempfile
+from pathlib import Path
 from typing import Any, Literal
 
 import torch
@@ -44,13 +46,11 @@ def load_model(
         >>> model.cfg.n_layers
         6
     """
+    key = check_name(name)  # before TransformerLens and transformers load (seconds)
     from transformer_lens.model_bridge import TransformerBridge
 
     from tl_decomp.models import _bundled
 
-    key = name.strip().lower()
-    if not key:
-        raise ValueError(f"empty model name; bundled models: {', '.join(BUNDLED)}")
     if key in ("minilm", "all-minilm-l6-v2"):
         path, short = _bundled.minilm_dir(), "minilm"
     elif key in ("smollm2", "smollm2-135m-instruct"):
@@ -66,6 +66,41 @@ def load_model(
     model = TransformerBridge.boot_transformers(str(path), device=device, dtype=dtype)
     model.cfg.model_name = short  # what reports show, not the package's path
     return model
+
+
+_ALIASES = ("minilm", "all-minilm-l6-v2", "smollm2", "smollm2-135m-instruct")
+
+
+def _offline() -> bool:
+    flags = (os.environ.get(v, "") for v in ("HF_HUB_OFFLINE", "TRANSFORMERS_OFFLINE"))
+    return any(f.strip().lower() in ("1", "true", "yes", "on") for f in flags)
+
+
+def check_name(name: Any) -> str:
+    """The lowercased key of a name `load_model` can load here, or ValueError at once,
+    listing the bundled models: a hub name must be a valid repo id, and offline it must
+    already be in the Hugging Face cache (else the hub's loader times out first)."""
+    if not isinstance(name, str):
+        raise TypeError(f"a model name is a str, not {type(name).__name__}")
+    key = name.strip().lower()
+    choices = f"bundled offline models: {', '.join(BUNDLED)}"
+    if not key:
+        raise ValueError(f"empty model name; {choices}")
+    if key in _ALIASES or Path(name).is_dir():
+        return key
+    from huggingface_hub import try_to_load_from_cache
+    from huggingface_hub.utils import HFValidationError, validate_repo_id
+
+    try:
+        validate_repo_id(name)
+    except HFValidationError:
+        raise ValueError(f"could not load {name!r}: not a model name; {choices}") from None
+    if _offline() and try_to_load_from_cache(name, "config.json") is None:
+        raise ValueError(
+            f"could not load {name!r}: it is not in the Hugging Face cache and the hub is "
+            f"off (HF_HUB_OFFLINE); {choices}"
+        )
+    return key
 
 
 def _hf_config(arch: str) -> Any:
