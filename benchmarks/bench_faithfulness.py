@@ -20,8 +20,9 @@ Methods:
 - ``grad x input``: ``<d log p(y) / d x_k, x_k>`` on Hugging Face's own model;
 - ``random``: a seeded random order.
 
-Run: ``python benchmarks/bench_faithfulness.py [N] [--hta M]`` (about ten minutes for
-N = 200, M = 40).
+Run: ``python benchmarks/bench_faithfulness.py [N] [--hta M]`` (float32; the 6 x 5 deletion
+runs per sentence and HTA's probes are the cost: tens of minutes for N = 200, M = 40 on two
+cores). ``demos/07_faithfulness.ipynb`` runs the same at N = 30, M = 6.
 """
 
 from __future__ import annotations
@@ -80,43 +81,58 @@ def drops(model, ids: torch.Tensor, y: int, lp0: float, score: torch.Tensor) -> 
     return (lp0 - lp).tolist()
 
 
+def sentences(model, n: int) -> list[torch.Tensor]:
+    """The first `n` corpus sentences of 8 to 24 tokens, as ids ``[1, pos]``."""
+    out = []
+    for s in td.load_corpus():
+        ids = model.tokenizer(s, return_tensors="pt")["input_ids"]
+        if 8 <= ids.shape[1] <= 24:
+            out.append(ids)
+        if len(out) == n:
+            break
+    return out
+
+
+def evaluate(model, texts: list[torch.Tensor], hta: int) -> dict[str, torch.Tensor]:
+    """Each method's drops ``[sentence, fraction]`` (HTA on the first `hta` sentences only)."""
+    gen = torch.Generator().manual_seed(0)
+    curves: dict[str, list[list[float]]] = {}
+    for i, ids in enumerate(texts):
+        with torch.no_grad():
+            lsm = model(ids)[0, -1].log_softmax(-1)
+        y = int(lsm.argmax())
+        for name, score in scores(model, ids, y, i < hta, gen).items():
+            curves.setdefault(name, []).append(drops(model, ids, y, lsm[y].item(), score))
+    return {name: torch.tensor(rows) for name, rows in curves.items()}
+
+
+def table(curves: dict[str, torch.Tensor], first: int | None = None) -> str:
+    """Mean drop per fraction and AOPC per method (over the first `first` sentences), best first."""
+    rows = {name: t[:first].mean(0) for name, t in curves.items()}
+    lines = [f"{'method':14s}" + "".join(f"{f:>8.0%}" for f in FRACTIONS) + f"{'AOPC':>8s}"]
+    for name, m in sorted(rows.items(), key=lambda kv: -kv[1].mean()):
+        lines.append(f"{name:14s}" + "".join(f"{v:8.3f}" for v in m) + f"{m.mean():8.3f}")
+    return "\n".join(lines)
+
+
 def main() -> None:
     p = argparse.ArgumentParser()
     p.add_argument("n", nargs="?", type=int, default=200)
     p.add_argument("--hta", type=int, default=40, help="sentences HTA also runs on")
     args = p.parse_args()
     torch.manual_seed(0)
-    model = td.load_model("smollm2")
-    sentences = []
-    for s in td.load_corpus():
-        ids = model.tokenizer(s, return_tensors="pt")["input_ids"]
-        if 8 <= ids.shape[1] <= 24:
-            sentences.append(ids)
-        if len(sentences) == args.n:
-            break
-    gen = torch.Generator().manual_seed(0)
-    curves: dict[str, list[list[float]]] = {}
-    subset: dict[str, list[list[float]]] = {}
+    model = td.load_model("smollm2", dtype=torch.float32)  # the deletion runs are the cost
+    texts = sentences(model, args.n)
     t0 = time.perf_counter()
-    for i, ids in enumerate(sentences):
-        with torch.no_grad():
-            lsm = model(ids)[0, -1].log_softmax(-1)
-        y = int(lsm.argmax())
-        for name, score in scores(model, ids, y, i < args.hta, gen).items():
-            d = drops(model, ids, y, lsm[y].item(), score)
-            curves.setdefault(name, []).append(d)
-            if i < args.hta:
-                subset.setdefault(name, []).append(d)
+    curves = evaluate(model, texts, args.hta)
     seconds = time.perf_counter() - t0
-    print(f"SmolLM2-135M, next-token prediction, {len(sentences)} corpus sentences (8-24 "
+    print(f"SmolLM2-135M, next-token prediction, {len(texts)} corpus sentences (8-24 "
           f"tokens), {seconds:.0f} s")  # fmt: skip
-    for title, table in ((f"all {len(sentences)} sentences", curves),
-                         (f"the first {args.hta} (HTA's subset)", subset)):  # fmt: skip
-        print(f"\n{title}: mean drop in log p(y) after deleting the top f of the context")
-        print(f"{'method':14s}" + "".join(f"{f:>8.0%}" for f in FRACTIONS) + f"{'AOPC':>8s}")
-        for name, rows in sorted(table.items(), key=lambda kv: -torch.tensor(kv[1]).mean()):
-            t = torch.tensor(rows)
-            print(f"{name:14s}" + "".join(f"{v:8.3f}" for v in t.mean(0)) + f"{t.mean():8.3f}")
+    print("\nmean drop in log p(y) after deleting the top f of the context")
+    print(f"\nall {len(texts)} sentences (HTA: its {args.hta}):")
+    print(table(curves))
+    print(f"\nthe first {args.hta} (HTA's subset):")
+    print(table(curves, args.hta))
 
 
 if __name__ == "__main__":
