@@ -466,3 +466,23 @@ def test_flow_view_props_are_the_kept_edges():
     assert routes["attentionHeadNames"] == [f"block {b}" for b in range(n_blocks)]
     assert contributions["values"] == flow.contributions.T.tolist()
     assert contributions["labels"] == [f"layer {L}" for L in range(n_blocks + 1)]
+
+
+@pytest.mark.browser
+@needs_chromium
+def test_flow_view_saved_opens_offline_and_token_markup_stays_text(tmp_path):
+    """`flow.view().save()`: both panels drawn in headless Chromium, no request beyond the
+    page, and tokens carrying markup shown as text, never run."""
+    flow = td.information_flow(cached_model("gpt2"), "the cat sat on the mat")
+    evil = "</script><script>window.__pwned = 1</script>"
+    tokens = (EVIL, evil, "&amp;", *flow.tokens[3:])
+    path = dataclasses.replace(flow, tokens=tokens).view().save(tmp_path / "flow.html")
+    page = load(path)
+    assert page.requests == [path.resolve().as_uri()], "the page asked for more than itself"
+    assert page.problems == [] and page.dom["alerts"] == [] and page.dom["imgs"] == 0
+    assert page.dom["scripts"] == 3  # the bundle, the props, the mount: nothing injected
+    assert [c["name"] for c in page.dom["components"]] == ["AttentionHeads", "ColoredTokensMulti"]
+    heads, colored = page.dom["components"]
+    assert heads["mounted"] and heads["drawn"] == heads["canvases"] > 1
+    text = colored["text"].replace("\xa0", " ")
+    assert colored["mounted"] and EVIL in text and evil in text and "&amp;" in text
