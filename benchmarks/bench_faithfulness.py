@@ -22,7 +22,7 @@ Methods:
 
 Run: ``python benchmarks/bench_faithfulness.py [N] [--hta M]`` (float32; the 6 x 5 deletion
 runs per sentence and HTA's probes are the cost: tens of minutes for N = 200, M = 40 on two
-cores). ``demos/07_faithfulness.ipynb`` runs the same at N = 30, M = 6.
+cores). ``demos/07_faithfulness.ipynb`` runs the same at N = 16, M = 4.
 """
 
 from __future__ import annotations
