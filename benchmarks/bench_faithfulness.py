@@ -21,8 +21,9 @@ Methods:
 - ``random``: a seeded random order.
 
 Run: ``python benchmarks/bench_faithfulness.py [N] [--hta M]`` (float32; the 6 x 5 deletion
-runs per sentence and HTA's probes are the cost: tens of minutes for N = 200, M = 40 on two
-cores). ``demos/07_faithfulness.ipynb`` runs the same at N = 16, M = 4.
+runs per sentence and HTA's probes are the cost: 421 s for N = 200, M = 40 on two quiet
+cores, far longer on a shared machine). ``demos/07_faithfulness.ipynb`` runs the same at
+N = 16, M = 4.
 """
 
 from __future__ import annotations
