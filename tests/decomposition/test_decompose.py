@@ -342,3 +342,20 @@ def test_a_zero_state_has_no_shares():
     assert r.values.isnan().all()
     real = decompose(cached_model("gpt2"), "the cat", layer=1)  # a non-zero state: unchanged
     assert_close(real.shares().sum(0), torch.ones(1, 3, dtype=torch.float64), torch.float64)
+
+
+@pytest.mark.skipif(TL3, reason="the zoo is TransformerLens 4.x's")
+def test_a_run_that_drops_the_causal_mask_is_refused_by_name():
+    """openai-gpt on the bridge: under an attention mask the bridge drops the causal mask (a
+    TransformerLens bug), so block 0's pattern weighs later keys; that run is not the model's
+    and is refused by name, from text and from the user's own cache, leaving no hook."""
+    from support import zoo
+
+    model = zoo.boot("openai_gpt", zoo.dtype_for("openai_gpt"))
+    ids = torch.tensor([[5, 6, 7, 8, 9]])
+    with NoHooksLeft(model), pytest.raises(NotImplementedError, match="drops the causal mask"):
+        decompose(model, ids, layer=1)
+    _, cache = model.run_with_cache(ids, attention_mask=torch.ones_like(ids))
+    assert cache["blocks.0.attn.hook_pattern"].triu(1).abs().max() > 0.01  # the leak is real
+    with NoHooksLeft(model), pytest.raises(NotImplementedError, match="drops the causal mask"):
+        decompose(model, cache, layer=1)
