@@ -164,13 +164,11 @@ def _quiet() -> Iterator[None]:
 
 
 def _source_dir(source: str | os.PathLike[str]) -> Path:
-    from tl_decomp.models import _bundled
+    from tl_decomp.models._load import _ALIASES, bundled_dir
 
     key = str(source).strip().lower()
-    if key in ("minilm", "all-minilm-l6-v2"):
-        return _bundled.minilm_dir()
-    if key in ("smollm2", "smollm2-135m-instruct"):
-        return _bundled.smollm2_dir()
+    if key in _ALIASES:
+        return bundled_dir(key)
     path = Path(source)
     if not (path / "config.json").is_file():
         raise ValueError(

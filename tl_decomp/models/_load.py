@@ -49,12 +49,8 @@ def load_model(
     key = check_name(name)  # before TransformerLens and transformers load (seconds)
     from transformer_lens.model_bridge import TransformerBridge
 
-    from tl_decomp.models import _bundled
-
-    if key in ("minilm", "all-minilm-l6-v2"):
-        path, short = _bundled.minilm_dir(), "minilm"
-    elif key in ("smollm2", "smollm2-135m-instruct"):
-        path, short = _bundled.smollm2_dir(), "smollm2"
+    if key in _ALIASES:
+        path, short = bundled_dir(key), _ALIASES[key]
     else:
         try:
             return TransformerBridge.boot_transformers(name, device=device, dtype=dtype)
@@ -68,7 +64,20 @@ def load_model(
     return model
 
 
-_ALIASES = ("minilm", "all-minilm-l6-v2", "smollm2", "smollm2-135m-instruct")
+# Every name of a bundled model, lowercased, and the short name reports show.
+_ALIASES = {
+    "minilm": "minilm",
+    "all-minilm-l6-v2": "minilm",
+    "smollm2": "smollm2",
+    "smollm2-135m-instruct": "smollm2",
+}
+
+
+def bundled_dir(key: str) -> Path:
+    """The Hugging Face directory of the bundled model `key` names (one of `_ALIASES`)."""
+    from tl_decomp.models import _bundled
+
+    return _bundled.minilm_dir() if _ALIASES[key] == "minilm" else _bundled.smollm2_dir()
 
 
 def _offline() -> bool:
