@@ -1,7 +1,7 @@
 """The package's own vocabulary, below everything else: what a model is to the math
 (`spec`), the layer convention (`convention`), input checks (`checks`), the result contract
 (`results`), shared type aliases (`aliases`), token classes (`token_classes`),
-multi-process helpers (`distributed`) and file
+multi-process helpers (`distributed`), the thread switch (`threads`) and file
 writing (`files`). Imports nothing from the rest of tl_decomp.
 """
 

@@ -31,7 +31,8 @@ from torch import Tensor
 from tl_decomp import adapters
 from tl_decomp._core import checks, convention
 from tl_decomp._core.spec import ModelSpec
-from tl_decomp.attention._projection import causal, full_projection, serial, windowed
+from tl_decomp._core.threads import serial
+from tl_decomp.attention._projection import causal, full_projection, windowed
 
 
 @dataclass(frozen=True)

@@ -16,6 +16,7 @@ from torch import Tensor
 from tl_decomp._core import convention
 from tl_decomp._core.results import Result
 from tl_decomp._core.spec import ModelSpec
+from tl_decomp._core.threads import serial
 from tl_decomp.attention._effective import (
     BlockOptions,
     allowed_keys,
@@ -26,7 +27,7 @@ from tl_decomp.attention._effective import (
     rank_tolerance,
     value_outputs,
 )
-from tl_decomp.attention._projection import full_projection, serial
+from tl_decomp.attention._projection import full_projection
 
 
 @dataclass(frozen=True, repr=False)

@@ -13,10 +13,6 @@ The causal prefixes are solved in `tl_decomp.attention`.
 
 from __future__ import annotations
 
-import contextlib
-import threading
-from collections.abc import Iterator
-
 import einops
 import torch
 from jaxtyping import Bool, Float, Int
@@ -25,32 +21,6 @@ from torch import Tensor
 from tl_decomp.attention._causal import CHUNK, causal, pinv_factor, r_factor
 
 _CHUNK_ELEMENTS = 2**24  # sliding windows: U entries (or factor entries) gathered at once
-
-
-_SERIAL_LOCK = threading.Lock()
-_SERIAL_USERS, _SERIAL_SAVED = 0, 1
-
-
-@contextlib.contextmanager
-def serial() -> Iterator[None]:
-    """Intra-op threads off for the duration (restored after, even on error).
-
-    The work here is thousands of small factorisations and matrix products, which threads
-    only synchronise: measured on a busy 2-core machine, 10-100x slower with two threads.
-    """
-    global _SERIAL_USERS, _SERIAL_SAVED
-    with _SERIAL_LOCK:  # the thread count is process-wide: first in saves, last out restores
-        if _SERIAL_USERS == 0:
-            _SERIAL_SAVED = torch.get_num_threads()
-            torch.set_num_threads(1)
-        _SERIAL_USERS += 1
-    try:
-        yield
-    finally:
-        with _SERIAL_LOCK:
-            _SERIAL_USERS -= 1
-            if _SERIAL_USERS == 0:
-                torch.set_num_threads(_SERIAL_SAVED)
 
 
 def full_projection(
@@ -170,4 +140,4 @@ def _window_rows(
     return torch.where(einops.rearrange(exact, "(q h) 1 -> q h 1", h=heads), a, eff)
 
 
-__all__ = ["causal", "full_projection", "serial", "windowed"]
+__all__ = ["causal", "full_projection", "windowed"]

@@ -9,7 +9,6 @@ position's ``d_model`` columns and takes the blocks' largest singular values (sp
 
 from __future__ import annotations
 
-import contextlib
 import functools
 import threading
 from collections.abc import Callable, Iterator, Sequence
@@ -25,6 +24,7 @@ from tl_decomp import adapters
 from tl_decomp._core import convention
 from tl_decomp._core.convention import Layer
 from tl_decomp._core.spec import ModelSpec
+from tl_decomp._core.threads import serial
 
 Method = Literal["exact", "estimate"]
 Norm = Literal["frobenius", "spectral"]
@@ -170,28 +170,8 @@ def _fill_spectral(block: Tensor, s1: Tensor, cols: Tensor, pos: Tensor, k: Tens
         if int(k[sel].max()) == d - 1:  # tangents come in order: position j is complete
             # sigma_max^2 = largest eigenvalue of J^T J (eigvalsh: symmetric, faster than SVD)
             gram = block.transpose(-1, -2) @ block
-            with _one_thread(gram):
+            with serial():  # a batch of small eigensolves: threads only synchronise
                 s1[:, :, j] = torch.linalg.eigvalsh(gram)[..., -1].clamp_min(0)
-
-
-@contextlib.contextmanager
-def _one_thread(x: Tensor) -> Iterator[None]:
-    """Intra-op threads off for a CPU eigendecomposition batch (restored after).
-
-    A batch of ``d_model x d_model`` eigendecompositions runs one LAPACK call per matrix,
-    which threads only synchronise: measured on a busy 2-core machine, 12 MiniLM-sized (384)
-    blocks took 0.11 s with one thread and 1.1-4.5 s with two. Called under `_FORWARD_AD`,
-    so HTA never nests it; `tl_decomp.attention` keeps its own switch for its factorisations.
-    """
-    if x.device.type != "cpu":
-        yield
-        return
-    saved = torch.get_num_threads()
-    torch.set_num_threads(1)
-    try:
-        yield
-    finally:
-        torch.set_num_threads(saved)
 
 
 def per_example(model, spec, tokens, mask, source, layers, opts, progress):
