@@ -7,8 +7,9 @@ mark above the resident set before, as in ``bench_reduce.py``; time: wall clock,
 - ``run``: ``model.run_with_cache(tokens)`` (every hook cached: the baseline);
 - ``logit``: token-level logit attribution of the next token at the final embedding,
   ``decompose_layers(granularity="token", layers=["final"], reduce=("logit", ids))``;
-- ``fast``: the same at the last position only, `td.token_logit_attribution` (one frozen
-  forward pass and one backward pass);
+- ``fast``: the same at the last position only, `td.token_logit_attribution` (a cached run,
+  one frozen forward pass with gradients for the embeddings only, stopped before the
+  unembedding, its backward pass, and one frozen pass of ``F(0)`` without gradients);
 - ``lens``: the same at every layer (the decomposed logit lens by token, streamed);
 - ``stack``: the full token stack ``[pos + 1, 1, pos, d_model]`` at one layer (block 15's
   output), ``decompose(granularity="token", layer=15)``.
@@ -74,8 +75,8 @@ def measure(case: str) -> dict:
     return json.loads(run.stdout.strip().splitlines()[-1])
 
 
-def main() -> None:
-    results = {case: measure(case) for case in ("run", "logit", "fast", "lens", "stack")}
+def main(cases: tuple[str, ...] = ("run", "logit", "fast", "lens", "stack")) -> None:
+    results = {case: measure(case) for case in cases}
     base = results["run"]
     print("SmolLM2-135M, float32, 128 tokens; ratios to a plain run_with_cache")
     print(f"{'case':8s} {'seconds':>8s} {'x time':>7s} {'peak MiB':>9s} {'x memory':>9s}")
@@ -86,5 +87,5 @@ def main() -> None:
         )
 
 
-if __name__ == "__main__":
-    main()
+if __name__ == "__main__":  # `bench_flow.py run fast`: those cases only (the baseline first)
+    main(tuple(sys.argv[1:]) or ("run", "logit", "fast", "lens", "stack"))

@@ -19,7 +19,7 @@ from pathlib import Path
 import pytest
 import torch
 from support import zoo
-from support.models import KINDS
+from support.models import KINDS, TL3
 
 import tl_decomp as td
 
@@ -44,6 +44,16 @@ def outcome(family: str) -> tuple[str, str]:
 
 
 def _outcome(family: str) -> tuple[str, str]:
+    if TL3 and (zoo.FAMILIES[family].seq2seq or zoo.FAMILIES[family].pixels):
+        return "skipped", "the zoo's encoder–decoders and vision models are TransformerLens 4.x's"
+    if zoo.FAMILIES[family].seq2seq:  # two stacks: checked in test_seq2seq.py
+        from test_seq2seq import seq2seq_outcome
+
+        return seq2seq_outcome(family)
+    if zoo.FAMILIES[family].pixels:  # images: checked in test_vision.py
+        from test_vision import vision_outcome
+
+        return vision_outcome(family)
     dtype = zoo.dtype_for(family)
     try:
         model = zoo.boot(family, dtype)
@@ -80,6 +90,7 @@ def _bridge_gap(model, family: str) -> float:
 
 
 MOE: set[str] = set()  # families with mixture-of-experts blocks
+MIXERS: set[str] = set()  # families with token mixers that are not attention
 EXPERT_REFUSALS: dict[str, str] = {}  # ... whose blocks cannot be split by expert
 SOURCE_REFUSALS: dict[str, str] = {}  # families whose heads cannot be split by key position
 TOKEN_REFUSALS: dict[str, str] = {}  # families the token split refuses by name
@@ -92,6 +103,9 @@ def _decomposition_error(model, family: str) -> float:
         states = hf(TOKENS, attention_mask=MASK, output_hidden_states=True).hidden_states
     real = MASK.bool()[..., None]
     worst = 0.0
+    spec = td.model_spec(model)
+    if any(b.mixer for b in spec.blocks):
+        MIXERS.add(family)
     moe = td.DecompositionRecipe.for_model(model).moe_layers
     if moe:
         MOE.add(family)
@@ -112,17 +126,24 @@ def _decomposition_error(model, family: str) -> float:
                 raise
             EXPERT_REFUSALS[family] = str(err)
             continue
-        spec = td.model_spec(model)
+        # HF numbers hidden_states as we do, except that on decoders the last one is the
+        # final norm's output (our "final"): the last block's own output has none. Mamba and
+        # RWKV list each block's output, not its input: their first state is block 0's output.
+        shift = int(not _same(ds[0], states[0], real) and _same(ds[1], states[0], real))
         for d in ds:
-            # HF numbers hidden_states as we do, except that on decoders the last one is the
-            # final norm's output (our "final"): the last block's own output has none.
-            i = spec.n_layers if d.layer == "final" else d.layer
-            if d.layer == spec.n_layers and spec.final != d.site:
+            i = spec.n_layers if d.layer == "final" else d.layer - shift
+            if d.layer == spec.n_layers and spec.final != d.site or i < 0:
                 continue
             total = d.factors.sum(0).masked_fill(~real, 0)
             ref = states[i].to(total).masked_fill(~real, 0)
             worst = max(worst, ((total - ref).abs().max() / ref.abs().max()).item())
     return worst
+
+
+def _same(d, state, real) -> bool:
+    total = d.factors.sum(0).masked_fill(~real, 0)
+    ref = state.to(total).masked_fill(~real, 0)
+    return bool((total - ref).abs().max() <= 1e-6 * ref.abs().max())
 
 
 def _attention_error(model) -> float:
@@ -134,9 +155,13 @@ def _attention_error(model) -> float:
     )
     worst = 0.0
     for L, blk in enumerate(spec.blocks):
+        if not blk.pattern:  # a token mixer that is not attention
+            with pytest.raises(NotImplementedError, match="token mixer"):
+                td.effective_attention(cache, L, attention_mask=MASK)
+            continue
         eff = td.effective_attention(cache, L, attention_mask=MASK)
         a = cache[blk.pattern].double()
-        v = cache[blk.v].double()
+        v = blk.values(cache).double()  # [batch pos head d] (MLA's hook holds [b h p d])
         v = v[:, :, list(spec.kv_head)] if v.shape[2] != spec.n_heads else v
         for b in range(TOKENS.shape[0]):
             n = int(MASK[b].sum())
@@ -144,6 +169,8 @@ def _attention_error(model) -> float:
                 keys = [k for k in range(n) if (not spec.causal or k <= q)]
                 if blk.window is not None:
                     keys = [k for k in keys if q - blk.window < k]
+                if blk.chunk is not None:  # Llama 4: the query's own chunk (right padding)
+                    keys = [k for k in keys if k // blk.chunk == q // blk.chunk]
                 for h in range(spec.n_heads):
                     t = v[b, keys, h] @ blk.W_O[h].double()
                     u, s, _ = torch.linalg.svd(t, full_matrices=False)
@@ -263,6 +290,8 @@ def _table() -> str:
             note = " (float32: Hugging Face refuses float64)" if "float32" in detail else ""
             if family in MOE:
                 note += "; per expert: " + ("refused" if family in EXPERT_REFUSALS else "exact")
+            if family in MIXERS:
+                note += "; token mixers: one term each"
             what = "exact" + note
         elif status == "bridge":
             what = "not checked: " + detail.split(" (")[0] + " (a TransformerLens bug)"
@@ -273,9 +302,24 @@ def _table() -> str:
         if refused:
             logit = "refused: a head before W_U" if "final" in refused else "final exact; no lens"
         token = "" if status != "exact" else _token_note(family)
+        if status == "exact" and zoo.FAMILIES[family].pixels:
+            what = "exact (pixels: CLS and patches)"
+            logit = "refused: a classifier reading one position"
+            token = "exact"
+        if status == "exact" and zoo.FAMILIES[family].seq2seq:
+            what = "exact (encoder and decoder, cross-attention `x`)"
+            logit = "decoder: " + _seq2seq_logit_note(family)
+            token = "refused: an encoder–decoder"
         cls = zoo.FAMILIES[family].model_class
         rows.append(f"| {family} | {cls} | {what} | {logit} | {token} |")
     return "\n".join(rows)
+
+
+def _seq2seq_logit_note(family: str) -> str:
+    from test_seq2seq import _model
+
+    post = td.model_spec(_model(family), stack="decoder").norm_placement == "post"
+    return "final exact; no lens (post-LN)" if post else "exact (final embedding and lens)"
 
 
 def _token_note(family: str) -> str:
@@ -284,6 +328,11 @@ def _token_note(family: str) -> str:
     if err is None:
         return "exact"
     for needle, why in (
+        ("token mixer", "a token mixer (no pattern)"),
+        ("latent attention", "latent attention (values not per head)"),
+        ("per-layer-input", "a per-layer-input branch"),
+        ("is not act(gate)", "an expert gate not act(gate) * up"),
+        ("is not called as", "experts not called as (input, index, weights)"),
         ("mixture-of-experts", "mixture-of-experts MLPs"),
         ("fused", "gate fused with the up-projection"),
         ("no down-projection", "MLP activation not hooked"),

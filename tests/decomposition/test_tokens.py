@@ -6,8 +6,9 @@ from __future__ import annotations
 
 import pytest
 import torch
+from support import zoo
 from support.helpers import NoHooksLeft, assert_close
-from support.models import cached_model, skip_broken
+from support.models import KINDS, cached_model, skip_broken
 
 import tl_decomp as td
 
@@ -193,3 +194,126 @@ def test_equal_to_an_independent_propagation(arch, reference):
     tol = 1e-9 if arch == "gpt2" else 1e-6
     scale = d.target.abs().max()
     assert (d.factors - ref).abs().max() <= tol * scale
+
+
+# -- mixtures of experts: routing and each expert's gate held at the full input's values --------
+MOE_SPLIT = {  # measured: the token split runs on these; every other MoE family refuses by name
+    "mixtral", "qwen2_moe", "qwen3_moe", "olmoe", "flex_olmo", "granitemoe", "phimoe",
+    "minimax_m2", "ernie4_5_moe", "glm4_moe",
+}  # fmt: skip
+MOE_FAMILIES = [f for f, fam in zoo.FAMILIES.items() if fam.moe]
+PADDED = torch.tensor([[1, 5, 6, 7, 5, 8, 9, 10, 5, 11], [1, 5, 6, 7, 8, 9, 5, 0, 0, 0]])
+PAD_MASK = (torch.arange(10) < torch.tensor([[10], [7]])).long()
+bridge_only = pytest.mark.skipif(KINDS[-1] != "bridge", reason="the zoo boots TransformerBridge")
+
+
+@bridge_only
+@pytest.mark.parametrize("as_users_do", [False, True], ids=["eager", "grouped_mm"])
+@pytest.mark.parametrize("family", MOE_FAMILIES)
+def test_moe_token_factors_sum_to_hugging_faces_states(family, as_users_do):
+    # Hugging Face's grouped_mm refuses float64, so a user's boot runs float32
+    dtype = torch.float32 if as_users_do else zoo.dtype_for(family)
+    try:
+        model = zoo.boot(family, dtype, as_users_do=as_users_do)
+    except Exception as err:  # the bridge itself cannot boot it: nothing of ours to test
+        pytest.skip(f"the bridge cannot boot {family}: {type(err).__name__}")
+    if family not in MOE_SPLIT:
+        with NoHooksLeft(model), pytest.raises(NotImplementedError):  # named
+            td.decompose_layers(model, PADDED, attention_mask=PAD_MASK, granularity="token")
+        return
+    with NoHooksLeft(model):
+        ds = td.decompose_layers(model, PADDED, attention_mask=PAD_MASK, granularity="token")
+    hf = zoo.hf_reference(family, dtype)
+    with torch.no_grad():
+        states = hf(PADDED, attention_mask=PAD_MASK, output_hidden_states=True).hidden_states
+    spec, real = td.model_spec(model), PAD_MASK.bool()[..., None]
+    rounded = any(d.meta["recipe"].rounded(d.layer) for d in ds)
+    # HF's RMSNorm computes in float32 whatever the dtype; LayerNorm models stay in float64
+    tol = spec.tolerance(dtype, rounded) if dtype == torch.float32 or rounded else 1e-9
+    for d in ds:
+        i = spec.n_layers if d.layer == "final" else d.layer
+        if d.layer == spec.n_layers and spec.final != d.site:
+            continue
+        total = d.factors.sum(0).masked_fill(~real, 0)
+        ref = states[i].to(total).masked_fill(~real, 0)
+        assert (total - ref).abs().max() <= tol * ref.abs().max(), f"layer {d.layer}"
+    for k in range(1, PADDED.shape[1]):  # causal: exactly nothing from later tokens
+        assert ds[-1].factors[k, :, :k].abs().max() == 0
+
+
+def _affine(lin, X):
+    """``lin`` applied to token rows with its bias only in the last (the biases') row."""
+    out = X @ lin.weight.T
+    if lin.bias is not None:
+        out[-1] = out[-1] + lin.bias
+    return out
+
+
+def _norm(mod, x, X):
+    rms = not isinstance(mod, torch.nn.LayerNorm)
+    eps = mod.eps if hasattr(mod, "eps") else mod.variance_epsilon
+    return _ln(x, X, mod.weight, getattr(mod, "bias", None), eps, rms)
+
+
+def _moe(moe, h_full, H):
+    """A mixture of experts token by token: Hugging Face's router on the full input; each
+    chosen expert's own weights, its gate act(W_g x) from the full input times its
+    up-projection of one token's share, weighted by the full input's router weight."""
+    router = moe.gate if hasattr(moe, "gate") else moe.router
+    _, w, idx = router(h_full)  # [pos top_k]
+    ex = moe.experts
+    d_mlp = ex.down_proj.shape[-1]
+    W = ex.gate_up_proj[idx]  # [pos top_k 2I d_model]
+    gate = ex.act_fn(torch.einsum("pkid,pd->pki", W[:, :, :d_mlp], h_full))
+    up = torch.einsum("pkid,tpd->tpki", W[:, :, d_mlp:], H)
+    out = torch.einsum("pkdi,tpki,pk->tpd", ex.down_proj[idx], gate * up, w.to(H))
+    shared = getattr(moe, "shared_expert", None)
+    if shared is not None:
+        g = shared.act_fn(shared.gate_proj(h_full))
+        s = shared.down_proj(g * shared.up_proj(H))
+        out = out + torch.sigmoid(moe.shared_expert_gate(h_full)) * s
+    return out
+
+
+def _moe_reference(hf, ids, A):
+    """A pre-norm mixture-of-experts decoder (Mixtral, Qwen2-MoE, PhiMoE) propagated token
+    by token from Hugging Face's modules."""
+    m, cfg = hf.model, hf.config
+    n, d = ids.shape[1], cfg.hidden_size
+    X = torch.zeros(n + 1, 1, n, d, dtype=torch.float64)
+    X[torch.arange(n), 0, torch.arange(n)] = m.embed_tokens(ids)[0]
+    H, KV = cfg.num_attention_heads, cfg.num_key_value_heads
+    dh = getattr(cfg, "head_dim", None) or d // H
+    for L, blk in enumerate(m.layers):
+        h = _norm(blk.input_layernorm, X.sum(0), X)
+        v = _affine(blk.self_attn.v_proj, h).reshape(n + 1, 1, n, KV, dh)
+        z = torch.einsum("bhqk,tbkhe->tbqhe", A[L], v.repeat_interleave(H // KV, 3))
+        X = X + _affine(blk.self_attn.o_proj, z.reshape(n + 1, 1, n, H * dh))
+        h = _norm(blk.post_attention_layernorm, X.sum(0), X)
+        X = X + _moe(blk.mlp, h.sum(0)[0], h[:, 0])[:, None]
+    return _norm(m.norm, X.sum(0), X)
+
+
+@bridge_only
+@pytest.mark.parametrize("family", ["mixtral", "qwen2_moe", "phimoe"])
+def test_moe_equal_to_an_independent_propagation(family):
+    model = zoo.boot(family)  # float64 (eager experts: grouped_mm refuses float64)
+    ids = torch.tensor([[1, 5, 6, 7, 5, 8, 9, 10]])
+    d = td.decompose(model, ids, granularity="token")
+    _, cache = model.run_with_cache(ids, names_filter=lambda n: n.endswith("hook_pattern"))
+    A = [cache[f"blocks.{L}.attn.hook_pattern"] for L in range(model.cfg.n_layers)]
+    with torch.no_grad():
+        ref = _moe_reference(zoo.hf_reference(family), ids, A)
+    # float64 throughout; RMSNorm computes in float32 inside Hugging Face's model
+    tol = 1e-9 if family == "phimoe" else 1e-6
+    assert (d.factors - ref).abs().max() <= tol * d.target.abs().max()
+
+
+@bridge_only
+def test_moe_token_logit_attribution_sums_to_the_logit():
+    model = zoo.boot("qwen2_moe", torch.float32, as_users_do=True)  # grouped_mm, shared expert
+    ids = torch.tensor([[1, 5, 6, 7, 5, 8, 9, 10]])
+    with NoHooksLeft(model):
+        la = td.token_logit_attribution(model, ids, 3)
+    logit = model(ids)[0, -1, 3]
+    assert abs(la.values.sum() - logit) <= 1e-5 * abs(logit)

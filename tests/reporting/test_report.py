@@ -258,7 +258,8 @@ def test_defaults_fit_the_budgets_of_a_deep_decoder():
 
     from tl_decomp.reporting import _report as R
 
-    spec = SimpleNamespace(n_layers=30, n_heads=9, d_model=576)
+    block = SimpleNamespace(pattern="blocks.L.attn.hook_pattern", mixer=None)  # attention
+    spec = SimpleNamespace(n_layers=30, n_heads=9, d_model=576, blocks=[block] * 30)
     left: list[str] = []
     plan = R._Plan(spec, 99, "estimate", 8, left)
     blocks = plan.blocks()

@@ -50,6 +50,8 @@ class Family(NamedTuple):
     encoder: bool = False  # masked LM: BERT tokenizer
     moe: bool = False  # mixture of experts: boot with experts_implementation="eager"
     architecture: str | None = None  # `architectures` to write when TransformerLens spells it
+    seq2seq: bool = False  # encoder–decoder: also written as pytorch_model.bin (Switch reads it)
+    pixels: bool = False  # vision: reads pixel_values (`pixels(family)`), no tokenizer
 
 
 # Sizes applied to every field a family's config class has (or aliases in `attribute_map`);
@@ -88,7 +90,7 @@ _SMALL: dict[str, Any] = {
     "q_lora_rank": 16,
     "qk_nope_head_dim": 8,
     "qk_rope_head_dim": 8,
-    "v_head_dim": 8,
+    "v_head_dim": 12,  # wider than head_dim (as DeepSeek's): the bridge's z split is wrong
 }
 
 
@@ -138,12 +140,111 @@ _LLAMA3_ROPE = {
 }
 _GEMMA = {"sliding_window": WINDOW, "query_pre_attn_scalar": 16}  # scale != 1/sqrt(head_dim)
 _SOFTCAP = {"attn_logit_softcapping": 5.0, "final_logit_softcapping": 3.0}
+_SSM = {"state_size": 4, "expand": 2, "conv_kernel": 3, "chunk_size": 4}
+_MAMBA1 = {"state_size": 4, "expand": 2, "conv_kernel": 3, "time_step_rank": 4}
+_MAMBA_HYBRID = {"mamba_d_state": 4, "mamba_d_conv": 3, "mamba_expand": 2}
+_MAMBA2_HYBRID = {"mamba_n_heads": 8, "mamba_d_head": 8, "mamba_n_groups": 1, "mamba_chunk_size": 4}
 _NEO_LAYERS = [[["global", "local"], 1], [["global"], 1]]  # global, local, global
+# encoder–decoders: 3 + 3 layers, decoder_start_token_id 1 (the BOS)
+_BART = {
+    "encoder_layers": 3,
+    "decoder_layers": 3,
+    "encoder_attention_heads": 4,
+    "decoder_attention_heads": 4,
+    "encoder_ffn_dim": 48,
+    "decoder_ffn_dim": 48,
+    "decoder_start_token_id": 1,
+    "forced_eos_token_id": None,
+}
+_T5 = {
+    "d_kv": 8,
+    "d_ff": 48,
+    "num_decoder_layers": 3,
+    "relative_attention_num_buckets": 8,
+    "relative_attention_max_distance": 16,
+    "decoder_start_token_id": 1,
+}
+
+
+def _t5gemma() -> Any:
+    """T5Gemma nests one Gemma-2-like config per stack (sliding windows, GQA, soft-capping)."""
+    stack = {k: v for k, v in _SMALL.items() if k in _fields(tf.T5GemmaModuleConfig)}
+    stack.update(_GEMMA, attention_dropout=0.0, dropout_rate=0.0)
+    top = {k: _SMALL[k] for k in ("vocab_size", "pad_token_id", "bos_token_id", "eos_token_id")}
+    return tf.T5GemmaConfig(
+        encoder=stack, decoder=stack, **top, dropout_rate=0.0, attention_dropout=0.0,
+        tie_word_embeddings=False,
+    )  # fmt: skip
+
+
+# Vision transformers: 16x16 RGB images in 4x4 patches, 16 patches after the prefix tokens
+# (CLS; DeiT adds a distillation token), 5 classes where there is a classifier head.
+_VISION = {"image_size": 16, "patch_size": 4, "num_channels": 3, "encoder_stride": 4}
+
+
+def pixels(family: str, batch: int = 2, seed: int = 0) -> torch.Tensor:
+    """Seeded random pixel values ``[batch channels height width]`` for a vision family, in
+    the family's float64 (or float32) dtype."""
+    cfg = _spec(family).config()
+    size = (batch, cfg.num_channels, cfg.image_size, cfg.image_size)
+    gen = torch.Generator().manual_seed(seed)
+    return torch.randn(size, generator=gen, dtype=torch.float64).to(dtype_for(family))
+
 
 FAMILIES: dict[str, Family] = {
+    # vision (pre-LN encoders over patches; no tokenizer)
+    "vit": Family(
+        _cfg(tf.ViTConfig, **_VISION, num_labels=5), "ViTForImageClassification", pixels=True
+    ),
+    "vit_model": Family(_cfg(tf.ViTConfig, **_VISION), "ViTModel", pixels=True),  # + pooler
+    "deit": Family(
+        _cfg(tf.DeiTConfig, **_VISION, num_labels=5), "DeiTForImageClassification", pixels=True
+    ),
     # encoders (post-LN, embedding LayerNorm)
     "bert": Family(_cfg(tf.BertConfig, type_vocab_size=2), "BertForMaskedLM", encoder=True),
     "roberta": Family(_cfg(tf.RobertaConfig), "RobertaForMaskedLM", encoder=True),
+    # encoder–decoders (decoder blocks: self-attention, cross-attention, MLP)
+    "t5": Family(_cfg(tf.T5Config, **_T5), "T5ForConditionalGeneration", seq2seq=True),
+    "longt5": Family(  # local attention in the encoder, delegated to Hugging Face
+        _cfg(tf.LongT5Config, **_T5, local_radius=3), "LongT5ForConditionalGeneration", seq2seq=True
+    ),
+    "switch_transformers": Family(  # top-1 experts in blocks 1 (sparse every other block)
+        _cfg(
+            tf.SwitchTransformersConfig,
+            **_T5,
+            num_sparse_encoder_layers=1,
+            num_sparse_decoder_layers=1,
+            expert_capacity=64,
+        ),
+        "SwitchTransformersForConditionalGeneration",
+        seq2seq=True,
+    ),
+    "t5gemma": Family(_t5gemma, "T5GemmaForConditionalGeneration", seq2seq=True),
+    "bart": Family(_cfg(tf.BartConfig, **_BART), "BartForConditionalGeneration", seq2seq=True),
+    "marian": Family(
+        _cfg(tf.MarianConfig, **_BART, decoder_vocab_size=64), "MarianMTModel", seq2seq=True
+    ),
+    "mbart": Family(_cfg(tf.MBartConfig, **_BART), "MBartForConditionalGeneration", seq2seq=True),
+    "pegasus": Family(
+        _cfg(tf.PegasusConfig, **_BART), "PegasusForConditionalGeneration", seq2seq=True
+    ),
+    "m2m100": Family(
+        _cfg(tf.M2M100Config, **_BART), "M2M100ForConditionalGeneration", seq2seq=True
+    ),
+    "blenderbot": Family(
+        _cfg(tf.BlenderbotConfig, **_BART), "BlenderbotForConditionalGeneration", seq2seq=True
+    ),
+    "led": Family(  # Longformer's banded attention (window 4) in the encoder
+        _cfg(
+            tf.LEDConfig,
+            **_BART,
+            max_encoder_position_embeddings=64,
+            max_decoder_position_embeddings=64,
+            attention_window=4,
+        ),
+        "LEDForConditionalGeneration",
+        seq2seq=True,
+    ),
     # LayerNorm, learned / ALiBi / no rotary positions
     "gpt2": Family(_cfg(tf.GPT2Config, n_inner=48), "GPT2LMHeadModel"),
     "openai_gpt": Family(_cfg(tf.OpenAIGPTConfig), "OpenAIGPTLMHeadModel"),
@@ -322,6 +423,101 @@ FAMILIES: dict[str, Family] = {
         "DeepseekV4ForCausalLM",
         moe=True,
     ),
+    # token mixers that are not attention: state-space models, convolutions, linear attention
+    "mamba": Family(_cfg(tf.MambaConfig, **_MAMBA1), "MambaForCausalLM"),
+    "falcon_mamba": Family(_cfg(tf.FalconMambaConfig, **_MAMBA1), "FalconMambaForCausalLM"),
+    "mamba2": Family(
+        _cfg(tf.Mamba2Config, **_SSM, num_heads=8, head_dim=8, n_groups=1), "Mamba2ForCausalLM"
+    ),
+    "rwkv": Family(
+        _cfg(tf.RwkvConfig, attention_hidden_size=32, context_length=64), "RwkvForCausalLM"
+    ),
+    "jamba": Family(  # Mamba, attention at layer 1, experts at layer 1
+        _cfg(
+            tf.JambaConfig,
+            **_MAMBA_HYBRID,
+            attn_layer_period=2,
+            attn_layer_offset=1,
+            expert_layer_period=2,
+            expert_layer_offset=1,
+            use_mamba_kernels=False,
+        ),
+        "JambaForCausalLM",
+        moe=True,
+    ),
+    "bamba": Family(
+        _cfg(tf.BambaConfig, **_MAMBA_HYBRID, **_MAMBA2_HYBRID, attn_layer_indices=[1]),
+        "BambaForCausalLM",
+    ),
+    "falcon_h1": Family(  # attention and Mamba-2 side by side in every block
+        _cfg(tf.FalconH1Config, **_MAMBA_HYBRID, **_MAMBA2_HYBRID, mamba_d_ssm=64),
+        "FalconH1ForCausalLM",
+    ),
+    "granite_moe_hybrid": Family(
+        _cfg(
+            tf.GraniteMoeHybridConfig,
+            **_MAMBA_HYBRID,
+            **_MAMBA2_HYBRID,
+            layer_types=["mamba", "attention", "mamba"],
+            position_embedding_type="rope",
+        ),
+        "GraniteMoeHybridForCausalLM",
+        moe=True,
+    ),
+    "lfm2": Family(  # short gated convolutions, attention at layer 1
+        _cfg(
+            tf.Lfm2Config,
+            layer_types=["conv", "full_attention", "conv"],
+            conv_L_cache=3,
+            block_ff_dim=48,
+        ),
+        "Lfm2ForCausalLM",
+    ),
+    "qwen3_next": Family(  # gated delta-net linear attention, attention at layer 1
+        _cfg(
+            tf.Qwen3NextConfig,
+            layer_types=["linear_attention", "full_attention", "linear_attention"],
+            linear_num_value_heads=4,
+            linear_num_key_heads=2,
+            linear_key_head_dim=8,
+            linear_value_head_dim=8,
+            linear_conv_kernel_dim=3,
+        ),
+        "Qwen3NextForCausalLM",
+        moe=True,
+    ),
+    "olmo_hybrid": Family(_cfg(tf.OlmoHybridConfig), "OlmoHybridForCausalLM"),
+    "nemotron_h": Family(
+        _cfg(
+            tf.NemotronHConfig,
+            layers_block_type=["mamba", "attention", "moe"],
+            mamba_num_heads=8,
+            mamba_head_dim=8,
+            n_groups=1,
+            ssm_state_size=4,
+            conv_kernel=3,
+            chunk_size=4,
+        ),
+        "NemotronHForCausalLM",
+        moe=True,
+    ),
+    "zamba2": Family(
+        _cfg(
+            tf.Zamba2Config,
+            layers_block_type=["mamba", "hybrid", "mamba"],
+            mamba_d_state=4,
+            mamba_d_conv=3,
+            mamba_expand=2,
+            mamba_headdim=8,
+            n_mamba_heads=8,
+            mamba_ngroups=1,
+            chunk_size=4,
+            num_mem_blocks=1,
+            attention_head_dim=8,
+        ),
+        "Zamba2ForCausalLM",
+    ),
+    "recurrent_gemma": Family(_cfg(tf.RecurrentGemmaConfig), "RecurrentGemmaForCausalLM"),
 }
 
 _REMOTE = "remote code only (no class in transformers 5.24); needs the hub's modeling files"
@@ -415,6 +611,14 @@ def _perturb(model: torch.nn.Module) -> None:
             p.add_(0.2 * torch.randn_like(p))
 
 
+@torch.no_grad()
+def _perturb_logits_bias(model: torch.nn.Module) -> None:
+    """Move an encoder–decoder's ``final_logits_bias`` buffer (added after ``lm_head``) off 0."""
+    for name, buf in model.named_buffers():
+        if name.endswith("final_logits_bias"):
+            buf.add_(0.2 * torch.randn_like(buf))
+
+
 @functools.cache
 def model_dir(family: str) -> str:
     """Write the family's random model and tokenizer once per process; return the folder."""
@@ -424,6 +628,8 @@ def model_dir(family: str) -> str:
     torch.manual_seed(0)
     model = getattr(tf, spec.model_class)(spec.config())
     _perturb(model)
+    if spec.seq2seq:  # BART's kin add a bias after lm_head (zero at init; Marian's is not)
+        _perturb_logits_bias(model)
     path = tempfile.mkdtemp(prefix=f"tl_decomp_zoo_{family}_")
     model.save_pretrained(path)
     if spec.architecture is not None:
@@ -431,7 +637,10 @@ def model_dir(family: str) -> str:
         data = json.loads(config.read_text())
         data["architectures"] = [spec.architecture]
         config.write_text(json.dumps(data, indent=2))
-    tiny_tokenizer(spec.encoder, path).save_pretrained(path)
+    if spec.seq2seq:  # Switch's adapter loads with use_safetensors=False
+        torch.save(model.state_dict(), Path(path, "pytorch_model.bin"))
+    if not spec.pixels:
+        tiny_tokenizer(spec.encoder, path).save_pretrained(path)
     return path
 
 

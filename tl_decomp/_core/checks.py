@@ -60,6 +60,9 @@ def token_ids(value: Any, arg: str = "input") -> Tensor:
     if t.device.type == "meta":  # no values to read (torch's own error names register_meta)
         raise ValueError(f"{arg}: token ids are on the meta device, which holds no values; "
                          "pass them on the model's device (e.g. ids.to('cpu'))")  # fmt: skip
+    if t.is_floating_point() and t.ndim == 4:  # an image batch given to a text model
+        raise TypeError(f"{arg}: a float tensor of shape {tuple(t.shape)} looks like pixel "
+                        "values; this model reads text or token ids, not images")  # fmt: skip
     if t.dtype == torch.bool or t.is_floating_point() or t.is_complex():
         raise TypeError(f"{arg}: token ids must have an integer dtype, not {t.dtype}")
     t = t.unsqueeze(0) if t.ndim == 1 else t
@@ -68,6 +71,33 @@ def token_ids(value: Any, arg: str = "input") -> Tensor:
     if t.numel() == 0:
         raise ValueError(f"{arg} is empty: no tokens")
     return t.long()
+
+
+def pixel_values(value: Any, image: tuple[int, int, int], arg: str = "input") -> Tensor:
+    """Floating pixel values ``[batch channels height width]`` (3-D: one image) of the
+    ``(channels, height, width)`` a vision model's embedding reads."""
+    expected = "pixel values, a float tensor [batch channels height width]"
+    if isinstance(value, (str, list, tuple)):
+        raise TypeError(f"{arg}: this vision model reads {expected}, not text")
+    t = _tensor(value, arg, expected)
+    if t.device.type == "meta":
+        raise ValueError(f"{arg}: pixel values are on the meta device, which holds no values")
+    if not t.is_floating_point():
+        raise TypeError(
+            f"{arg}: this vision model reads {expected}, not {t.dtype} "
+            "(token ids, or an integer image: convert it with the model's image processor)"
+        )
+    t = t.unsqueeze(0) if t.ndim == 3 else t
+    if t.ndim != 4:
+        raise ValueError(f"{arg}: pixel values must be [batch channels height width], "
+                         f"not shape {tuple(value.shape)}")  # fmt: skip
+    if t.shape[0] == 0:
+        raise ValueError(f"{arg} is empty: no images")
+    if tuple(t.shape[1:]) != tuple(image):
+        (c, h, w), got = image, tuple(t.shape)
+        raise ValueError(f"{arg}: the model reads {c} channels of {h}x{w} pixels, not "
+                         f"{got[1]} of {got[2]}x{got[3]} (shape {got})")  # fmt: skip
+    return t
 
 
 def mask(value: Any, shape: torch.Size, arg: str = "attention_mask") -> Tensor:

@@ -78,14 +78,23 @@ def block(spec: ModelSpec, value: Any, arg: str = "block") -> int:
 
 
 def blocks(spec: ModelSpec, values: Any, arg: str = "blocks") -> tuple[int, ...]:
-    """Block indices, in order, without duplicates; None: every block."""
+    """Indices of attention blocks, in order, without duplicates; None: every one. A block
+    whose token mixer is not attention has no pattern: named, it is refused."""
     if values is None:
-        return tuple(range(spec.n_layers))
+        got = tuple(L for L, b in enumerate(spec.blocks) if b.pattern)
+        if not got:
+            raise NotImplementedError(
+                f"attention on {spec.architecture}, none of whose blocks is attention (each "
+                "mixes tokens without a pattern), is not supported by tl_decomp"
+            )
+        return got
     if isinstance(values, (str, bytes)) or not hasattr(values, "__iter__"):
         raise TypeError(f"{arg} must be a sequence of block indices, not {values!r}")
     got = tuple(dict.fromkeys(block(spec, v, arg) for v in values))
     if not got:
         raise ValueError(f"{arg} is empty")
+    for L in got:
+        spec.attention(L, "an attention pattern")
     return got
 
 

@@ -11,12 +11,16 @@ model class.
 
 from tl_decomp.adapters._derive import model_spec, windows
 from tl_decomp.adapters._experts import (
+    FrozenMoE,
     Routing,
     capture,
     eager_experts,
     expert_terms,
+    freeze_moe,
+    hold_experts,
     moe_module,
     shared_module,
+    tile_variants,
 )
 from tl_decomp.adapters._freeze import FrozenSites, frozen_sites
 from tl_decomp.adapters._mlm import mlm_logits, tokenize_offsets
@@ -33,6 +37,17 @@ from tl_decomp.adapters._running import (
     run_with_hooks,
     tokenize,
 )
+from tl_decomp.adapters._seq2seq import (
+    STACKS,
+    StackName,
+    cross_spec,
+    cross_values,
+    is_seq2seq,
+    rescale,
+    run_seq2seq,
+    start_tokens,
+    unembedding,
+)
 from tl_decomp.adapters._state import (
     check_no_user_hooks,
     evaluating,
@@ -40,9 +55,14 @@ from tl_decomp.adapters._state import (
     load_forward_ad,
     user_hooks,
 )
+from tl_decomp.adapters._vision import Image, image_input, sample_input
 
 __all__ = [
+    "STACKS",
+    "StackName",
+    "FrozenMoE",
     "FrozenSites",
+    "Image",
     "Routing",
     "as_tokens",
     "cache_model",
@@ -50,24 +70,36 @@ __all__ = [
     "check_no_user_hooks",
     "check_corpus",
     "check_finite",
+    "cross_spec",
+    "cross_values",
     "check_lengths",
     "eager_experts",
     "embedding_matrix",
     "evaluating",
     "exclusive",
     "expert_terms",
+    "freeze_moe",
     "frozen_sites",
+    "hold_experts",
+    "image_input",
+    "is_seq2seq",
     "load_forward_ad",
     "mlm_logits",
     "model_device",
     "model_spec",
     "moe_module",
     "norm_eps",
+    "rescale",
+    "run_seq2seq",
     "run_with_cache",
     "run_with_hooks",
+    "sample_input",
     "shared_module",
+    "start_tokens",
+    "tile_variants",
     "tokenize",
     "tokenize_offsets",
+    "unembedding",
     "user_hooks",
     "windows",
 ]

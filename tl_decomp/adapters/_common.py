@@ -116,7 +116,7 @@ def biases(blocks: Sequence[Block], model: Any, norms: Sequence[Norm | None]) ->
     for name in ("b_V", "b_O", "b_out"):
         if any(getattr(b, name) is not None for b in blocks):
             found.add(name)
-    b_in = getattr(model.blocks[0].mlp, "b_in", None)
+    b_in = getattr(getattr(model.blocks[0], "mlp", None), "b_in", None)  # SSM blocks: no MLP
     if b_in is not None:
         found.add("b_in")
     if any(n is not None and n.b is not None for n in norms):

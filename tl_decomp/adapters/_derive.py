@@ -16,16 +16,20 @@ from __future__ import annotations
 from dataclasses import replace
 from typing import Any
 
+from tl_decomp._core import checks
 from tl_decomp._core.spec import Block, InexactDecompositionError, ModelSpec, Norm
-from tl_decomp.adapters import _bridge, _hooked
-from tl_decomp.adapters._common import model_kind
+from tl_decomp.adapters import _bridge, _hooked, _seq2seq
+from tl_decomp.adapters._common import model_kind, unsupported
 from tl_decomp.adapters._state import exclusive
 
 __all__ = ["Block", "InexactDecompositionError", "ModelSpec", "Norm", "model_spec", "windows"]
 
 
-def model_spec(model: Any) -> ModelSpec:
+def model_spec(model: Any, stack: _seq2seq.StackName | None = None) -> ModelSpec:
     """Describe `model` for the math modules, or raise `NotImplementedError` naming why not.
+
+    `stack`: on an encoder–decoder, which stack (``"encoder"`` or ``"decoder"``) to describe;
+    it is required there and refused elsewhere.
 
     Example:
         >>> from tl_decomp.models import tiny_model
@@ -38,6 +42,18 @@ def model_spec(model: Any) -> ModelSpec:
     # Held while read (another thread's run attaches its hooks under the same lock): the
     # outermost hold refuses hooks the caller left on the model, before any work.
     with exclusive(model):
+        if stack is not None:
+            checks.choice(stack, "stack", _seq2seq.STACKS)
+        if kind == "TransformerBridge" and _seq2seq.is_seq2seq(model):
+            if stack is None:
+                raise unsupported(
+                    "an encoder–decoder model outside tl_decomp.decompose / decompose_layers "
+                    "with decoder_input= (its decoder) or stack='encoder'",
+                    model,
+                )
+            return _seq2seq.spec_stack(model, stack)
+        if stack is not None:
+            raise ValueError(f"stack={stack!r} applies to encoder–decoder models only")
         return _spec(model, kind)
 
 
@@ -66,19 +82,33 @@ def _spec(model: Any, kind: str) -> ModelSpec:
         spec = _hooked.spec_hooked_encoder(model)
     else:
         spec = _hooked.spec_hooked_transformer(model)
-    wins = windows(model, spec.n_layers)
-    return replace(
-        spec, blocks=tuple(replace(b, window=w) for b, w in zip(spec.blocks, wins, strict=True))
-    )
+    mixers = {L for L, b in enumerate(spec.blocks) if b.mixer is not None}
+    wins, chunks = windows(model, spec.n_layers, mixers), _chunks(model, spec.n_layers)
+    blocks = zip(spec.blocks, wins, chunks, strict=True)
+    return replace(spec, blocks=tuple(replace(b, window=w, chunk=c) for b, w, c in blocks))
 
 
-def windows(model: Any, n_layers: int) -> tuple[int | None, ...]:
+def _chunks(model: Any, n_layers: int) -> tuple[int | None, ...]:
+    """Per block: the attention chunk size (Llama 4's ``chunked_attention`` layers, from the
+    config's ``layer_types`` and ``attention_chunk_size``), or None. Key j is visible to query
+    i when ``j <= i`` and both fall in the same chunk, chunks counted from the first real
+    token (Hugging Face's ``chunked_overlay``); the attention code checks the pattern against
+    these key sets."""
+    hf = getattr(getattr(model, "original_model", None), "config", None)
+    types, size = getattr(hf, "layer_types", None), getattr(hf, "attention_chunk_size", None)
+    if not types or not size:
+        return (None,) * n_layers
+    return tuple(int(size) if t == "chunked_attention" else None for t in types[:n_layers])
+
+
+def windows(model: Any, n_layers: int, mixers: set[int] = set()) -> tuple[int | None, ...]:  # noqa: B006
     """Per block: how many keys (itself included) a query sees, or None for every earlier key.
 
     Read from the Hugging Face config (`layer_types` + `sliding_window`, GPT-Neo's
     `attention_layers` + `window_size`, or one `sliding_window` for all layers) or from
     `HookedTransformerConfig` (`attn_types` + `window_size`). Key j is visible to query i when
-    ``i - window < j <= i``, Hugging Face's sliding-window mask. The attention code checks
+    ``i - window < j <= i``, Hugging Face's sliding-window mask. `mixers`: blocks that mix
+    tokens without attention (their layer type names the mixer). The attention code checks
     the pattern against the key sets derived here, so a window missed here raises there.
     """
     hf = getattr(getattr(model, "original_model", None), "config", None)
@@ -96,8 +126,10 @@ def windows(model: Any, n_layers: int) -> tuple[int | None, ...]:
     if len(types) < n_layers:
         raise NotImplementedError(f"{len(types)} attention layer types for {n_layers} blocks")
     out: list[int | None] = []
-    for t in types[:n_layers]:
-        if t in ("full_attention", "global"):
+    for L, t in enumerate(types[:n_layers]):
+        # A token mixer that is not attention (its own layer type) has no keys; attention
+        # chunks are `_chunks`'.
+        if L in mixers or t in ("full_attention", "global", "chunked_attention"):
             out.append(None)
         elif t in ("sliding_attention", "local"):
             out.append(int(w) if w else None)

@@ -17,6 +17,7 @@ from tl_decomp._core import checks
 from tl_decomp._core.spec import ModelSpec
 from tl_decomp.adapters._common import model_kind
 from tl_decomp.adapters._state import evaluating, exclusive
+from tl_decomp.adapters._vision import Image, image_input
 
 
 def run_with_cache(
@@ -26,13 +27,14 @@ def run_with_cache(
     names_filter: Callable[[str], bool],
     token_type_ids: Tensor | None = None,
 ) -> Any:
-    """Run `model` on token ids and cache what `names_filter` selects; no hook survives."""
+    """Run `model` on token ids (or a vision model's pixel values) and cache what
+    `names_filter` selects; no hook survives."""
     kind = model_kind(model)
     kwargs: dict[str, Any] = {"names_filter": names_filter}
     if kind == "HookedEncoder":
         kwargs["one_zero_attention_mask"] = attention_mask
         kwargs["token_type_ids"] = token_type_ids
-    else:
+    elif not tokens.is_floating_point():  # pixel values: an image has no padding to mask
         kwargs["attention_mask"] = attention_mask
         if token_type_ids is not None and kind == "TransformerBridge":
             kwargs["token_type_ids"] = token_type_ids
@@ -103,7 +105,9 @@ def as_tokens(
     """Text, texts or token ids -> checked ``(tokens, mask)`` [batch pos], mask 1/0 long.
 
     Token ids must lie in the vocabulary and every example needs one real token: both would
-    otherwise fail deep inside a hooked forward pass.
+    otherwise fail deep inside a hooked forward pass. A vision model reads pixel values
+    instead: ``(pixels, mask)``, pixels ``[batch channels height width]`` as given, the mask
+    all ones over the positions its embedding makes (prefix tokens and patches).
     """
     if checks.is_cache(input):
         raise TypeError(
@@ -111,6 +115,9 @@ def as_tokens(
             "decompose(model, cache) and effective_attention(cache, block) read a cache; "
             "this analysis runs the model itself"
         )
+    image = image_input(model)
+    if image is not None:
+        return as_pixels(image, input, attention_mask)
     if isinstance(input, (str, list, tuple)):
         if attention_mask is not None:
             raise ValueError(
@@ -136,6 +143,15 @@ def as_tokens(
     if tokens.shape[1] > spec.n_ctx:
         raise ValueError(f"input has {tokens.shape[1]} tokens; the model's context is {spec.n_ctx}")
     return tokens, mask
+
+
+def as_pixels(image: Image, input: Any, attention_mask: Tensor | None) -> tuple[Tensor, Tensor]:
+    """A vision model's checked ``(pixels, mask)``: see `as_tokens`."""
+    if attention_mask is not None:
+        raise ValueError("attention_mask: a vision model's input is whole images, not padded")
+    pixels = checks.pixel_values(input, image.shape)
+    mask = torch.ones(pixels.shape[0], image.n_pos, dtype=torch.long, device=pixels.device)
+    return pixels, mask
 
 
 def model_device(model: Any) -> torch.device:
@@ -176,7 +192,7 @@ def run_with_hooks(
     """
     hooks = list(fwd_hooks) + ([(stop_after, _stop)] if stop_after else [])
     key = "one_zero_attention_mask" if model_kind(model) == "HookedEncoder" else "attention_mask"
-    kwargs = {key: attention_mask}
+    kwargs = {} if tokens.is_floating_point() else {key: attention_mask}  # pixels: no padding
     try:
         with exclusive(model), model.hooks(fwd_hooks=hooks), evaluating(model):
             model(tokens, **kwargs)

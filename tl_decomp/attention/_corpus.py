@@ -106,7 +106,9 @@ def attention_correlation(
         for index, _, mask, cache in _corpus(model, spec, texts, batch_size):
             lengths[index] = mask.sum(-1).cpu()
             for i, L in enumerate(Ls):
-                allowed = allowed_keys(mask, spec.causal, spec.blocks[L].window)
+                allowed = allowed_keys(
+                    mask, spec.causal, spec.blocks[L].window, spec.blocks[L].chunk
+                )
                 a = cache[spec.blocks[L].pattern].to(dtype).where(allowed, 0.0)
                 r[index, i] = _pearson(
                     a, effective_block(cache, spec, L, mask, opts), allowed
@@ -182,7 +184,9 @@ def special_token_attention(
             seen += onehot.sum((0, 1)).long().cpu()
             queries += int(mask.sum()) * spec.n_heads
             for i, L in enumerate(Ls):
-                allowed = allowed_keys(mask, spec.causal, spec.blocks[L].window)
+                allowed = allowed_keys(
+                    mask, spec.causal, spec.blocks[L].window, spec.blocks[L].chunk
+                )
                 a = cache[spec.blocks[L].pattern].to(dtype).where(allowed, 0.0)
                 raw[i] += einops.einsum(a, onehot, "b h q k, b k c -> c").cpu()
                 eff[i] += einops.einsum(

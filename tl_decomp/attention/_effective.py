@@ -32,7 +32,14 @@ from tl_decomp import adapters
 from tl_decomp._core import checks, convention
 from tl_decomp._core.spec import ModelSpec
 from tl_decomp._core.threads import serial
-from tl_decomp.attention._projection import causal, full_projection, windowed
+from tl_decomp.attention._projection import (
+    banded,
+    causal,
+    chunk_ids,
+    chunked,
+    full_projection,
+    windowed,
+)
 
 
 @dataclass(frozen=True)
@@ -62,6 +69,9 @@ def effective_attention(
     preserve_row_sums: bool = False,
     rtol: float | None = None,
     dtype: torch.dtype = torch.float64,
+    stack: adapters.StackName | None = None,
+    cross: bool = False,
+    decoder_attention_mask: Shaped[Tensor, "batch decoder_pos"] | None = None,
 ) -> Float[Tensor, "batch head_index query_pos key_pos"]:
     """The identifiable part of ``cache["pattern", block]``: ``A_eff = A P``, row by row.
 
@@ -94,6 +104,12 @@ def effective_attention(
             per row: ``eps(dtype) * max(keys, d_model)``, what ``torch.linalg.matrix_rank``
             uses on that row's ``T`` (``keys x d_model``).
         dtype: compute and output dtype.
+        stack: on an encoder–decoder, ``"encoder"`` or ``"decoder"`` (implied by `cross`):
+            the stack whose block this is; masks as `tl_decomp.decompose` takes them
+            (`attention_mask` the encoder's, `decoder_attention_mask` the decoder's).
+        cross: the decoder block's cross-attention (heads ``X{block}H{head}``): queries are
+            decoder positions, keys the encoder's valid positions, every row sees all of them.
+        decoder_attention_mask: 1/0 mask of the decoder's ids (stack ``"decoder"``).
 
     Example:
         >>> from tl_decomp.models import tiny_model
@@ -106,11 +122,12 @@ def effective_attention(
         >>> bool((a_eff - a).abs().max() > 1e-3)
         True
     """
-    _, spec = cache_source(cache, model)
+    _, spec = cache_source(cache, model, stack, cross)
     L = convention.block(spec, block)
     check_attention_cache(cache, spec, [L])
     options = BlockOptions(value_bias, preserve_row_sums, rtol, dtype)
-    return effective_block(cache, spec, L, attention_mask, options)
+    queries, keys = stack_masks(stack, cross, attention_mask, decoder_attention_mask)
+    return effective_block(cache, spec, L, queries, options, keys)
 
 
 def effective_attention_layers(
@@ -123,42 +140,59 @@ def effective_attention_layers(
     preserve_row_sums: bool = False,
     rtol: float | None = None,
     dtype: torch.dtype = torch.float64,
+    stack: adapters.StackName | None = None,
+    cross: bool = False,
+    decoder_attention_mask: Shaped[Tensor, "batch decoder_pos"] | None = None,
 ) -> Float[Tensor, "n_layers batch head_index query_pos key_pos"]:
     """`effective_attention` of several blocks (all by default), stacked like
     ``cache.stack_activation("pattern")``."""
-    _, spec = cache_source(cache, model)
+    _, spec = cache_source(cache, model, stack, cross)
     Ls = convention.blocks(spec, blocks)
     check_attention_cache(cache, spec, Ls)
     opts = BlockOptions(value_bias, preserve_row_sums, rtol, dtype)
-    first = effective_block(cache, spec, Ls[0], attention_mask, opts)
+    queries, keys = stack_masks(stack, cross, attention_mask, decoder_attention_mask)
+    first = effective_block(cache, spec, Ls[0], queries, opts, keys)
     out = first.new_empty(len(Ls), *first.shape)
     out[0] = first
     for i, L in enumerate(Ls[1:], 1):
-        out[i] = effective_block(cache, spec, L, attention_mask, opts)
+        out[i] = effective_block(cache, spec, L, queries, opts, keys)
     return out
 
 
 # -- the projection ---------------------------------------------------------------------------
 def effective_block(
-    cache: Any, spec: ModelSpec, L: int, mask_arg: Tensor | None, opts: BlockOptions
+    cache: Any,
+    spec: ModelSpec,
+    L: int,
+    mask_arg: Tensor | None,
+    opts: BlockOptions,
+    key_mask: Tensor | None = None,
 ) -> Tensor:
+    """`key_mask`: the keys' own 1/0 mask where they are another sequence than the queries
+    (cross-attention: the encoder's positions)."""
     pattern = cache[spec.blocks[L].pattern]
     a = pattern.to(opts.dtype)
     mask = masked_pattern(a, mask_arg)
-    window = spec.blocks[L].window
-    allowed = allowed_keys(mask, spec.causal, window)
+    square = a.shape[-1] == a.shape[-2] and key_mask is None
+    keys = mask if square else masked_pattern(a, key_mask, keys=True)
+    window, chunk = spec.blocks[L].window, spec.blocks[L].chunk
+    allowed = allowed_keys(mask, spec.causal, window, chunk, keys)
     _check_pattern(pattern, mask, allowed, L)
     blk = spec.blocks[L]
-    adapters.check_finite({f"blocks.{L}.attn.W_O": blk.W_O, blk.v: cache[blk.v]}, mask)
-    u = value_outputs(cache, spec, L, mask, opts)  # masked keys are zero rows: outside every span
+    adapters.check_finite({f"blocks.{L}.attn.W_O": blk.W_O, blk.v: cache[blk.v]}, keys)
+    u = value_outputs(cache, spec, L, keys, opts)  # masked keys are zero rows: outside every span
     a = a.where(allowed, 0.0)  # not a product: a padded query's row can be NaN (no key)
     with serial():
+        rows = rank_tolerance(opts, spec, allowed[:, 0].sum(-1))[:, None].expand(a.shape[:-1])
         if spec.causal:  # row t's tolerance counts the valid keys it sees
-            rtol = rank_tolerance(opts, spec, allowed[:, 0].sum(-1))[:, None].expand(u.shape[:-1])
             if window is not None and a.shape[-1] > window:
-                return windowed(u, a, mask, rtol, window).mul_(allowed)
-            return causal(u, a, mask, rtol).mul_(allowed)
-        f, exact, _ = full_projection(u, mask, rank_tolerance(opts, spec, mask.sum(-1)))
+                return windowed(u, a, mask, rows, window).mul_(allowed)
+            if chunk is not None:
+                return chunked(u, a, mask, rows, chunk).mul_(allowed)
+            return causal(u, a, mask, rows).mul_(allowed)
+        if window is not None and a.shape[-1] > window + 1:  # a band narrower than the text
+            return banded(u, a, mask, rows, window).mul_(allowed)
+        f, exact, _ = full_projection(u, keys, rank_tolerance(opts, spec, keys.sum(-1)))
         q = u @ f  # orthonormal basis of col(U): P = q q^T
         return torch.where(exact[..., None, None], a, ((a @ q) @ q.mT).mul_(allowed))
 
@@ -207,7 +241,7 @@ def value_outputs(cache: Any, spec: ModelSpec, L: int, mask: Tensor, opts: Block
     """U with ``U U'^T = T T'^T`` for ``T = V W_O``: the same column space and singular
     values in ``min(d_head, d_model)`` columns (``W_O = F Q^T`` with Q orthonormal)."""
     blk = spec.blocks[L]
-    v = cache[blk.v].to(opts.dtype)
+    v = blk.values(cache).to(opts.dtype)  # [batch pos head d]
     if v.shape[2] != spec.n_heads:  # grouped-query attention: each query head's KV head
         v = v[:, :, list(spec.kv_head)]
     if not opts.value_bias and blk.b_V is not None:
@@ -227,21 +261,41 @@ def rank_tolerance(opts: BlockOptions, spec: ModelSpec, keys: Tensor) -> Tensor:
     return torch.finfo(opts.dtype).eps * keys.clamp_min(width).to(opts.dtype)
 
 
-def allowed_keys(mask: Tensor, causal: bool, window: int | None = None) -> Tensor:
-    """``[batch 1 query key]``: the entries a query may attend to. Valid keys; causal: up to
-    itself; a sliding window: key j for query i when ``i - window < j <= i``."""
-    allowed = mask[:, None, :, None] & mask[:, None, None, :]
+def allowed_keys(
+    mask: Tensor,
+    causal: bool,
+    window: int | None = None,
+    chunk: int | None = None,
+    keys: Tensor | None = None,
+) -> Tensor:
+    """``[batch 1 query key]``: the entries a query may attend to. Valid keys (`keys`, where
+    they are another sequence: cross-attention); causal: up to itself; a sliding window: key
+    j for query i when ``i - window < j <= i``, bidirectional ``|i - j| <= window`` (Hugging
+    Face's bidirectional sliding window, T5Gemma's encoder); attention chunks: key j in query
+    i's chunk, chunks counted from the example's first valid token (Hugging Face's
+    ``chunked_overlay`` with its left padding)."""
+    keys = mask if keys is None else keys
+    allowed = mask[:, None, :, None] & keys[:, None, None, :]
     if not causal:
+        if chunk is not None:
+            raise NotImplementedError("chunked attention in a bidirectional model")
         if window is not None:
-            raise NotImplementedError("sliding-window attention in a bidirectional model")
+            q, k = (torch.arange(n, device=mask.device) for n in allowed.shape[-2:])
+            allowed = allowed & ((q[:, None] - k).abs() <= window)
         return allowed
     n = mask.shape[-1]
     back = torch.arange(n, device=mask.device)[:, None] - torch.arange(n, device=mask.device)
-    return allowed & (back >= 0) & (back < (n if window is None else window))
+    allowed = allowed & (back >= 0) & (back < (n if window is None else window))
+    if chunk is not None:
+        ids = chunk_ids(mask, chunk)
+        allowed = allowed & (ids[:, None, :, None] == ids[:, None, None, :])
+    return allowed
 
 
-def masked_pattern(a: Tensor, mask: Tensor | None) -> Tensor:
-    B, _, n, _ = a.shape
+def masked_pattern(a: Tensor, mask: Tensor | None, keys: bool = False) -> Tensor:
+    """``[batch pos]`` bool: `mask` checked against the pattern's queries (its keys, with
+    `keys`); None means no padding, which a key no query or head attends to contradicts."""
+    B, n = a.shape[0], a.shape[-1 if keys else -2]
     if mask is not None:
         if tuple(mask.shape) != (B, n):
             raise ValueError(
@@ -249,8 +303,8 @@ def masked_pattern(a: Tensor, mask: Tensor | None) -> Tensor:
                 f"[batch pos] = {[B, n]}"
             )
         return checks.mask(mask, torch.Size((B, n))).to(a.device).bool()  # 1/0 only
-    unseen = (a == 0).all(1).all(1)
-    if unseen.any():
+    unseen = (a == 0).all(1).all(1)  # per key: queries of another sequence are not checked
+    if (keys or a.shape[-1] == a.shape[-2]) and unseen.any():
         b, p = unseen.nonzero()[0].tolist()
         raise ValueError(
             f"key {p} of example {b} gets no attention from any query or head: "
@@ -259,20 +313,59 @@ def masked_pattern(a: Tensor, mask: Tensor | None) -> Tensor:
     return torch.ones(B, n, dtype=torch.bool, device=a.device)
 
 
-def cache_source(cache: Any, model: Any) -> tuple[Any, ModelSpec]:
+def cache_source(
+    cache: Any, model: Any, stack: adapters.StackName | None = None, cross: bool = False
+) -> tuple[Any, ModelSpec]:
+    """The model and the spec of the attention asked for (an encoder–decoder's `stack`, its
+    decoder's `cross`-attention)."""
     source = adapters.cache_model(cache)
     if model is None and source is None:
         raise ValueError("this cache does not record the model it came from: pass model=")
     if model is not None and source is not None and model is not source:
         raise ValueError("this cache comes from another model than the one passed")
     model = source if model is None else model
-    return model, adapters.model_spec(model)
+    return model, _attention_spec(model, stack, cross)
 
 
-def names_filter(model: Any, blocks: Sequence[int] | None = None):
+def _attention_spec(model: Any, stack: adapters.StackName | None, cross: bool) -> ModelSpec:
+    if not isinstance(cross, bool):
+        raise TypeError(f"cross must be True or False, not {cross!r}")
+    if not cross:
+        return adapters.model_spec(model) if stack is None else adapters.model_spec(model, stack)
+    if stack not in (None, "decoder"):
+        raise ValueError(f"cross=True is the decoder's cross-attention, not stack={stack!r}")
+    return adapters.cross_spec(adapters.model_spec(model, stack="decoder"))
+
+
+def stack_masks(
+    stack: adapters.StackName | None,
+    cross: bool,
+    attention_mask: Tensor | None,
+    decoder_attention_mask: Tensor | None,
+) -> tuple[Tensor | None, Tensor | None]:
+    """(queries' mask, keys' mask where they are another sequence), from the masks as
+    `tl_decomp.decompose` takes them: `attention_mask` the encoder's (or the only stack's),
+    `decoder_attention_mask` the decoder's."""
+    if cross:  # decoder queries over encoder keys
+        return decoder_attention_mask, attention_mask
+    if stack == "decoder":
+        return decoder_attention_mask, None
+    if decoder_attention_mask is not None:
+        raise ValueError("decoder_attention_mask is the decoder's: stack='decoder' or cross=True")
+    return attention_mask, None
+
+
+def names_filter(
+    model: Any,
+    blocks: Sequence[int] | None = None,
+    *,
+    stack: adapters.StackName | None = None,
+    cross: bool = False,
+):
     """The ``names_filter`` caching what effective attention (and `attention_null_space`)
-    reads: ``hook_pattern`` and ``hook_v`` of `blocks` (all by default)."""
-    spec = adapters.model_spec(model)
+    reads: ``hook_pattern`` and ``hook_v`` of `blocks` (all by default); on an
+    encoder–decoder, of its `stack` or its decoder's `cross`-attention."""
+    spec = _attention_spec(model, stack, cross)
     return spec.names_filter(layers=convention.blocks(spec, blocks), attention=True)
 
 

@@ -17,6 +17,7 @@ from tl_decomp._core import convention
 from tl_decomp._core.results import Result
 from tl_decomp._core.spec import ModelSpec
 from tl_decomp._core.threads import serial
+from tl_decomp.adapters import StackName
 from tl_decomp.attention._effective import (
     BlockOptions,
     allowed_keys,
@@ -25,6 +26,7 @@ from tl_decomp.attention._effective import (
     effective_block,
     masked_pattern,
     rank_tolerance,
+    stack_masks,
     value_outputs,
 )
 from tl_decomp.attention._projection import full_projection
@@ -82,10 +84,14 @@ def attention_null_space(
     preserve_row_sums: bool = False,
     rtol: float | None = None,
     dtype: torch.dtype = torch.float64,
+    stack: StackName | None = None,
+    cross: bool = False,
+    decoder_attention_mask: Shaped[Tensor, "batch decoder_pos"] | None = None,
 ) -> NullSpace:
     """Per head: ``rank(T)``, the null-space dimension, and ``||A - A_eff||_F / ||A||_F``.
 
-    Options as in `effective_attention`.
+    Options as in `effective_attention` (an encoder–decoder's `stack`, `cross`-attention and
+    masks included; ``n_keys`` then counts the encoder's valid positions).
 
     Example:
         >>> from tl_decomp.models import tiny_model
@@ -97,11 +103,12 @@ def attention_null_space(
         >>> ns.n_keys.tolist(), ns.rank.tolist(), ns.null_dim.tolist()
         ([12], [[[8, 8, 8, 8]]], [[[4, 4, 4, 4]]])
     """
-    _, spec = cache_source(cache, model)
+    _, spec = cache_source(cache, model, stack, cross)
     Ls = convention.blocks(spec, blocks)
     check_attention_cache(cache, spec, Ls)
     opts = BlockOptions(value_bias, preserve_row_sums, rtol, dtype)
-    return null_space_from(cache, spec, Ls, attention_mask, None, opts)
+    queries, keys = stack_masks(stack, cross, attention_mask, decoder_attention_mask)
+    return null_space_from(cache, spec, Ls, queries, None, opts, keys)
 
 
 def null_space_from(
@@ -111,15 +118,19 @@ def null_space_from(
     attention_mask: Tensor | None,
     effective: Tensor | None,
     opts: BlockOptions | None = None,
+    key_mask: Tensor | None = None,
 ) -> NullSpace:
     """`attention_null_space`, reusing `effective` (``[block batch head q k]`` with the same
-    options) where the caller has it already."""
+    options) where the caller has it already; `key_mask` as `effective_block`'s."""
     opts = opts or BlockOptions()
     ranks, null_dims, norms = [], [], []
     for i, L in enumerate(Ls):
         a = cache[spec.blocks[L].pattern].to(opts.dtype)
         mask = masked_pattern(a, attention_mask)
-        allowed = allowed_keys(mask, spec.causal, spec.blocks[L].window)
+        square = a.shape[-1] == a.shape[-2] and key_mask is None
+        valid = mask if square else masked_pattern(a, key_mask, keys=True)
+        blk = spec.blocks[L]
+        allowed = allowed_keys(mask, spec.causal, blk.window, blk.chunk, valid)
         a = a.where(allowed, 0.0)
         last = mask.shape[-1] - 1 - mask.flip(-1).int().argmax(-1)  # each example's last query
         keys = allowed[torch.arange(len(last), device=last.device), 0, last]
@@ -128,10 +139,16 @@ def null_space_from(
             rank = full_projection(u, keys, rank_tolerance(opts, spec, keys.sum(-1)))[2]
         ranks.append(rank)
         null_dims.append(keys.sum(-1)[:, None] - rank)
-        eff = effective_block(cache, spec, L, mask, opts) if effective is None else effective[i]
+        eff = (
+            effective_block(cache, spec, L, mask, opts, None if square else valid)
+            if effective is None
+            else effective[i]
+        )
         diff = (a - eff.to(a.dtype)).flatten(2).norm(dim=-1)
         norms.append(diff / a.flatten(2).norm(dim=-1))
-    n_keys = masked_pattern(cache[spec.blocks[Ls[0]].pattern], attention_mask).sum(-1)
+    first = cache[spec.blocks[Ls[0]].pattern]
+    square = first.shape[-1] == first.shape[-2] and key_mask is None
+    n_keys = masked_pattern(first, attention_mask if square else key_mask, keys=True).sum(-1)
     return NullSpace(
         tuple(Ls), n_keys, torch.stack(ranks), torch.stack(null_dims), torch.stack(norms)
     )

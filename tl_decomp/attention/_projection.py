@@ -121,6 +121,69 @@ def windowed(
     return eff
 
 
+def banded(
+    u: Float[Tensor, "batch head_index pos k"],
+    a: Float[Tensor, "batch head_index pos pos"],
+    mask: Bool[Tensor, "batch pos"],
+    rtol: Float[Tensor, "batch head_index pos"],
+    window: int,
+) -> Float[Tensor, "batch head_index pos pos"]:
+    """Bidirectional sliding window (T5Gemma's encoder): row t is projected onto the column
+    space of its valid keys j with ``|t - j| <= window`` (`a` must be zero outside them). As
+    `windowed`'s later rows: each query's keys gathered into a small bidirectional problem;
+    ``window`` zero keys padded on both sides keep every gathered key distinct."""
+    n, k, heads_n = u.shape[-2], u.shape[-1], u.shape[1]
+    up = torch.nn.functional.pad(u, (0, 0, window, window))  # zero rows: outside every span
+    ap = torch.nn.functional.pad(a, (window, window))
+    mp = torch.nn.functional.pad(mask, (window, window))
+    eff = torch.zeros_like(ap)
+    heads = torch.arange(heads_n, device=u.device)[:, None]
+    span = torch.arange(2 * window + 1, device=u.device)  # padded key index: t + offset
+    per_query = max(1, _CHUNK_ELEMENTS // (heads_n * max(2 * window + 1, k) * k))
+    for chunk in mask.nonzero().split(per_query):  # padded queries see nothing
+        bi, t = chunk.unbind(-1)
+        keys = (t[:, None] + span)[:, None]  # [chunk 1 span]
+        where = bi[:, None, None], heads, t[:, None, None], keys
+        eff[where] = _window_rows(
+            up[bi[:, None, None], heads, keys], ap[where], mp[bi[:, None], keys[:, 0]],
+            rtol[bi, :, t],
+        )  # fmt: skip
+    return eff[..., window : window + n]
+
+
+def chunk_ids(mask: Bool[Tensor, "batch pos"], chunk: int) -> Int[Tensor, "batch pos"]:
+    """Each position's attention chunk, counted from the example's first valid token: Hugging
+    Face's ``chunked_overlay`` aligns chunks after the left padding."""
+    lead = (mask.int().cumsum(-1) == 0).sum(-1, keepdim=True)  # left padding per example
+    pos = torch.arange(mask.shape[-1], device=mask.device) - lead
+    return pos.div(chunk, rounding_mode="floor")
+
+
+def chunked(
+    u: Float[Tensor, "batch head_index pos k"],
+    a: Float[Tensor, "batch head_index pos pos"],
+    mask: Bool[Tensor, "batch pos"],
+    rtol: Float[Tensor, "batch head_index pos"],
+    chunk: int,
+) -> Float[Tensor, "batch head_index pos pos"]:
+    """Attention chunks: row t is projected onto its own chunk's keys up to itself, so each
+    chunk is its own causal problem (`a` must be zero outside the chunk). Examples with the
+    same left padding share chunk boundaries and are solved together."""
+    n = u.shape[-2]
+    eff = torch.zeros_like(a)
+    lead = (mask.int().cumsum(-1) == 0).sum(-1)
+    for pad in lead.unique().tolist():
+        bi = (lead == pad).nonzero()[:, 0]
+        cuts = sorted({0, n, *range(pad % chunk, n, chunk)})
+        for s, e in zip(cuts[:-1], cuts[1:], strict=False):
+            if not mask[bi, s:e].any():  # padding only: no row to solve
+                continue
+            eff[bi, :, s:e, s:e] = causal(
+                u[bi, :, s:e], a[bi, :, s:e, s:e], mask[bi, s:e], rtol[bi, :, s:e]
+            )
+    return eff
+
+
 def _window_rows(
     u: Float[Tensor, "query head_index window k"],
     a: Float[Tensor, "query head_index window"],
@@ -140,4 +203,4 @@ def _window_rows(
     return torch.where(einops.rearrange(exact, "(q h) 1 -> q h 1", h=heads), a, eff)
 
 
-__all__ = ["causal", "full_projection", "windowed"]
+__all__ = ["banded", "causal", "chunk_ids", "chunked", "full_projection", "windowed"]

@@ -33,7 +33,13 @@ Centering = Literal["correction", "terms"]
 Statistic = Literal["shares", "norm_ratios", "cosines"]
 BiasRule = Literal["separate", "distribute"]
 
-KINDS = ("i", "h", "f", "c")
+KINDS = ("i", "h", "f", "c")  # the paper's four; `ModelSpec.kinds` adds x (cross), m (mixer)
+ALL_KINDS = ("i", "h", "x", "m", "f", "c")
+
+
+def is_coarse(kinds: dict[str, str]) -> bool:
+    """A coarse layout: one row per kind, labelled by its kind."""
+    return all(label == kind for label, kind in kinds.items())
 
 
 class Rows:
@@ -51,8 +57,8 @@ class Rows:
         self.touched: set[str] = set()
         self.end = 0  # rows [0, end) hold live non-correction terms
         self.pos = 0  # the recipe's current step (see DecompositionRecipe.steps)
-        if list(kinds) == list(KINDS):  # coarse decompositions always hold i, h, f, c
-            self.touched, self.end = set(KINDS), 3
+        if is_coarse(kinds):  # coarse decompositions always hold every kind
+            self.touched, self.end = set(kinds), len(kinds) - 1
 
     def touch(self, labels: Sequence[str]) -> int:
         """Mark `labels` (consecutive) live; their first slot."""
@@ -97,7 +103,7 @@ class Stack(Rows):
     def __init__(self, kinds: dict[str, str], like: Tensor, dtype: torch.dtype):
         super().__init__(kinds)
         self.buf = like.new_empty((len(kinds), *like.shape), dtype=dtype)
-        if list(kinds) == list(KINDS):
+        if is_coarse(kinds):
             self.buf.zero_()
 
     def add(self, label: str, value: Tensor) -> None:
@@ -181,7 +187,7 @@ def head_values(
     """The values query heads `heads` of block `L` read (their KV heads under grouped-query
     attention), without ``b_V`` unless `value_bias`: ``hook_v`` holds it (`check_values`)."""
     blk = spec.blocks[L]
-    v = cache[blk.v]
+    v = blk.values(cache)  # [batch pos head d], whatever the hook's axis order
     v = v[:, :, heads] if v.shape[2] == spec.n_heads else v[:, :, list(spec.kv_head[heads])]
     v = v.to(dt)
     return v if value_bias or blk.b_V is None else v - blk.b_V[heads].to(v.device, dt)
@@ -200,6 +206,8 @@ def check_patterns(
       another): decomposing it under this one would mix two runs.
     """
     for L, blk in enumerate(spec.blocks[:n_blocks]):
+        if blk.mixer is not None:  # no pattern to check
+            continue
         a = cache[blk.pattern].nan_to_num(0.0)
         real = None if mask is None else mask.bool().to(a.device)  # [batch pos]
         rows = torch.ones_like(a, dtype=torch.bool) if real is None else real[:, None, :, None]

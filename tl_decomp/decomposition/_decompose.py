@@ -12,7 +12,8 @@ never from ``hook_attn_out``/``hook_resid_mid``, which hold no additive terms on
 from __future__ import annotations
 
 from collections.abc import Sequence
-from typing import Any
+from dataclasses import replace
+from typing import Any, Literal
 
 import torch
 from torch import Tensor
@@ -20,7 +21,9 @@ from torch import Tensor
 from tl_decomp import adapters
 from tl_decomp._core import checks, convention, memory
 from tl_decomp._core.convention import Layer
+from tl_decomp.adapters import StackName
 from tl_decomp.decomposition._algebra import BiasRule, Centering, Granularity
+from tl_decomp.decomposition._encoder import check_cross_keys
 from tl_decomp.decomposition._recipe import DecompositionRecipe
 from tl_decomp.decomposition._result import Decomposition
 
@@ -33,11 +36,19 @@ def cache_for(
     n_stacks: int = 0,
     max_memory: int | None = None,
     layers: Sequence[Layer] | None = None,
+    decoder_input: Any = None,
+    decoder_attention_mask: Tensor | None = None,
 ):
     """``(cache, tokens, mask, routing)``: the user's own cache as it is (nothing runs again;
     no tokens, no routing; it must hold what `layers` read), or text / ids tokenised and
     cached exactly as the recipe reads them, in one forward pass. `n_stacks` factor stacks
-    must fit in memory (checked first)."""
+    must fit in memory (checked first). An encoder–decoder runs both stacks (`input` into
+    the encoder, `decoder_input` into the decoder); tokens and mask are the recipe's stack's."""
+    if recipe.stack is not None:
+        return _seq2seq_cache(
+            model, recipe, input, attention_mask, decoder_input, decoder_attention_mask,
+            n_stacks, max_memory, layers,
+        )  # fmt: skip
     if checks.is_cache(input):
         if getattr(input, "has_batch_dim", True) is False:  # run_with_cache(remove_batch_dim)
             input = {name: t[None] for name, t in input.items()}  # read as a batch of one
@@ -46,13 +57,58 @@ def cache_for(
         mask = None if attention_mask is None else checks.mask(attention_mask, shape)
         return input, None, mask, None
     tokens, mask = adapters.as_tokens(model, recipe.spec, input, attention_mask)
-    check_memory(recipe, tokens.shape, n_stacks, max_memory)
+    check_memory(recipe, mask.shape, n_stacks, max_memory)  # [batch pos], pixels or ids
     device = adapters.model_device(model)
     tokens, mask = tokens.to(device), mask.to(device)
     moe = list(recipe.moe_layers) if recipe.granularity == "expert" else []
     with adapters.exclusive(model), adapters.capture(model, moe) as routing:
         cache = adapters.run_with_cache(model, tokens, mask, recipe.names_filter)
     return cache, tokens, mask, routing
+
+
+def _seq2seq_cache(
+    model, recipe, input, attention_mask, decoder_input, decoder_mask, n_stacks, max_memory, layers
+):
+    """`cache_for` on an encoder–decoder: the stack's tokens and mask with the cache."""
+    decoder = recipe.stack == "decoder"
+    if checks.is_cache(input):
+        cache = adapters.rescale(model, input)
+        shape = _pos(recipe, cache, layers)
+        check_memory(recipe, shape, n_stacks, max_memory)
+        if decoder and attention_mask is not None:  # the encoder's, as its cross keys read it
+            x = next(b.cross for b in recipe.spec.blocks if b.cross is not None)
+            keys = cache[x.pattern].shape
+            enc = checks.mask(attention_mask, torch.Size((keys[0], keys[-1])))
+            check_cross_keys(recipe.spec, cache, enc)
+        mask = decoder_mask if decoder else attention_mask
+        return cache, None, None if mask is None else checks.mask(mask, shape), None
+    encoder = replace(recipe.spec, causal=False)  # the encoder's input: its own specials
+    tokens, mask = adapters.as_tokens(model, encoder, input, attention_mask)
+    device = adapters.model_device(model)
+    if decoder_input is None:
+        dec, dec_mask = adapters.start_tokens(model, tokens.shape[0], device), None
+    else:
+        ids = replace(recipe.spec, causal=True)
+        dec, dec_mask = adapters.as_tokens(model, ids, decoder_input, decoder_mask)
+        if dec.shape[0] != tokens.shape[0]:
+            raise ValueError(
+                f"input has {tokens.shape[0]} examples but decoder_input {dec.shape[0]}"
+            )
+    check_memory(recipe, (dec if decoder else tokens).shape, n_stacks, max_memory)
+    tokens, mask, dec = tokens.to(device), mask.to(device), dec.to(device)
+    dec_mask = None if dec_mask is None else dec_mask.to(device)
+    cache = adapters.run_seq2seq(model, tokens, mask, dec, dec_mask, recipe.names_filter)
+    return (cache, dec, dec_mask, None) if decoder else (cache, tokens, mask, None)
+
+
+def _stack(stack: Any, decoder_input: Any, input: Any) -> Any:
+    """The stack asked for: `stack`, else the decoder where `decoder_input` is given (a
+    cache of the user's own run holds the decoder's states without it)."""
+    if stack is None and decoder_input is not None:
+        return "decoder"
+    if stack == "decoder" and decoder_input is None and not checks.is_cache(input):
+        raise ValueError("stack='decoder' needs decoder_input= (the decoder's token ids)")
+    return stack
 
 
 def check_memory(
@@ -95,6 +151,10 @@ def decompose(
     dtype: torch.dtype | None = None,
     bias: BiasRule = "separate",
     max_memory: int | None = None,
+    decoder_input: Any = None,
+    decoder_attention_mask: Tensor | None = None,
+    stack: StackName | None = None,
+    cross: Literal["encoder"] | None = None,
 ) -> Decomposition:
     """Decompose a hidden state of `model` exactly into input, attention, MLP and correction.
 
@@ -126,6 +186,19 @@ def decompose(
         split_input: split the input term into ``embed``/``pos_embed``/``token_type_embed``.
         split_correction: split ``c`` into ``ln_center``, ``ln_bias``, ``attn_bias``, ``mlp_bias``.
         dtype: compute dtype (default: the model's; float32 for half-precision models).
+        decoder_input: on an encoder–decoder, the decoder's token ids (or text): the state
+            decomposed is then the decoder's, `input` feeding the encoder. Its terms are
+            ``i, h, x, f, c``: ``x`` is cross-attention (``{b}_cross_out``, ``X{b}H{h}``,
+            ``X{b}H{h}K{k}`` with ``k`` an encoder position), whose values, the encoder's
+            output, count as an input the decoder receives.
+        decoder_attention_mask: 1/0 mask of `decoder_input` ids.
+        stack: ``"encoder"`` decomposes an encoder–decoder's encoder (layers counted within
+            it); ``"decoder"`` (implied by `decoder_input`) its decoder.
+        cross: ``"encoder"`` splits the decoder's cross-attention term by the encoder's own
+            factors, the encoder decomposed at the same granularity: rows ``x.<encoder
+            label>`` (``x.i``, ``x.h``, ``x.f``, ``x.c`` at coarse; ``x.L0H1K3``, ...), each
+            summed over the decoder's blocks and heads (exact: the term is linear in the
+            encoder's final states once the pattern is fixed; ``b_V`` stays in ``c``).
         bias: at ``granularity="token"``, ``separate`` (Oh & Schuler) keeps what no token
             owns in the last factor, ``bias``; ``distribute`` spreads it over the tokens in
             proportion to ``|<t_k, e>|`` at each position, read at the layer asked (DecompX
@@ -149,12 +222,15 @@ def decompose(
         split_correction=split_correction,
         dtype=dtype,
         bias=bias,
+        stack=_stack(stack, decoder_input, input),
+        cross=cross,
     )
     recipe = DecompositionRecipe.for_model(model, **options)
     layer = convention.resolve(recipe.spec, layer)
     cache, tokens, mask, routing = cache_for(
-        model, recipe, input, attention_mask, n_stacks=1, max_memory=max_memory, layers=[layer]
-    )
+        model, recipe, input, attention_mask, n_stacks=1, max_memory=max_memory, layers=[layer],
+        decoder_input=decoder_input, decoder_attention_mask=decoder_attention_mask,
+    )  # fmt: skip
     return recipe.decompose(cache, layer, tokens=tokens, attention_mask=mask, routing=routing)
 
 
@@ -172,6 +248,10 @@ def decompose_layers(
     bias: BiasRule = "separate",
     reduce: Any = None,
     max_memory: int | None = None,
+    decoder_input: Any = None,
+    decoder_attention_mask: Tensor | None = None,
+    stack: StackName | None = None,
+    cross: Literal["encoder"] | None = None,
 ) -> list[Any]:
     """The decomposition at every layer from one forward pass.
 
@@ -204,6 +284,8 @@ def decompose_layers(
         split_correction=split_correction,
         dtype=dtype,
         bias=bias,
+        stack=_stack(stack, decoder_input, input),
+        cross=cross,
     )
     recipe = DecompositionRecipe.for_model(model, **options)
     layers = convention.resolve_many(recipe.spec, layers)
@@ -213,8 +295,9 @@ def decompose_layers(
         check_statistic(reduce, recipe.spec)  # before the forward pass
     stacks = 0 if reduce is not None else len(layers) + 1  # the list, and the walk's buffer
     cache, tokens, mask, routing = cache_for(
-        model, recipe, input, attention_mask, n_stacks=stacks, max_memory=max_memory, layers=layers
-    )
+        model, recipe, input, attention_mask, n_stacks=stacks, max_memory=max_memory,
+        layers=layers, decoder_input=decoder_input, decoder_attention_mask=decoder_attention_mask,
+    )  # fmt: skip
     if reduce is not None:
         return list(
             recipe.iter_reduced(cache, reduce, layers, attention_mask=mask, routing=routing)

@@ -21,6 +21,7 @@ import torch
 from jaxtyping import Float, Int
 from torch import Tensor
 
+from tl_decomp import adapters
 from tl_decomp._core import checks
 from tl_decomp._core.results import Result
 
@@ -170,6 +171,18 @@ def logit_attribution(d: Any, tokens: Any, incorrect: Any = None) -> LogitAttrib
     if recipe is None:
         raise ValueError("this Decomposition does not record its recipe: use td.decompose")
     model, spec = recipe.model, recipe.spec
+    if adapters.image_input(model) is not None:
+        raise NotImplementedError(
+            f"logit attribution on a vision model ({spec.architecture}: its output reads the "
+            "first position alone, one row of logits per image, not a vocabulary per position) "
+            "is not supported by tl_decomp"
+        )
+    if recipe.stack == "encoder":
+        raise NotImplementedError(
+            f"logit attribution on {spec.architecture}'s encoder: its states reach the "
+            "logits only through the decoder's cross-attention; decompose the decoder "
+            "(decoder_input=) for logits"
+        )
     if not spec.unembed_reads_final:
         raise NotImplementedError(
             f"logit attribution on {spec.architecture}: a head (BERT's MLM transform: dense, "
@@ -180,9 +193,7 @@ def logit_attribution(d: Any, tokens: Any, incorrect: Any = None) -> LogitAttrib
     if lens:
         factors, labels = _through_final_norm(recipe, d)
     dt = factors.dtype
-    W_U = model.W_U.detach().to(dt)
-    b_U = getattr(model, "b_U", None)
-    b_U = torch.zeros(W_U.shape[1], dtype=dt, device=W_U.device) if b_U is None else b_U
+    W_U, b_U = unembedding(recipe, dt)
     shape = d.target.shape[:2]
     direction = token_columns(model, W_U, tokens, shape)
     bias = pick_bias(b_U.detach().to(dt), model, tokens, shape)
@@ -202,19 +213,47 @@ def logit_attribution(d: Any, tokens: Any, incorrect: Any = None) -> LogitAttrib
     # The lens runs the model's own final norm, float32-rounding ones included.
     recipe.check_exact(err, logits.abs().max().item(), "the unembedding", "final", dt)
     meta = {
-        "vocab": partial(_vocab_at, model, d.target, lens),
+        "vocab": partial(_vocab_at, model, d.target, lens, recipe=recipe),
         "ids": _ids(model, tokens, shape),
         "decode": partial(_decode, model),
     }
     return LogitAttribution(values, tuple(labels), logits, lens, err, d.attention_mask, meta)
 
 
-def _vocab_at(model: Any, state: Tensor, lens: bool, batch: int, pos: int) -> Tensor:
+def unembedding(recipe: Any, dt: torch.dtype) -> tuple[Tensor, Tensor]:
+    """``W_U`` and ``b_U`` as the logits read the final embedding: an encoder–decoder's
+    decoder folds a multiplier before ``lm_head`` (T5's ``d_model ** -0.5`` with tied
+    embeddings) into ``W_U`` and a bias after it (BART's ``final_logits_bias``) into ``b_U``,
+    both measured on the model (`tl_decomp.adapters.unembedding`)."""
+    model = recipe.model
+    W_U = model.W_U.detach().to(dt)
+    b_U = getattr(model, "b_U", None)
+    b_U = torch.zeros(W_U.shape[1], dtype=dt, device=W_U.device) if b_U is None else b_U
+    b_U = b_U.detach().to(dt)
+    if recipe.stack is not None:
+        scale, bias = adapters.unembedding(model)
+        W_U = W_U * scale
+        b_U = b_U if bias is None else b_U + bias.to(b_U)
+    return W_U, b_U
+
+
+def _unembed(model: Any, recipe: Any, x: Tensor, lens: bool) -> Tensor:
+    """The unembedding of states `x` (``[... d_model]``), through the final norm for the lens,
+    as the model computes it (an encoder–decoder's decoder: its own final norm, multiplier
+    and bias, `unembedding`'s)."""
+    if recipe is None or recipe.stack is None:
+        return model.unembed(model.ln_final(x) if lens else x)
+    x = model.get_submodule(recipe.spec.ln_final.name)(x) if lens else x
+    scale, bias = adapters.unembedding(model)
+    out = model.unembed(x * scale)
+    return out if bias is None else out + bias.to(out)
+
+
+def _vocab_at(model: Any, state: Tensor, lens: bool, batch: int, pos: int, recipe=None) -> Tensor:
     """The unembedding (after ``ln_final`` for the lens) of one position's state."""
     with torch.no_grad():
         x = state[batch, pos][None, None].to(model.W_U.device)
-        x = model.ln_final(x) if lens else x
-        return model.unembed(x)[0, 0]
+        return _unembed(model, recipe, x, lens)[0, 0]
 
 
 def _decode(model: Any, token_id: int) -> str:
@@ -279,8 +318,8 @@ def own_logits(model: Any, recipe: Any, d: Any, tokens: Any, incorrect: Any) -> 
     of a block output), for the tokens asked."""
     with torch.no_grad():
         x = d.target.to(model.W_U.device)  # the unembedding's device
-        x = x if d.site == recipe.spec.final else model.ln_final(x)
-        out = model.unembed(x).to(device=d.factors.device, dtype=d.factors.dtype)
+        out = _unembed(model, recipe, x, d.site != recipe.spec.final)
+        out = out.to(device=d.factors.device, dtype=d.factors.dtype)
     shape = d.target.shape[:2]
     pick = out.gather(-1, _ids(model, tokens, shape).to(out.device)[..., None])[..., 0]
     if incorrect is not None:

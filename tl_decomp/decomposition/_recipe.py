@@ -11,7 +11,7 @@ import warnings
 from collections.abc import Iterator, Sequence
 from dataclasses import dataclass, field, replace
 from functools import partial
-from typing import Any, get_args
+from typing import Any, Literal, get_args
 
 import torch
 from torch import Tensor
@@ -28,6 +28,7 @@ from tl_decomp.decomposition._algebra import (
     Stack,
     check_patterns,
 )
+from tl_decomp.decomposition._encoder import encoder_factors
 from tl_decomp.decomposition._reduce import Reduced, check_statistic, iter_reduced
 from tl_decomp.decomposition._result import Decomposition
 from tl_decomp.decomposition._terms import Terms
@@ -39,6 +40,23 @@ from tl_decomp.decomposition._tokens import (
     run_tokens,
     token_labels,
 )
+
+
+def _check_token_split(spec: ModelSpec) -> None:
+    """Refuse, by name, what the frozen re-run of granularity ``token`` cannot hold fixed."""
+    for L, blk in enumerate(spec.blocks):
+        feature = None
+        if blk.per_layer_input:
+            feature = f"a per-layer-input branch (block {L}: its gate is not frozen)"
+        elif blk.v_pos_axis != 1:
+            feature = f"latent attention (block {L}: values laid out [batch head pos d])"
+        elif any(not n.scale for n in blk.norms()):
+            feature = f"a norm without hook_scale (block {L}: its sigma cannot be frozen)"
+        if feature is not None:
+            raise NotImplementedError(
+                f"granularity='token' on {spec.architecture}: {feature} is not supported by "
+                "tl_decomp; granularity='head' is exact"
+            )
 
 
 @dataclass(frozen=True)
@@ -61,19 +79,38 @@ class DecompositionRecipe(Terms):
     dtype: torch.dtype | None = None
     chunk_size: int = 16
     bias: BiasRule = "separate"
+    stack: adapters.StackName | None = None  # an encoder–decoder's stack; None: the only one
+    # "encoder": a decoder's cross-attention term split by the encoder's own factors
+    cross: Literal["encoder"] | None = None
+    encoder: DecompositionRecipe | None = field(default=None, compare=False, repr=False)
 
     @classmethod
     def for_model(cls, model: Any, **options: Any) -> DecompositionRecipe:
         """A recipe for `model`; raises `NotImplementedError` on unsupported architectures."""
-        recipe = cls(spec=adapters.model_spec(model), model=model, **options)
+        if options.get("stack") is not None:
+            checks.choice(options["stack"], "stack", adapters.STACKS)
+        spec = adapters.model_spec(model, stack=options.get("stack"))
+        recipe = cls(spec=spec, model=model, **options)
         checks.choice(recipe.granularity, "granularity", get_args(Granularity))
+        if recipe.stack is not None and recipe.granularity in ("expert", "token"):
+            raise NotImplementedError(
+                f"granularity={recipe.granularity!r} on an encoder–decoder "
+                f"({spec.architecture}) is not supported by tl_decomp: coarse, layer, head "
+                "and source are"
+            )
+        if recipe.cross is not None:
+            recipe = recipe._with_encoder()
         if recipe.granularity == "expert" and not recipe.moe_layers:
             raise ValueError("granularity='expert' needs a mixture-of-experts model")
         checks.choice(recipe.centering, "centering", get_args(Centering))
         checks.choice(recipe.bias, "bias", get_args(BiasRule))
         if recipe.bias != "separate" and recipe.granularity != "token":
             raise ValueError("bias='distribute' spreads the bias over tokens: granularity='token'")
+        if recipe.granularity == "token":  # a token's share through a mixer is not hooked
+            for L in range(recipe.spec.n_layers):
+                recipe.spec.refuse_mixer(L, "granularity='token'")
         if recipe.granularity == "token":  # a token's share is centred by its own mean
+            _check_token_split(recipe.spec)
             recipe = replace(recipe, centering="terms")
             frozen_hooks(model, recipe.spec)  # refuses what it cannot freeze, before any work
         checks.dtype(recipe.dtype)
@@ -83,6 +120,21 @@ class DecompositionRecipe(Terms):
         checks.integer(recipe.chunk_size, "chunk_size", least=1)
         return recipe
 
+    def _with_encoder(self) -> DecompositionRecipe:
+        """This recipe with the encoder's, which `cross="encoder"` composes with."""
+        checks.choice(self.cross, "cross", ("encoder",))
+        if self.stack != "decoder":
+            raise ValueError(
+                "cross='encoder' splits a decoder's cross-attention: an encoder–decoder's "
+                "decoder (decoder_input= or stack='decoder')"
+            )
+        options = dict(
+            granularity=self.granularity, centering=self.centering, split_input=self.split_input,
+            split_correction=self.split_correction, dtype=self.dtype, chunk_size=self.chunk_size,
+        )  # fmt: skip
+        encoder = DecompositionRecipe.for_model(self.model, stack="encoder", **options)
+        return replace(self, encoder=encoder)
+
     @property
     def moe_layers(self) -> tuple[int, ...]:
         """Blocks whose MLP is a mixture of experts (split by expert on request)."""
@@ -90,10 +142,15 @@ class DecompositionRecipe(Terms):
 
     @property
     def hooks(self) -> list[str]:
+        if self.encoder is not None:  # the encoder's terms, and the values each block reads
+            values = [b.cross.v for b in self.spec.blocks if b.cross is not None]
+            own = replace(self, cross=None, encoder=None).hooks
+            return list(dict.fromkeys(own + self.encoder.hooks + values))
         if self.granularity == "token":  # the nonlinearities a frozen re-run holds
             return list(dict.fromkeys(frozen_hooks(self.model, self.spec)))
         if self.granularity == "source":  # the values each head reads, key by key
-            return self.spec.hooks() + [blk.v for blk in self.spec.blocks]
+            cross = [b.cross.v for b in self.spec.blocks if b.cross is not None]
+            return self.spec.hooks() + [blk.v for blk in self.spec.blocks if blk.v] + cross
         if self.granularity != "expert":
             return self.spec.hooks()
         extra = [self.spec.blocks[L].mlp_in for L in self.moe_layers]
@@ -178,6 +235,16 @@ class DecompositionRecipe(Terms):
         """
         if self.granularity == "token":
             return self._token_reduced(cache, statistic, layers, attention_mask)
+        if self.encoder is not None:  # a streamed row is recorded once, x.<label> many times
+            raise NotImplementedError(
+                f"reduce= with cross='encoder' ({self.spec.architecture}) is not supported by "
+                "tl_decomp: the materialised decomposition is"
+            )
+        if self.stack is not None and isinstance(statistic, tuple):  # the unembedding's
+            raise NotImplementedError(
+                f"reduce={statistic[0]!r} on an encoder–decoder ({self.spec.architecture}) is "
+                "not supported by tl_decomp: Decomposition.logit_attrs is"
+            )
         return iter_reduced(
             self, cache, statistic, layers, attention_mask=attention_mask, routing=routing
         )
@@ -203,7 +270,8 @@ class DecompositionRecipe(Terms):
     def steps(self, wanted: Sequence[Layer]) -> list[tuple[str, Any]]:
         """The walk up to the deepest of `wanted`, in forward order: ``("input", None)``,
         ``("norm", Norm)`` (a norm on the residual stream), ``("attn", block)``,
-        ``("mlp", block)`` and ``("layer", layer)`` (a residual-stream index reached)."""
+        ``("mlp", block)``, ``("per_layer_input", block)`` and ``("layer", layer)`` (a
+        residual-stream index reached). A block's output multiplier is a ``norm`` step."""
         spec = self.spec
         deepest = max(convention.depth(spec, layer) for layer in wanted)
         steps: list[tuple[str, Any]] = [("input", None)]
@@ -212,8 +280,13 @@ class DecompositionRecipe(Terms):
         for L, blk in enumerate(spec.blocks[: min(deepest, spec.n_layers)]):
             steps.append(("attn", L))
             steps += [("norm", blk.ln1)] if blk.ln1 is not None else []
+            if blk.cross is not None:  # an encoder–decoder's decoder block
+                steps.append(("cross", L))
+                steps += [("norm", blk.cross.ln)] if blk.cross.ln is not None else []
             steps.append(("mlp", L))
             steps += [("norm", blk.ln2)] if blk.ln2 is not None else []
+            steps += [("per_layer_input", L)] if blk.per_layer_input else []
+            steps += [("norm", blk.out_norm)] if blk.out_norm is not None else []
             steps.append(("layer", L + 1))
         if deepest > spec.n_layers:
             steps += [("norm", spec.ln_final)] if spec.ln_final is not None else []
@@ -223,6 +296,7 @@ class DecompositionRecipe(Terms):
     def walk(self, st: Rows, cache: Any, wanted: Sequence[Layer], dt, routing) -> Iterator[Layer]:
         """Every step of `_steps` on `st` (a `Stack`, or a streamed reduction), yielding each
         wanted layer once its terms are all in; ``st.pos`` is the step running."""
+        enc = None  # the encoder's factors, where cross-attention is composed with them
         for i, (op, arg) in enumerate(self.steps(wanted)):
             st.pos = i
             if op == "input":
@@ -231,8 +305,14 @@ class DecompositionRecipe(Terms):
                 self._norm(st, arg, cache, dt)
             elif op == "attn":
                 self._attention(st, arg, cache, dt)
+            elif op == "cross":
+                if self.encoder is not None and enc is None:
+                    enc = encoder_factors(self.encoder, cache, self.spec.blocks[arg].cross)
+                self._cross_attention(st, arg, cache, dt, enc)
             elif op == "mlp":
                 self._mlp(st, arg, cache, dt, routing)
+            elif op == "per_layer_input":
+                self._per_layer_input(st, arg, cache, dt)
             elif arg in wanted:
                 yield arg
 
@@ -355,14 +435,17 @@ class DecompositionRecipe(Terms):
             )
 
     def rounded(self, layer: Layer) -> bool:
-        """Whether a norm computed in float32 lies on the way to `layer`."""
+        """Whether a norm computed in float32, or a block rounding the residual stream to
+        float32, lies on the way to `layer`."""
         spec = self.spec
         if self.granularity == "token" and adapters.frozen_sites(self.model, spec).rounds:
             return True  # the re-run recomputes every norm, sublayer inputs' included
         blocks = spec.blocks[: convention.depth(spec, layer)]
+        if blocks and self.encoder is not None and self.encoder.rounded("final"):
+            return True  # the encoder's factors sum to its states to its own rounding
         norms = [spec.embed_ln, *(n for b in blocks for n in b.norms())]
         norms += [spec.ln_final] if layer == "final" else []
-        return any(n is not None and n.rounds for n in norms)
+        return any(n is not None and n.rounds for n in norms) or any(b.rounds for b in blocks)
 
     def non_finite(self, cache: Any, layer: Layer) -> str:
         """Why `layer`'s sum is not finite: the first activation read holding NaN or inf, and

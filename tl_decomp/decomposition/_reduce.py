@@ -31,7 +31,7 @@ from tl_decomp._core.aliases import Cache, Model
 from tl_decomp._core.convention import Layer
 from tl_decomp._core.results import Result
 from tl_decomp._core.spec import InexactDecompositionError, ModelSpec
-from tl_decomp.decomposition._algebra import KINDS, Rows, check_patterns
+from tl_decomp.decomposition._algebra import Rows, check_patterns, is_coarse
 from tl_decomp.decomposition._logit import own_logits, pick_bias, token_columns
 
 STATISTICS = ("shares", "norm_ratios", "cosines")
@@ -251,9 +251,9 @@ class _Stream(Rows):
             for i, (op, arg) in enumerate(self.steps)
             if op == "norm"
         }
-        self.kept_all = list(self.kinds) == list(KINDS)  # coarse: i, h, f, c are sums
+        self.kept_all = is_coarse(self.kinds)  # coarse: i, h, [x, m,] f, c are sums
         self.total = like.new_zeros(like.shape, dtype=dt)  # the carried terms, summed
-        self.kept = {k: torch.zeros_like(self.total) for k in KINDS} if self.kept_all else {}
+        self.kept = {k: torch.zeros_like(self.total) for k in self.kinds} if self.kept_all else {}
         shape = (len(self.kinds), *like.shape[:2])
         self.values = {layer: like.new_full(shape, math.nan, dtype=dt) for layer in wanted}
         self.dots = {layer: like.new_zeros(like.shape[:2], dtype=dt) for layer in wanted}

@@ -11,9 +11,10 @@ import torch
 from jaxtyping import Float, Int
 from torch import Tensor
 
+from tl_decomp import adapters
 from tl_decomp._core.convention import Layer
 from tl_decomp._core.results import Result
-from tl_decomp.decomposition._algebra import KINDS, Centering
+from tl_decomp.decomposition._algebra import ALL_KINDS, KINDS, Centering
 from tl_decomp.decomposition._logit import logit_attribution
 
 
@@ -30,7 +31,8 @@ class Decomposition(Result):
         layer: the residual-stream index (0 = the layer-0 input, ``l`` = the output of block
             ``l - 1``) or ``"final"`` (a decoder's final-norm output), as TransformerLens's
             ``accumulated_resid`` numbers them.
-        tokens, attention_mask: the input (mask 1 = real token, 0 = padding).
+        tokens, attention_mask: the input (mask 1 = real token, 0 = padding); a vision
+            model's input is its pixel values ``[batch channels height width]``.
         max_abs_error: ``max |factors.sum(0) - target|`` over every position, padding included.
     """
 
@@ -40,7 +42,7 @@ class Decomposition(Result):
     target: Float[Tensor, "batch pos d_model"]
     site: str
     layer: Layer
-    tokens: Int[Tensor, "batch pos"] | None
+    tokens: Int[Tensor, "batch pos"] | Float[Tensor, "batch channels height width"] | None
     attention_mask: Int[Tensor, "batch pos"] | None
     max_abs_error: float
     centering: Centering = "correction"
@@ -52,16 +54,18 @@ class Decomposition(Result):
         return self.max_abs_error / max(self.target.abs().max().item(), 1e-30)
 
     def coarse(self) -> Decomposition:
-        """The same decomposition summed into the paper's four terms ``i, h, f, c``."""
+        """The same decomposition summed into the paper's four terms ``i, h, f, c`` (and ``x``
+        cross-attention, ``m`` token mixers where the model has them)."""
         if "t" in self.kinds:
             raise ValueError(
                 "a decomposition by token has no i, h, f, c terms: decompose with "
                 "granularity='coarse' (or 'head') for those"
             )
-        index = torch.tensor([KINDS.index(k) for k in self.kinds], device=self.factors.device)
-        out = self.factors.new_zeros((4, *self.factors.shape[1:]))
+        kinds = tuple(k for k in ALL_KINDS if k in KINDS or k in self.kinds)
+        index = torch.tensor([kinds.index(k) for k in self.kinds], device=self.factors.device)
+        out = self.factors.new_zeros((len(kinds), *self.factors.shape[1:]))
         out.index_add_(0, index, self.factors)
-        return replace(self, factors=out, labels=KINDS, kinds=KINDS)
+        return replace(self, factors=out, labels=kinds, kinds=kinds)
 
     def shares(self) -> Float[Tensor, "factor batch pos"]:
         """The paper's statistic ``<e, t> / ||e||^2`` per factor (signed; sums to 1). A
@@ -91,7 +95,11 @@ class Decomposition(Result):
         return logit_attribution(self, tokens, incorrect)
 
     def str_tokens(self, batch: int = 0) -> list[str]:
-        """The input's tokens as text (each id decoded alone), to set beside ``pos{k}``."""
+        """The input's tokens as text (each id decoded alone), to set beside ``pos{k}``; a
+        vision model's positions as ``CLS``, ``patch0 (r0,c0)``, ... (row-major patches)."""
+        image = adapters.image_input(self.meta["recipe"].model) if "recipe" in self.meta else None
+        if image is not None:
+            return image.labels()
         if self.tokens is None:
             raise ValueError("this decomposition was read from a cache: it holds no token ids")
         tokenizer = self.meta["recipe"].model.tokenizer

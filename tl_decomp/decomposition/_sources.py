@@ -243,9 +243,7 @@ def _stream(
         raise TypeError(f"value_bias must be True or False, not {value_bias!r}")
     spec, dt, blk = recipe.spec, recipe.compute_dtype(), recipe.spec.blocks[L]
     pattern, W_O = cache[blk.pattern], blk.W_O.to(dt)
-    z = cache[blk.z]
-    if z.ndim == 3:  # the output projection's input, heads flattened
-        z = einops.rearrange(z, "b q (h dh) -> b q h dh", h=spec.n_heads)
+    z = blk.heads(cache[blk.z])  # split as W_O is, whatever the hook's split
     mask = _mask(pattern, attention_mask)
     allowed = mask[:, None, :, None] & mask[:, None, None, :]
     out = pattern.new_zeros(pattern.shape, dtype=dt)
@@ -269,7 +267,8 @@ def _gain(recipe: DecompositionRecipe, cache: Any, L: int, layer: Any) -> Tensor
     end = convention.depth(spec, layer)  # blocks run before `layer`
     if end <= L:
         raise ValueError(f"layer {layer} comes before block {L}'s attention: pass a later one")
-    norms = [n for b in spec.blocks[L : min(end, spec.n_layers)] for n in (b.ln1, b.ln2)]
+    blocks = spec.blocks[L : min(end, spec.n_layers)]
+    norms = [n for b in blocks for n in (b.ln1, b.ln2, b.out_norm)]  # out_norm: a layer scalar
     norms += [spec.ln_final] if layer == "final" else []
     like = cache[blk.out]
     gain = recipe.sublayer(blk.attn_post, blk.residual_scale, cache, dt).gain
@@ -295,7 +294,7 @@ def _source(
     model = source if model is None else model
     recipe = DecompositionRecipe.for_model(model, granularity="source", dtype=dtype)
     L = convention.block(recipe.spec, block)
-    blk = recipe.spec.blocks[L]
+    blk = recipe.spec.attention(L, "splitting heads by key position")
     keys = set(cache.keys())
     missing = [h for h in (recipe.hooks if everything else [blk.pattern, blk.v, blk.z])]
     missing = [h for h in missing if h not in keys]

@@ -15,7 +15,6 @@ from torch import Tensor
 from tl_decomp import adapters
 from tl_decomp._core.spec import ModelSpec, Norm
 from tl_decomp.decomposition._algebra import (
-    KINDS,
     Centering,
     Granularity,
     NormMap,
@@ -23,6 +22,7 @@ from tl_decomp.decomposition._algebra import (
     check_values,
     head_values,
 )
+from tl_decomp.decomposition._encoder import EncoderFactors, add_composed, encoder_rows
 
 
 class Terms:
@@ -35,26 +35,36 @@ class Terms:
     split_input: bool
     split_correction: bool
     chunk_size: int
+    encoder: Any  # the encoder's recipe, where cross-attention is composed with it
 
     # -- labels -----------------------------------------------------------------------------
     def layout(self, cache: Any = None, n_pos: int | None = None) -> dict[str, str]:
         """Every label the decomposition can hold, with its kind (i, h, f or c). Granularity
         ``source`` has one row per key position: `n_pos`, or counted in the `cache`."""
         spec, g = self.spec, self.granularity
-        if g == "source" and n_pos is None:
-            n_pos = cache[spec.blocks[0].pattern].shape[-1]
+        if g == "source" and n_pos is None:  # a mixer's term stays whole: no key rows
+            n_pos = next((cache[b.pattern].shape[-1] for b in spec.blocks if b.pattern), 0)
         keys = range(n_pos if g == "source" and n_pos is not None else 0)
-        if g == "coarse":
-            return {k: k for k in KINDS}
+        if g == "coarse" and self.encoder is None:
+            return {k: k for k in spec.kinds}
+        if g == "coarse":  # x split by the encoder's own coarse terms
+            x = encoder_rows(self.encoder, cache, n_pos)
+            return {r: k2 for k in spec.kinds for r, k2 in (x.items() if k == "x" else [(k, k)])}
         rows = {label: "i" for label, _ in (spec.embeds if self.split_input else [("input", "")])}
         moe = self.moe_layers if g == "expert" else ()
         for L in range(spec.n_layers):
-            if g == "head":
+            if spec.blocks[L].mixer is not None:  # alone, or beside the attention (Falcon-H1)
+                rows[f"{L}_mixer_out"] = "m"
+            if not spec.blocks[L].pattern:
+                pass
+            elif g == "head":
                 rows.update({f"L{L}H{h}": "h" for h in range(spec.n_heads)})
             elif g == "source":  # L3H7K5: what head 7 of block 3 read at key position 5
                 rows.update({f"L{L}H{h}K{k}": "h" for h in range(spec.n_heads) for k in keys})
             else:
                 rows[f"{L}_attn_out"] = "h"
+            if spec.blocks[L].cross is not None:  # an encoder–decoder's decoder block
+                rows.update(self._cross_rows(L, cache, n_pos))
             if L in moe:
                 block = adapters.moe_module(self.model, L)
                 rows.update({f"{L}_expert{e}": "f" for e in range(block.experts.num_experts)})
@@ -62,6 +72,8 @@ class Terms:
                     rows[f"{L}_shared_expert"] = "f"
             elif spec.blocks[L].mlp_out:
                 rows[f"{L}_mlp_out"] = "f"
+            if spec.blocks[L].per_layer_input:
+                rows[f"{L}_per_layer_input"] = "f"
         sources = ("ln_center", "ln_bias", "attn_bias", "mlp_bias")
         rows.update({label: "c" for label in (sources if self.split_correction else ("bias",))})
         return rows
@@ -86,7 +98,7 @@ class Terms:
         norm (Gemma-2, OLMo-2) with the forward pass's own sigma, then a multiplier (Granite)."""
         if norm is None:
             return NormMap(scale, False)
-        gain = scale / cache[norm.scale].to(dt)
+        gain = scale / norm.sigma(cache, dt)
         w = None if norm.w is None else norm.w.to(dt)
         return NormMap(gain, not norm.rms and self.centering == "terms", w)
 
@@ -104,9 +116,11 @@ class Terms:
 
     def _attention(self, st: Rows, L: int, cache: Any, dt: torch.dtype) -> None:
         blk = self.spec.blocks[L]
-        z = cache[blk.z].to(dt)
-        if z.ndim == 3:  # the output projection's input, heads flattened
-            z = einops.rearrange(z, "b q (h dh) -> b q h dh", h=self.spec.n_heads)
+        if blk.mixer is not None:  # alone, or beside the attention (Falcon-H1)
+            self._mixer(st, L, cache, dt)
+        if not blk.pattern:
+            return
+        z = blk.heads(cache[blk.z].to(dt))  # split as W_O is, whatever the hook's split
         W_O = blk.W_O.to(dt)
         post = self.sublayer(blk.attn_post, blk.residual_scale, cache, dt)
         if blk.b_V is not None:
@@ -140,6 +154,84 @@ class Terms:
         if bias is not None:
             st.add(self._label("c", "attn_bias"), post(bias))
         self._post_corrections(st, blk.attn_post, post, blk.residual_scale, cache, dt)
+
+    def _mixer(self, st: Rows, L: int, cache: Any, dt: torch.dtype) -> None:
+        """A token mixer that is not attention (SSM, convolution): one term, as it is added
+        to the residual stream; its state over earlier tokens is not hooked, so no finer split."""
+        blk = self.spec.blocks[L]
+        post = self.sublayer(blk.attn_post, blk.residual_scale, cache, dt)
+        st.add(self._label("m", f"{L}_mixer_out"), post(cache[blk.mixer].to(dt)))  # type: ignore[index]
+        self._post_corrections(st, blk.attn_post, post, blk.residual_scale, cache, dt)
+
+    def _cross_rows(self, L: int, cache: Any, n_pos: int | None) -> dict[str, str]:
+        """Block `L`'s cross-attention labels (kind x): ``X{L}H{h}`` by head, ``X{L}H{h}K{k}``
+        by encoder position ``k`` (counted in the `cache`, else `n_pos`)."""
+        g, heads = self.granularity, range(self.spec.n_heads)
+        if self.encoder is not None:  # one row per encoder factor, summed over blocks
+            return encoder_rows(self.encoder, cache, n_pos)
+        if g == "head":
+            return {f"X{L}H{h}": "x" for h in heads}
+        if g != "source":
+            return {f"{L}_cross_out": "x"}
+        x = self.spec.blocks[L].cross
+        n = cache[x.pattern].shape[-1] if cache is not None and x is not None else n_pos or 0
+        return {f"X{L}H{h}K{k}": "x" for h in heads for k in range(n)}
+
+    def _cross_attention(
+        self, st: Rows, L: int, cache: Any, dt: torch.dtype, enc: EncoderFactors | None = None
+    ) -> None:
+        """Block `L`'s cross-attention: decoder queries over the encoder's positions. Its
+        values are the encoder's output, an input the decoder receives, so the term is split
+        (by head, by encoder position) exactly as self-attention is, or, given `enc`, by the
+        encoder's own factors; ``b_V`` and ``b_O`` go to the correction term."""
+        x, n_heads = self.spec.blocks[L].cross, self.spec.n_heads
+        assert x is not None  # the walk calls this on decoder blocks only
+        z = cache[x.z].to(dt)
+        if z.ndim == 3:
+            z = einops.rearrange(z, "b q (h dh) -> b q h dh", h=n_heads)
+        a, W_O = cache[x.pattern].to(dt), x.W_O.to(dt)
+        post = self.sublayer(x.attn_post, x.residual_scale, cache, dt)
+        bias = None if x.b_O is None else x.b_O.to(dt)
+        if x.b_V is not None:  # z = A (v' + b_V) = A v' + rowsum(A) b_V
+            rows = einops.rearrange(a.sum(-1), "b h q -> b q h")
+            z = z - rows[..., None] * x.b_V.to(dt)
+            value_bias = rows @ einops.einsum(x.b_V.to(dt), W_O, "h dh, h dh m -> h m")
+            bias = value_bias if bias is None else bias + value_bias
+        if enc is not None:
+            add_composed(st, self.spec, self.model, L, cache, enc, post, self.chunk_size)
+        elif self.granularity == "source":
+            v = cache[x.v].to(dt)
+            v = v if v.ndim == 4 else einops.rearrange(v, "b k (h dh) -> b k h dh", h=n_heads)
+            if v.shape[2] != n_heads:  # grouped-query cross-attention
+                v = v[:, :, list(self.spec.kv_head)]
+            v = v if x.b_V is None else v - x.b_V.to(dt)
+            diff = einops.einsum(a, v, "b h q k, b k h dh -> b q h dh") - z
+            err = diff.abs().nan_to_num(0.0).max().item()
+            scale = max(z.abs().nan_to_num(0.0).max().item(), 1e-30)
+            if err > self.spec.tolerance(dt, True) * scale:
+                raise NotImplementedError(
+                    f"splitting cross-attention by encoder position on {self.spec.architecture}"
+                    f": block {L}'s {x.z} is not {x.pattern} times {x.v} (relative error "
+                    f"{err / scale:.2g}) is not supported; granularity='head' splits it exactly"
+                )
+            n = a.shape[-1]
+            for h in range(n_heads):
+                labels = [f"X{L}H{h}K{k}" for k in range(n)]
+                rows = st.claim(labels, z.device)
+                vo = einops.einsum(v[:, :, h], W_O[h], "b k dh, dh m -> k b m")
+                weight = einops.rearrange(a[:, h], "b q k -> k b q 1")
+                rows.copy_(weight * vo[:, :, None])
+                post.apply_(rows)
+                st.commit(labels, rows)
+        elif self.granularity == "head":
+            for h in range(n_heads):
+                st.add(f"X{L}H{h}", post(z[:, :, h] @ W_O[h]))
+        else:
+            out = einops.einsum(z, W_O, "b q h dh, h dh m -> b q m")
+            st.add(self._label("x", f"{L}_cross_out"), post(out))
+        if bias is not None:
+            st.add(self._label("c", "attn_bias"), post(bias))
+        self._post_corrections(st, x.attn_post, post, x.residual_scale, cache, dt)
 
     def _sources(self, st: Rows, L: int, cache: Any, z: Tensor, post: NormMap, dt) -> None:
         """Each head's bias-free output split by key position, ``A[q, k] (v_k - b_V) W_O``,
@@ -186,5 +278,19 @@ class Terms:
             b_out = blk.b_out.to(dt)
             out = out - b_out
             st.add(self._label("c", "mlp_bias"), post(b_out))
+        if blk.mlp_shared is not None:  # a second MLP beside the first: one MLP term
+            out = out + cache[blk.mlp_shared].to(dt)
         st.add(self._label("f", f"{L}_mlp_out"), post(out))
         self._post_corrections(st, blk.mlp_post, post, blk.residual_scale, cache, dt)
+
+    def _per_layer_input(self, st: Rows, L: int, cache: Any, dt: torch.dtype) -> None:
+        """Gemma-4's per-layer-input branch, as it is added to the residual stream (its own
+        post-norm applied: the hook holds it).
+
+        Kind ``f``: the branch is a position-wise gated feed-forward map of the residual stream
+        after the MLP (``W_proj(act(W_gate x) * p)``, normalised), whose second factor ``p`` is
+        the token's per-layer input embedding. It reads the stream, so it is not an input term
+        (``i`` holds what no block computed), and it mixes no tokens, so it is not ``h``."""
+        hook = self.spec.blocks[L].per_layer_input
+        assert hook is not None  # the walk takes this step only where the block has one
+        st.add(self._label("f", f"{L}_per_layer_input"), cache[hook].to(dt))

@@ -24,6 +24,7 @@ tokens contribute exactly zero (set, not rounded).
 
 from __future__ import annotations
 
+import contextlib
 import warnings
 from collections import Counter
 from collections.abc import Callable, Iterator, Sequence
@@ -95,13 +96,14 @@ def run_tokens(
         with torch.no_grad(), warnings.catch_warnings():
             # the bridge rebuilds a norm from its edited hook_scale, and says so each time
             warnings.filterwarnings("ignore", "A forward hook edited hook_scale")
-            adapters.run_with_hooks(
-                model,
-                ids.repeat_interleave(V, 0),
-                mask.repeat_interleave(V, 0),
-                hooks,
-                stop_after=stop_after,
-            )
+            with adapters.hold_experts(frozen.moes, V, b):
+                adapters.run_with_hooks(
+                    model,
+                    ids.repeat_interleave(V, 0),
+                    mask.repeat_interleave(V, 0),
+                    hooks,
+                    stop_after=stop_after,
+                )
         _check_once(spec, calls.counts)
         for site, layer in sites.items():
             y = out[site]  # [V batch pos d_model]
@@ -158,6 +160,8 @@ class _Frozen:
         self.ratios: list[Tensor | None] = []
         for L, pair in enumerate(self.sites.mlps):
             self.ratios.append(None if pair is None else _ratio(spec, L, cache, *pair))
+        # routing and each expert's gate, from the MoE block's cached input
+        self.moes = [adapters.freeze_moe(model, L, cache[h]) for L, h in self.sites.moes]
         for L in range(spec.n_layers):  # only then is z the pattern times the values
             a = cache[spec.blocks[L].pattern].to(dt)
             v = head_values(spec, L, cache, slice(None), dt, value_bias=True)
@@ -208,14 +212,6 @@ def _ratio(spec: ModelSpec, L: int, cache: Cache, out_in: str, linear: str) -> T
     return torch.where(lin != 0, act / lin, torch.zeros_like(lin)).nan_to_num(0.0)
 
 
-def _tile(t: Tensor, V: int, b: int) -> Tensor:
-    """The full input's `t` for each of `V` variants per example: batch-major, whether `t` is
-    ``[batch ...]`` or flattened ``[(batch pos) ...]`` (OPT's MLP and norms)."""
-    if t.shape[0] == 1 < b:  # broadcast over the batch
-        return t
-    return t.reshape(b, -1).repeat_interleave(V, 0).reshape(-1, *t.shape[1:])
-
-
 def _inject(full: Tensor, sel: Tensor, b: int, t: Tensor, *, hook: Any) -> Tensor:
     """Variant v keeps the positions `sel[v]` selects of the full input's embeddings."""
     V, n = sel.shape
@@ -244,47 +240,78 @@ def token_logits(
     """Each input token's direct logit (``<final embedding, direction>``) at one position
     per example, from one frozen forward pass and one backward pass: the frozen network is
     affine, so token ``k``'s term is ``<d logit / d x_k, x_k>`` exactly; the last row is the
-    logit of ``F(0)`` (no token). Returns ``(values [pos + 1, batch], F(x)'s logit)``."""
+    logit of ``F(0)`` (no token), from a second frozen pass without gradients (so the sum is
+    a check that the frozen network is affine). Returns ``(values [pos + 1, batch], F(x)'s
+    logit)``."""
     frozen = _Frozen(model, spec, cache, direction.dtype)
     b, n = cache[spec.embeds[0][1]].shape[:2]
     device = adapters.model_device(model)
     ids = torch.zeros(b, n, dtype=torch.long, device=device) if tokens is None else tokens
     mask = torch.ones(b, n, dtype=torch.long, device=device) if mask is None else mask
-    sel = torch.ones(2, n, dtype=direction.dtype, device=device)
-    sel[1] = 0  # the full input, then F(0)
+    run = partial(_frozen_final, model, spec, frozen, ids, mask)
+    rows, position = torch.arange(b), position.cpu()
     leaves: list[Tensor] = []
+    # gradients for the injected embeddings only: the graph keeps no input a weight's
+    # gradient would need, and the unembedding is never run
+    with torch.enable_grad(), _frozen_parameters(model):
+        at = run(torch.ones(1, n, dtype=direction.dtype, device=device), leaves)
+        logit = (at[rows, position] * direction.to(at)).sum(-1)  # [batch]
+        grads = torch.autograd.grad(logit.sum(), leaves, allow_unused=True)
+    values = torch.zeros(n + 1, b, dtype=logit.dtype, device=logit.device)
+    for x, g in zip(leaves, grads, strict=True):
+        if g is not None:
+            values[:n] += (g * x).detach().reshape(b, n, -1).sum(-1).T.to(values)
+    del at, leaves, grads
+    with torch.no_grad():
+        zero = run(torch.zeros(1, n, dtype=direction.dtype, device=device), None)
+        values[n] = (zero[rows, position] * direction.to(zero)).sum(-1).to(values)
+    return values, logit.detach()
+
+
+def _frozen_final(
+    model: Model,
+    spec: ModelSpec,
+    frozen: _Frozen,
+    ids: Tensor,
+    mask: Tensor,
+    sel: Tensor,
+    leaves: list[Tensor] | None,
+) -> Float[Tensor, "batch pos d_model"]:
+    """The final embedding of one frozen run (`sel`: ``[1 pos]``), stopped before the
+    unembedding where the model hooks its input."""
     out: dict[str, Tensor] = {}
     calls = _Calls()
     hooks = [(h, partial(calls.hook, fn, h)) for h, fn in frozen.hooks(sel, leaves)]
     hooks.append((spec.final, partial(_store, out, "final")))
-    with torch.enable_grad(), warnings.catch_warnings():
+    stop = "unembed.hook_in" if "unembed.hook_in" in model.hook_dict else None
+    with warnings.catch_warnings(), adapters.hold_experts(frozen.moes, 1, ids.shape[0]):
         warnings.filterwarnings("ignore", "A forward hook edited hook_scale")
-        adapters.run_with_hooks(
-            model, ids.repeat_interleave(2, 0), mask.repeat_interleave(2, 0), hooks
-        )
-        _check_once(spec, calls.counts)
-        final = einops.rearrange(out["final"], "(b v) p d -> v b p d", v=2)
-        rows = torch.arange(b, device=final.device)
-        at = final[:, rows, position.to(final.device)]  # [2 batch d_model]
-        logit = (at * direction.to(at)).sum(-1)  # [2 batch]
-        grads = torch.autograd.grad(logit[0].sum(), leaves, allow_unused=True)
-    values = torch.zeros(n + 1, b, dtype=logit.dtype, device=logit.device)
-    for x, g in zip(leaves, grads, strict=True):
-        if g is not None:
-            per = (g * x).detach().reshape(b, 2, n, -1)[:, 0].sum(-1)  # [batch pos]
-            values[:n] += per.T.to(values)
-    values[n] = logit[1].detach()
-    return values, logit[0].detach()
+        adapters.run_with_hooks(model, ids, mask, hooks, stop_after=stop)
+    _check_once(spec, calls.counts)
+    return out["final"]
+
+
+@contextlib.contextmanager
+def _frozen_parameters(model: Model) -> Iterator[None]:
+    """No parameter requires grad for the duration (restored afterwards, even on error)."""
+    params = [p for p in model.parameters() if p.requires_grad]
+    try:
+        for p in params:
+            p.requires_grad_(False)
+        yield
+    finally:
+        for p in params:
+            p.requires_grad_(True)
 
 
 def _fixed(full: Tensor, V: int, b: int, t: Tensor, *, hook: Any) -> Tensor:
-    return _tile(full, V, b).to(t.device, t.dtype)
+    return adapters.tile_variants(full, V, b).to(t.device, t.dtype)
 
 
 def _normalise(scale: Tensor, rms: bool, store, V: int, b: int, t: Tensor, *, hook: Any):
     x = store["x"]
     c = x if rms else x - x.mean(-1, keepdim=True)
-    return (c / _tile(scale, V, b).to(x.device, x.dtype)).to(t.dtype)
+    return (c / adapters.tile_variants(scale, V, b).to(x.device, x.dtype)).to(t.dtype)
 
 
 def _store(store: dict[str, Tensor], key: str, t: Tensor, *, hook: Any) -> None:
@@ -298,13 +325,13 @@ def _attend(
     v = store["v"]
     if v.shape[2] != pattern.shape[1]:  # grouped-query attention: each query head's KV head
         v = v[:, :, list(kv_head)]
-    a = _tile(pattern, V, b).to(v.device, v.dtype)
+    a = adapters.tile_variants(pattern, V, b).to(v.device, v.dtype)
     return einops.einsum(a, v, "b h q k, b k h dh -> b q h dh").reshape(t.shape)
 
 
 def _activate(ratio: Tensor, store, V: int, b: int, t: Tensor, *, hook: Any) -> Tensor:
     lin = store["lin"]
-    return _tile(ratio, V, b).to(lin.device, lin.dtype) * lin
+    return adapters.tile_variants(ratio, V, b).to(lin.device, lin.dtype) * lin
 
 
 def iter_materialised(

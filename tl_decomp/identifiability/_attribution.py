@@ -60,7 +60,8 @@ class AttributionResult(Result):
             estimated by ``estimate``).
         norms_stderr: standard error of `norms` (``estimate`` only; None for ``exact``).
         layers: 0 is the layer-0 input, ``l >= 1`` the output of block ``l - 1``.
-        tokens, attention_mask: the input (mask 1 = real token; right padding only).
+        tokens, attention_mask: the input (mask 1 = real token; right padding only); a
+            vision model's input is its pixel values ``[batch channels height width]``.
         method, wrt, n_probes: how it was computed (`n_probes` is None for ``exact``).
         norm: ``frobenius`` or ``spectral``: which reading of the paper's ``||.||_2``.
     """
@@ -69,7 +70,7 @@ class AttributionResult(Result):
     norms: Float[Tensor, "layer batch query_pos key_pos"]
     norms_stderr: Float[Tensor, "layer batch query_pos key_pos"] | None
     layers: tuple[Layer, ...]
-    tokens: Int[Tensor, "batch pos"]
+    tokens: Int[Tensor, "batch pos"] | Float[Tensor, "batch channels height width"]
     attention_mask: Int[Tensor, "batch pos"]
     method: str
     wrt: str
@@ -134,6 +135,11 @@ class AttributionResult(Result):
             >>> bool(torch.allclose(by_class.overall.sum(-1), torch.ones(2, dtype=torch.float64)))
             True
         """
+        if self.tokens.is_floating_point():
+            raise NotImplementedError(
+                "token classes of a vision model's patches (its input is pixel values, which "
+                "have no tokenizer classes) is not supported by tl_decomp"
+            )
         return token_class_shares(
             self.contributions,
             self.tokens,
@@ -151,7 +157,7 @@ class AttributionResult(Result):
 
         Averages over the real queries that have a real key at that offset.
         """
-        n = self.tokens.shape[1]
+        n = self.attention_mask.shape[1]
         k = n - 1 if max_offset is None else min(max_offset, n - 1)
         offsets = torch.arange(-k, k + 1, device=self.contributions.device)
         keys = torch.arange(n, device=offsets.device)[None, :] + offsets[:, None]  # [offset q]
@@ -228,7 +234,9 @@ def hidden_token_attribution(
 
     Args:
         model: a TransformerBridge, HookedTransformer or HookedEncoder.
-        input: a text, a list of texts (right-padded), or token ids ``[batch pos]``.
+        input: a text, a list of texts (right-padded), or token ids ``[batch pos]``; a
+            vision model's pixel values ``[batch channels height width]`` (its positions:
+            the prefix tokens, then the patches; `AttributionResult` keeps them as tokens).
         layers: residual-stream indices, 0 (the layer-0 input) to ``n_layers`` (negatives
             from the end; ``"final"``: a decoder's final-norm output); default
             ``1..n_layers``.
@@ -272,7 +280,7 @@ def hidden_token_attribution(
     checks.integer(seed, "seed")
     tokens, mask = adapters.as_tokens(model, spec, input, attention_mask)
     if norm == "spectral":
-        _check_memory(spec, layers, tokens.shape[1], adapters.model_device(model))
+        _check_memory(spec, layers, mask.shape[1], adapters.model_device(model))
     if (mask.cummin(-1).values != mask).any():
         raise ValueError("only right padding is supported: each mask row must be 1...1 0...0")
     if spec.dtype in (torch.float16, torch.bfloat16):

@@ -179,14 +179,15 @@ def per_example(model, spec, tokens, mask, source, layers, opts, progress):
     example at a time on its real tokens."""
     method, norm, n_probes, chunk_size, seed = opts
     device, sites = tokens.device, layer_sites(spec, layers)
-    shape = (len(layers), *tokens.shape, tokens.shape[1])
+    shape = (len(layers), *mask.shape, mask.shape[1])
     norm2: Tensor | None = None
     var = torch.zeros(shape, dtype=torch.float64, device=device)
     lengths = mask.sum(-1).tolist()
     per_pos = spec.d_model if method == "exact" else n_probes
     with tqdm(total=sum(lengths) * per_pos, disable=not progress, desc="JVPs") as bar:
         for b, n in enumerate(lengths):
-            ids = tokens[b : b + 1, :n]
+            # pixel values [1 channels height width]: a whole image, no padding to cut
+            ids = tokens[b : b + 1] if tokens.is_floating_point() else tokens[b : b + 1, :n]
             x0 = source_activation(model, ids, source)
             run = runner(model, spec, ids, source, sites)
             with torch.no_grad():  # a NaN would become NaN contributions and a wrong P̃

@@ -37,6 +37,7 @@ from tl_decomp.identifiability._scoring import (
     check_loss,
     identifiability_from_states,
 )
+from tl_decomp.identifiability._stacks import check_stack, gather_stack_states
 
 Lookup = Literal["sequence", "vocab"]
 
@@ -130,6 +131,8 @@ def token_identifiability(
     max_mlp_tokens: int = 20_000,
     match: Match = "token",
     progress: bool = True,
+    stack: adapters.StackName | None = None,
+    decoder_input: Sequence[str] | None = None,
 ) -> IdentifiabilityResult:
     """How often each layer's hidden vector still identifies its input token.
 
@@ -170,6 +173,11 @@ def token_identifiability(
             cosine, layer 6: 0.933 by id, 0.862 by position). Brunner et al. do not say
             which they counted.
         progress: show a progress bar over the corpus.
+        stack: on an encoder–decoder, ``"encoder"`` (the corpus's tokens in the encoder's
+            states) or ``"decoder"`` (implied by `decoder_input`: the decoder text's tokens
+            in the decoder's states, the corpus feeding the encoder); layers count within
+            the stack.
+        decoder_input: one decoder text per corpus text (split with it).
 
     Example:
         >>> from tl_decomp.models import tiny_model
@@ -180,7 +188,12 @@ def token_identifiability(
         >>> res.layers, res.rate(0)
         ((0, 1, 2, 3), 1.0)
     """
-    spec = adapters.model_spec(model)
+    stack = "decoder" if stack is None and decoder_input is not None else stack
+    decoder = None
+    if stack is not None:  # an encoder–decoder's stack: its own texts, checked
+        spec, corpus, decoder = check_stack(model, stack, corpus, decoder_input, batch_size, lookup)
+    else:
+        spec = adapters.model_spec(model)
     options: dict[str, tuple[str, tuple[str, ...]]] = {
         "mapping": (mapping, ("naive", "linear", "mlp")),
         "distance": (distance, ("cosine", "l2")),
@@ -191,7 +204,8 @@ def token_identifiability(
     loss = check_loss(mapping, distance, loss)
     if match == "position" and lookup == "vocab":
         raise ValueError("match='position' needs lookup='sequence' (vocabulary items have none)")
-    corpus = adapters.check_corpus(model, spec, corpus, batch_size, "corpus")
+    if stack is None:
+        corpus = adapters.check_corpus(model, spec, corpus, batch_size, "corpus")
     checks.integer(seed, "seed")
     checks.integer(max_mlp_tokens, "max_mlp_tokens", least=1)
     trained = mapping == "mlp" or loss == "cosine"  # every 10th training sequence validates
@@ -210,6 +224,11 @@ def token_identifiability(
             vocab=vocab is not None,
             bar=bar,
         )
+        if stack is not None:
+            gather = functools.partial(
+                gather_stack_states, model, spec, corpus, decoder,
+                layers=layers, batch_size=batch_size, bar=bar,
+            )  # fmt: skip
         result = identifiability_from_states(
             gather(train) if mapping != "naive" else iter(()),
             gather(test),

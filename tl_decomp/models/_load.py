@@ -18,7 +18,9 @@ import torch
 
 BUNDLED = ("minilm", "smollm2")
 TINY_ARCHS = ("gpt2", "llama", "bert", "neox", "qwen2")
-TinyArch = Literal["gpt2", "llama", "bert", "neox", "qwen2"]
+# Bridge only: a state-space model, a hybrid with attention, an encoder–decoder.
+TINY_BRIDGE = ("mamba", "jamba", "bart")
+TinyArch = Literal["gpt2", "llama", "bert", "neox", "qwen2", "mamba", "jamba", "bart"]
 
 
 def load_model(
@@ -146,7 +148,24 @@ def _hf_config(arch: str) -> Any:
         return tf.GPTNeoXConfig(
             **small, **neox, use_parallel_residual=True, bos_token_id=1, eos_token_id=2
         )
-    raise ValueError(f"unknown tiny architecture {arch!r}; choose from {TINY_ARCHS}")
+    ssm: dict[str, Any] = dict(expand=2, conv_kernel=3, bos_token_id=1, eos_token_id=2)
+    if arch == "mamba":
+        return tf.MambaConfig(**small, state_size=4, time_step_rank=4, **ssm)
+    if arch == "jamba":  # Mamba blocks around one attention block, dense MLPs
+        hybrid: dict[str, Any] = dict(mamba_d_state=4, mamba_d_conv=3, mamba_expand=2)
+        return tf.JambaConfig(
+            **small, **hybrid, num_key_value_heads=2, attn_layer_period=2, attn_layer_offset=1,
+            num_experts=1, pad_token_id=0, bos_token_id=1, eos_token_id=2,
+            use_mamba_kernels=False,
+        )  # fmt: skip
+    if arch == "bart":  # post-LN encoder and decoder, cross-attention, learned positions
+        return tf.BartConfig(
+            vocab_size=64, d_model=32, encoder_layers=3, decoder_layers=3,
+            encoder_attention_heads=4, decoder_attention_heads=4, encoder_ffn_dim=48,
+            decoder_ffn_dim=48, max_position_embeddings=64, pad_token_id=0, bos_token_id=1,
+            eos_token_id=2, decoder_start_token_id=1, forced_eos_token_id=None,
+        )  # fmt: skip
+    raise ValueError(f"unknown tiny architecture {arch!r}; choose from {TINY_ARCHS + TINY_BRIDGE}")
 
 
 _SPECIALS = ["[PAD]", "[BOS]", "[EOS]", "[UNK]", "[CLS]", "[SEP]", "[MASK]"]
@@ -210,6 +229,9 @@ def tiny_dir(arch: str) -> str:
         "llama": tf.LlamaForCausalLM,
         "qwen2": tf.Qwen2ForCausalLM,
         "neox": tf.GPTNeoXForCausalLM,
+        "mamba": tf.MambaForCausalLM,
+        "jamba": tf.JambaForCausalLM,
+        "bart": tf.BartForConditionalGeneration,
     }[arch]
     hf = cls(cfg)
     _perturb(hf, seed=1)
@@ -231,7 +253,9 @@ def tiny_model(
     Args:
         arch: `gpt2` (LayerNorm, learned positions, biases), `llama` (RMSNorm, rotary, GQA,
             gated MLP, no biases), `bert` (post-LN, token types, embedding LN), `neox`
-            (parallel attention+MLP, partial rotary), `qwen2` (RMSNorm, GQA, QKV biases).
+            (parallel attention+MLP, partial rotary), `qwen2` (RMSNorm, GQA, QKV biases),
+            `mamba` (a state-space model: no attention), `jamba` (Mamba blocks around one
+            attention block) and `bart` (an encoder–decoder), bridge only.
         dtype: parameter dtype (float32 or float64).
         processed: fold LayerNorms / centre weights (compatibility mode on a bridge,
             `process_weights_` on a `HookedTransformer`).
@@ -243,9 +267,13 @@ def tiny_model(
         >>> model.cfg.n_layers, model.cfg.n_key_value_heads
         (3, 2)
     """
-    if arch not in TINY_ARCHS:
-        raise ValueError(f"unknown tiny architecture {arch!r}; choose from {TINY_ARCHS}")
+    if arch not in TINY_ARCHS + TINY_BRIDGE:
+        raise ValueError(
+            f"unknown tiny architecture {arch!r}; choose from {TINY_ARCHS + TINY_BRIDGE}"
+        )
     if kind == "hooked":
+        if arch in TINY_BRIDGE:
+            raise ValueError(f"{arch!r} has no HookedTransformer form: use kind='bridge'")
         return _tiny_hooked(arch, dtype, processed)
     from transformer_lens.model_bridge import TransformerBridge
 

@@ -13,6 +13,7 @@ from __future__ import annotations
 import itertools
 import warnings
 from collections.abc import Sequence
+from typing import Any
 
 import numpy as np
 import torch
@@ -23,6 +24,17 @@ from torch import Tensor
 from tl_decomp.decomposition import KINDS
 
 SUBSETS = tuple("+".join(c) for r in range(1, 5) for c in itertools.combinations(KINDS, r))
+
+
+def check_kinds(spec: Any) -> None:
+    """The probes read the paper's four terms: a model with more (a token mixer's ``m``, a
+    decoder's cross-attention ``x``) is refused by name rather than probed on a subset."""
+    extra = [k for k in spec.kinds if k not in KINDS]
+    if extra:
+        raise NotImplementedError(
+            f"probing subsets of i, h, f, c on {spec.architecture}, whose decomposition also "
+            f"has the term(s) {', '.join(extra)}, is not supported by tl_decomp"
+        )
 
 
 def subset_names(subsets: str | Sequence[str]) -> tuple[str, ...]:

@@ -24,7 +24,7 @@ from tl_decomp import adapters
 from tl_decomp._core import checks
 from tl_decomp._core.results import Result
 from tl_decomp.decomposition import DecompositionRecipe
-from tl_decomp.probing._classifiers import selector, subset_names
+from tl_decomp.probing._classifiers import check_kinds, selector, subset_names
 
 
 @dataclass(frozen=True, repr=False)
@@ -140,6 +140,7 @@ def masked_prediction(
     checks.integer(seed, "seed")
     subsets = subset_names(subsets)
     recipe = DecompositionRecipe.for_model(model)
+    check_kinds(recipe.spec)
     if recipe.spec.causal:
         raise NotImplementedError("masked-token prediction needs a masked-LM (encoder) model")
     adapters.check_lengths(model, recipe.spec, texts)

@@ -22,6 +22,7 @@ from tl_decomp._core.convention import Layer
 from tl_decomp._core.results import Result
 from tl_decomp.datasets import as_labelled
 from tl_decomp.decomposition import DecompositionRecipe
+from tl_decomp.probing._classifiers import check_kinds
 
 
 @dataclass(frozen=True, repr=False)
@@ -111,6 +112,7 @@ def word_factors(
     """
     data = as_labelled(dataset)
     recipe = DecompositionRecipe.for_model(model)
+    check_kinds(recipe.spec)
     layer = convention.resolve(recipe.spec, layer)
     index = {c: k for k, c in enumerate(data.classes)}
     starts = distributed.deal(range(0, len(data), batch_size))  # one process: every batch

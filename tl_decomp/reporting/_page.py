@@ -88,8 +88,9 @@ def _body(rep: Report, slots: dict[str, str]) -> str:
         "output of block l−1, final a decoder's final-norm output; heads are named by block "
         f"(L0H3: block 0, head 3).</p><p class=note>{_e(COLUMNS)}</p>"
         f"{_html_table(rep.layer_rows())}{_html_table(rep.attention_rows())}</section>",
-        "<section><h2>Vector-factor decomposition</h2><p class=note>e = i + h + f + c; mean "
-        "share ⟨e,t⟩/‖e‖² over the tokens (the four sum to 1).</p>"
+        "<section><h2>Vector-factor decomposition</h2><p class=note>"
+        f"e = {' + '.join(rep.decompositions[0].coarse().kinds)}; mean share ⟨e,t⟩/‖e‖² "
+        "over the tokens (they sum to 1).</p>"
         f"{_plot_shares(rep)}{slots['decomposition']}</section>",
         "<section><h2>Effective attention</h2><p class=note>Left: the pattern A; right: "
         "A·P, its identifiable part (P projects onto the column space of T = V W_O), on one "
@@ -166,6 +167,8 @@ def _flow_section(rep: Report, slot: str) -> str:
 
 def _identifiable_note(rep: Report) -> str:
     ns = rep.null_space
+    if ns is None:
+        return "<p>No block of this model is attention: nothing to draw here.</p>"
     if int(ns.null_dim.max()) > 0:
         return ""
     return (

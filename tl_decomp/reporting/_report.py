@@ -194,11 +194,18 @@ class _Plan:
     def blocks(self) -> tuple[int, ...]:
         per_block = 3 * self.spec.n_heads * self.n * self.n
         k = max(1, ATTENTION_VALUES // per_block)
-        chosen = _spread(range(self.spec.n_layers), k)
-        if len(chosen) < self.spec.n_layers:
+        attending = [L for L, b in enumerate(self.spec.blocks) if b.pattern]
+        mixing = self.spec.n_layers - len(attending)
+        if mixing:
             self.left_out.append(
-                f"attention of {self.spec.n_layers - len(chosen)} of {self.spec.n_layers} "
-                f"blocks (shown: {', '.join(map(str, chosen))}); attention_blocks=[…] "
+                f"attention of {mixing} blocks whose token mixer is not attention (no pattern "
+                "to draw; their term is in the decomposition)"
+            )
+        chosen = _spread(attending, k)
+        if len(chosen) < len(attending):
+            self.left_out.append(
+                f"attention of {len(attending) - len(chosen)} of {len(attending)} blocks "
+                f"(shown: {', '.join(map(str, chosen))}); attention_blocks=[…] "
                 "(--attention-blocks 0,1,2) adds others"
             )
         return chosen
@@ -220,6 +227,12 @@ class _Plan:
         return _spread(range(1, deepest + 1), 3)
 
     def flow(self) -> bool:
+        if any(b.mixer for b in self.spec.blocks):
+            self.left_out.append(
+                "the information flow (a token's share cannot be carried through a token "
+                "mixer that is not attention)"
+            )
+            return False
         if self.n**2 * self.spec.n_layers <= FLOW_COST:
             return True
         self.left_out.append(
@@ -272,6 +285,9 @@ def _one_pass(model: Any, spec: Any, ids: Tensor, mask: Tensor, blocks: tuple[in
     with adapters.exclusive(model):
         cache = adapters.run_with_cache(model, ids, mask, names)
     decompositions = tuple(recipe.iter_layers(cache, tokens=ids, attention_mask=mask))
+    if not blocks:  # no attention block (a state-space model): no attention panel
+        none = torch.zeros(0, spec.n_heads, ids.shape[1], ids.shape[1])
+        return decompositions, none, none, None, None
     eff = effective_attention_layers(cache, blocks, model=model, attention_mask=mask)
     raw = torch.stack([cache[spec.blocks[L].pattern][0] for L in blocks]).to(eff.dtype)
     null = null_space_from(cache, spec, blocks, mask, eff)

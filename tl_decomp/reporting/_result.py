@@ -107,6 +107,8 @@ class Report(Result):
         """One row per block, means over heads: rank(T), null-space dimension, and
         ``||A - A_eff||_F / ||A||_F`` (mean and max over heads)."""
         ns = self.null_space
+        if ns is None:  # no attention block (a state-space model)
+            return []
         return [
             {"block": L, "keys": int(ns.n_keys[0]), "rank(T)": _mean(ns.rank[i, 0]),
              "null dim": _mean(ns.null_dim[i, 0]),
