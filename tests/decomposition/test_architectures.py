@@ -310,6 +310,8 @@ def _table() -> str:
             what = "exact (encoder and decoder, cross-attention `x`)"
             logit = "decoder: " + _seq2seq_logit_note(family)
             token = "refused: an encoder–decoder"
+        if status == "exact":  # the largest error of every check, against Hugging Face
+            what = what.replace("exact", f"exact (error {detail.split()[0]})", 1)
         cls = zoo.FAMILIES[family].model_class
         rows.append(f"| {family} | {cls} | {what} | {logit} | {token} |")
     return "\n".join(rows)
@@ -332,7 +334,7 @@ def _token_note(family: str) -> str:
         ("latent attention", "latent attention (values not per head)"),
         ("per-layer-input", "a per-layer-input branch"),
         ("is not act(gate)", "an expert gate not act(gate) * up"),
-        ("is not called as", "experts not called as (input, index, weights)"),
+        ("is not called with", "experts not called with (input, index, weights)"),
         ("mixture-of-experts", "mixture-of-experts MLPs"),
         ("fused", "gate fused with the up-projection"),
         ("no down-projection", "MLP activation not hooked"),
@@ -354,4 +356,10 @@ def test_readme_table_matches_the_code():
         _, tail = rest.split(end)
         README.write_text(f"{head}{begin}\n{table}\n{end}{tail}")
         text = README.read_text()
-    assert f"{begin}\n{table}\n{end}" in text, "README table out of date: see module docstring"
+    written = text.split(begin)[1].split(end)[0].strip()
+    # The measured errors may differ in their last digit on another CPU: each must be within
+    # a factor of 3 of the written one; everything else must be equal.
+    number = re.compile(r"\d\.\de-\d\d")
+    assert number.sub("#", written) == number.sub("#", table), "README table out of date"
+    for got, want in zip(number.findall(table), number.findall(written), strict=True):
+        assert 1 / 3 <= float(got) / float(want) <= 3, f"measured {got}, README says {want}"

@@ -249,7 +249,7 @@ def test_user_cache_with_both_masks() -> None:
             names_filter=names,
         )
         _, unmasked = model.run_with_cache(ENC, decoder_input=DEC, names_filter=names)
-    masks = dict(attention_mask=ENC_MASK, decoder_attention_mask=DEC_MASK)
+    masks: dict[str, Any] = dict(attention_mask=ENC_MASK, decoder_attention_mask=DEC_MASK)
     own = td.decompose(model, cache, stack="decoder", granularity="head", cross="encoder",
                        **masks)  # fmt: skip
     ran = td.decompose(model, ENC, decoder_input=DEC, granularity="head", cross="encoder",

@@ -70,6 +70,31 @@ def test_token_logit_attribution_and_lens_sum_to_the_logit():
     assert torch.allclose(d.logit_attrs("mat", "dog").logits * d.mask(), own, atol=1e-10)
 
 
+@pytest.mark.parametrize("arch", ["gpt2", "llama"])
+def test_fast_token_logits_equal_the_stack_bias_included(arch):
+    """One backward pass gives each token's logit; the bias row, what they leave of the
+    logit, equals ``F(0)``'s logit from the materialised split (pos + 1 frozen runs)."""
+    model = cached_model(arch)
+    fast = td.token_logit_attribution(model, TEXTS, "mat", "dog")
+    d = td.decompose(model, TEXTS, granularity="token")
+    last = d.mask().long().cumsum(1).argmax(1)
+    want = d.logit_attrs("mat", "dog").values[:, torch.arange(len(TEXTS)), last]
+    assert torch.allclose(fast.values[:, :, 0], want, rtol=0, atol=1e-10)
+
+
+def test_a_freeze_that_misses_a_nonlinearity_is_caught(monkeypatch):
+    """The frozen network must be affine: norms left live (their scale recomputed from the
+    injected input, not held at the full input's) break that, and the once-per-model probe
+    refuses by name."""
+    from tl_decomp.decomposition import _tokens
+
+    model = td.tiny_model("gpt2", dtype=torch.float64)  # its own model: the check is cached
+    live = lambda full, V, b, t, *, hook: t  # noqa: E731
+    monkeypatch.setattr(_tokens, "_fixed", live)
+    with pytest.raises(NotImplementedError, match="not affine"):
+        td.token_logit_attribution(model, TEXTS, "mat")
+
+
 @pytest.mark.parametrize("statistic", ["shares", "norm_ratios", "cosines", ("logit", "mat")])
 def test_streamed_token_statistics_equal_the_stack(statistic):
     model = cached_model("gpt2")

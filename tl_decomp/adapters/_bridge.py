@@ -262,8 +262,10 @@ def _sublayer_hooks(n_layers: int, names: set[str]) -> set[str]:
     for L in range(n_layers):
         p = f"blocks.{L}."
         mixer = _mixer_name(L, names)
-        ends = ["attn.hook_out", "mlp.hook_out", *([f"{mixer}.hook_out"] if mixer else [])]
-        out |= {p + h for h in (*ends, *(f"{n}.hook_in" for n in _NORMS)) if p + h in names}
+        ends = ["attn.hook_out", "mlp.hook_in", "mlp.hook_out"]
+        ends += [f"{mixer}.hook_out"] if mixer else []
+        ends += [f"{n}.hook_{io}" for n in _NORMS for io in ("in", "out")]
+        out |= {p + h for h in ends if p + h in names}
     return out
 
 
@@ -277,8 +279,11 @@ def _post_norms(n_layers: int, names: set[str], same: Any) -> dict[tuple[int, st
         mixer = _mixer_name(L, names)
         sources = {"attn": [p + "attn.hook_out", *([f"{p}{mixer}.hook_out"] if mixer else [])]}
         sources["mlp"] = [p + "mlp.hook_out"]
+        # BLOOM's attention returns residual + attention: the norm reading it feeds the MLP
+        feeding = {n for n in _NORMS if same(f"{p}{n}.hook_out", p + "mlp.hook_in")}
         for part, outs in sources.items():
-            norm = next((n for n in _NORMS for o in outs if same(f"{p}{n}.hook_in", o)), None)
+            found = (n for n in _NORMS for o in outs if same(f"{p}{n}.hook_in", o))
+            norm = next((n for n in found if n not in feeding), None)
             if norm is not None:
                 reads[L, part] = norm
     return reads

@@ -26,6 +26,7 @@ from __future__ import annotations
 
 import contextlib
 import warnings
+import weakref
 from collections import Counter
 from collections.abc import Callable, Iterator, Sequence
 from functools import partial
@@ -239,10 +240,28 @@ def token_logits(
 ) -> tuple[Float[Tensor, "factor batch"], Float[Tensor, " batch"]]:
     """Each input token's direct logit (``<final embedding, direction>``) at one position
     per example, from one frozen forward pass and one backward pass: the frozen network is
-    affine, so token ``k``'s term is ``<d logit / d x_k, x_k>`` exactly; the last row is the
-    logit of ``F(0)`` (no token), from a second frozen pass without gradients (so the sum is
-    a check that the frozen network is affine). Returns ``(values [pos + 1, batch], F(x)'s
-    logit)``."""
+    affine, so token ``k``'s term is ``<d logit / d x_k, x_k>`` exactly, and the last row, the
+    logit of ``F(0)`` (no token), is what they leave of ``F(x)``'s logit. That the frozen
+    network is affine is checked once per model, on a short probe, against a run of ``F(0)``
+    (`_check_affine`). Returns ``(values [pos + 1, batch], F(x)'s logit)``."""
+    _check_affine(model, spec, direction.dtype)
+    values, logit = _gradient_logits(model, spec, cache, direction, position, tokens, mask)
+    values[-1] = logit.to(values) - values[:-1].sum(0)
+    return values, logit
+
+
+def _gradient_logits(
+    model: Model,
+    spec: ModelSpec,
+    cache: Cache,
+    direction: Tensor,
+    position: Tensor,
+    tokens: Tensor | None,
+    mask: Tensor | None,
+    zero: bool = False,
+) -> tuple[Tensor, Tensor]:
+    """``<d logit / d x_k, x_k>`` per token (rows ``0 .. n-1``) and ``F(x)``'s logit; with
+    `zero`, the last row holds ``F(0)``'s logit from a second frozen run (else 0)."""
     frozen = _Frozen(model, spec, cache, direction.dtype)
     b, n = cache[spec.embeds[0][1]].shape[:2]
     device = adapters.model_device(model)
@@ -262,10 +281,41 @@ def token_logits(
         if g is not None:
             values[:n] += (g * x).detach().reshape(b, n, -1).sum(-1).T.to(values)
     del at, leaves, grads
-    with torch.no_grad():
-        zero = run(torch.zeros(1, n, dtype=direction.dtype, device=device), None)
-        values[n] = (zero[rows, position] * direction.to(zero)).sum(-1).to(values)
+    if zero:
+        with torch.no_grad():
+            f0 = run(torch.zeros(1, n, dtype=direction.dtype, device=device), None)
+            values[n] = (f0[rows, position] * direction.to(f0)).sum(-1).to(values)
     return values, logit.detach()
+
+
+_AFFINE: weakref.WeakKeyDictionary[Any, bool] = weakref.WeakKeyDictionary()
+
+
+def _check_affine(model: Model, spec: ModelSpec, dtype: torch.dtype) -> None:
+    """Once per model: on a six-token probe, the tokens' gradient terms plus ``F(0)``'s logit
+    (its own frozen run) must give ``F(x)``'s logit. A nonlinearity the freeze misses makes
+    the frozen network non-affine, and every gradient term wrong: raised, naming it."""
+    if _AFFINE.get(model):
+        return
+    n = min(6, spec.n_ctx)
+    ids = adapters.sample_input(model, n, random=True)
+    mask = torch.ones_like(ids)
+    names = frozenset(frozen_hooks(model, spec))
+    with adapters.exclusive(model):
+        cache = adapters.run_with_cache(model, ids, mask, names.__contains__)
+    gen = torch.Generator().manual_seed(0)
+    direction = torch.randn(1, spec.d_model, generator=gen, dtype=torch.float64).to(dtype)
+    position = torch.tensor([n - 1])
+    values, logit = _gradient_logits(model, spec, cache, direction, position, ids, mask, True)
+    err = (values.sum(0) - logit.to(values)).abs().max().item()
+    scale = max(values.abs().sum(0).max().item(), 1e-30)
+    if err > spec.tolerance(values.dtype, True) * scale:
+        raise NotImplementedError(
+            f"the frozen re-run of {spec.architecture} is not affine in its input embeddings "
+            f"(the tokens' terms and F(0) miss F(x) by {err / scale:.2g} relative on a probe): "
+            "a nonlinearity tl_decomp does not freeze; granularity='token' is not supported"
+        )
+    _AFFINE[model] = True
 
 
 def _frozen_final(
