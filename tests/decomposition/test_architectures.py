@@ -19,6 +19,7 @@ from pathlib import Path
 import pytest
 import torch
 from support import zoo
+from support.helpers import projected_row
 from support.models import KINDS, TL3
 
 import tl_decomp as td
@@ -172,12 +173,7 @@ def _attention_error(model) -> float:
                 if blk.chunk is not None:  # Llama 4: the query's own chunk (right padding)
                     keys = [k for k in keys if k // blk.chunk == q // blk.chunk]
                 for h in range(spec.n_heads):
-                    t = v[b, keys, h] @ blk.W_O[h].double()
-                    u, s, _ = torch.linalg.svd(t, full_matrices=False)
-                    tol = torch.finfo(torch.float64).eps * max(len(keys), spec.d_model) * s[0]
-                    basis = u[:, s > tol]
-                    want = torch.zeros_like(a[b, h, q])
-                    want[keys] = a[b, h, q, keys] @ basis @ basis.T
+                    want = projected_row(a[b, h, q], v[b, keys, h] @ blk.W_O[h].double(), keys)
                     worst = max(worst, (eff[b, h, q].double() - want).abs().max().item())
     return worst
 

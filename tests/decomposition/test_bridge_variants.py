@@ -25,6 +25,7 @@ from typing import Any
 import pytest
 import torch
 from support import zoo
+from support.helpers import projected_row
 from support.models import TL3
 
 import tl_decomp as td
@@ -213,12 +214,7 @@ def test_effective_attention_is_a_per_row_svd(name, left):
                 if blk.chunk is not None:
                     keys = [k for k in keys if (k - first) // blk.chunk == (q - first) // blk.chunk]
                 for h in range(spec.n_heads):
-                    t = v[b, keys, h] @ blk.W_O[h].double()
-                    u, s, _ = torch.linalg.svd(t, full_matrices=False)
-                    tol = torch.finfo(torch.float64).eps * max(len(keys), spec.d_model) * s[0]
-                    basis = u[:, s > tol]
-                    want = torch.zeros_like(a[b, h, q])
-                    want[keys] = a[b, h, q, keys] @ basis @ basis.T
+                    want = projected_row(a[b, h, q], v[b, keys, h] @ blk.W_O[h].double(), keys)
                     err = (eff[b, h, q] - want).abs().max().item()
                     assert err <= 1e-9, (name, L, b, q, h, err)
 

@@ -10,6 +10,7 @@ attention the bridge does not expose faithfully must be refused by name.
 from __future__ import annotations
 
 import functools
+import importlib
 import random
 from typing import Any
 
@@ -479,8 +480,8 @@ def test_seq2seq_refusals_by_name() -> None:
         e.logit_attrs(5)
     with pytest.raises(NotImplementedError, match="encoder–decoder model outside"):
         td.token_identifiability(model, ["the cat sat on the mat ."] * 4, progress=False)
-    with pytest.raises(NotImplementedError, match="on an encoder–decoder"):
-        td.decompose_layers(model, ENC, decoder_input=DEC, reduce=("logit", 5))
+    with pytest.raises(NotImplementedError, match="logit attribution on"):
+        td.decompose_layers(model, ENC, stack="encoder", reduce=("logit", 5))
     with pytest.raises(ValueError, match="cross=True is the decoder's"):
         td.attention_names_filter(model, stack="encoder", cross=True)
 
@@ -492,3 +493,79 @@ def test_seq2seq_outcome(family: str) -> None:
     assert status == ("refused" if refused else "exact"), detail
     if status == "exact":
         assert float(detail.split()[0]) <= 1e-6, detail
+
+
+# -- decoder text as the decoder reads it; streamed decoder logits ---------------------------
+def _hf_shift(family: str, labels: torch.Tensor) -> torch.Tensor:
+    """Hugging Face's own shift of target ids behind the decoder's start token."""
+    hf = zoo.hf_reference(family)
+    if family == "t5":
+        return hf._shift_right(labels)
+    module = importlib.import_module(f"transformers.models.{family}.modeling_{family}")
+    return module.shift_tokens_right(
+        labels, hf.config.pad_token_id, hf.config.decoder_start_token_id
+    )
+
+
+@pytest.mark.parametrize("family", ["t5", "bart", "marian"])
+def test_decoder_text_is_shifted_behind_the_start_token(family: str) -> None:
+    """``decoder_input=`` text feeds the decoder what Hugging Face's training does:
+    ``labels = tokenizer(text_target=...)`` shifted right behind ``decoder_start_token_id``;
+    ids stay as given; the decomposition sums to Hugging Face's decoder state on those ids."""
+    model, hf = _model(family), zoo.hf_reference(family)
+    texts, targets = ["the cat sat on the mat", "a dog"], ["the dog ran", "a cat sat on the mat"]
+    enc = model.tokenizer(texts, padding=True, return_tensors="pt")
+    labels = model.tokenizer(text_target=targets, padding=True, return_tensors="pt")
+    shifted, real = _hf_shift(family, labels["input_ids"]), labels["attention_mask"].bool()
+    d = td.decompose(model, texts, decoder_input=targets, layer="final")
+    assert d.tokens is not None and d.attention_mask is not None
+    assert torch.equal(d.attention_mask.bool().cpu(), real)
+    assert torch.equal(d.tokens.cpu()[real], shifted[real])  # padding: pad, not a shifted EOS
+    assert d.tokens[0, 0] == hf.config.decoder_start_token_id
+    one = td.decompose(model, texts[1], decoder_input=targets[1])
+    n = int(real[1].sum())
+    assert one.tokens is not None and torch.equal(one.tokens.cpu(), shifted[1:, :n])
+    with torch.inference_mode():
+        out = hf(input_ids=enc["input_ids"], attention_mask=enc["attention_mask"],
+                 decoder_input_ids=shifted, decoder_attention_mask=labels["attention_mask"],
+                 output_hidden_states=True)  # fmt: skip
+    ref = out.decoder_hidden_states[-1]
+    err = (d.factors.sum(0) - ref)[real].abs().max() / ref[real].abs().max()
+    assert err.item() <= 1e-6  # T5's decoder_ln_final rounds its scale to float32
+    ids = td.decompose(
+        model, texts, decoder_input=DEC[:, :4], decoder_attention_mask=DEC_MASK[:, :4]
+    )
+    assert ids.tokens is not None and torch.equal(ids.tokens.cpu(), DEC[:, :4])
+
+
+@pytest.mark.parametrize("family", ["t5", "bart"])
+def test_streamed_decoder_logits_equal_the_materialised(family: str) -> None:
+    """``reduce=("logit", ...)`` on the decoder applies the measured output scale (T5:
+    ``d_model ** -0.5``) and bias (BART's ``final_logits_bias``) as ``logit_attrs`` does, at
+    every layer the lens reaches (a post-LN decoder's block outputs are refused by both)."""
+    model, real = _model(family), DEC_MASK.bool()
+    kw: dict[str, Any] = dict(attention_mask=ENC_MASK, decoder_input=DEC,
+                              decoder_attention_mask=DEC_MASK, granularity="head")  # fmt: skip
+    ds = td.decompose_layers(model, ENC, **kw)
+    post = ds[-1].layer != "final"  # BART: no final norm, no lens at block outputs
+    layers = [ds[-1].layer] if post else [d.layer for d in ds]
+    for statistic in (("logit", 5), ("logit", 5, 6)):
+        rs = td.decompose_layers(model, ENC, layers=layers, reduce=statistic, **kw)
+        assert [r.layer for r in rs] == layers
+        for r in rs:
+            la = next(d for d in ds if d.layer == r.layer).logit_attrs(*statistic[1:])
+            assert r.labels == la.labels
+            gap = (r.values - la.values)[:, real].abs().max() / la.values[:, real].abs().max()
+            assert gap.item() <= 1e-12, (family, r.layer, gap.item())
+    if post:
+        with pytest.raises(NotImplementedError, match="logit attribution at this layer"):
+            td.decompose_layers(model, ENC, layers=[1], reduce=("logit", 5), **kw)
+        with pytest.raises(NotImplementedError, match="logit lens at a block output"):
+            ds[1].logit_attrs(5)
+    hf = zoo.hf_reference(family)
+    with torch.inference_mode():
+        logits = hf(input_ids=ENC, attention_mask=ENC_MASK, decoder_input_ids=DEC,
+                    decoder_attention_mask=DEC_MASK).logits[..., 5]  # fmt: skip
+    final = td.decompose_layers(model, ENC, layers=[layers[-1]], reduce=("logit", 5), **kw)[0]
+    err = (final.values.sum(0) - logits)[real].abs().max() / logits[real].abs().max()
+    assert err.item() <= 1e-6

@@ -209,3 +209,149 @@ def test_logit_attribution_is_refused_by_name(family):
     d = td.decompose(_model(family), zoo.pixels(family))
     with pytest.raises(NotImplementedError, match="logit attribution on a vision model"):
         d.logit_attrs(torch.tensor([0, 1]))
+
+
+# -- split_input: the embedding's patches, prefix tokens and positions ---------------------
+
+
+@pytest.mark.parametrize("family", VISION)
+def test_split_input_matches_hugging_face_embedding_pieces(family):
+    """``patch`` + ``patch_bias`` is Hugging Face's own patch embedding (conv, bias included),
+    the prefix tokens and position embeddings are its parameters, each at its own positions,
+    and every layer still sums to Hugging Face's hidden states."""
+    model, x = _model(family), zoo.pixels(family)
+    states, last = _hf_states(family)
+    hf = zoo.hf_reference(family)
+    emb = getattr(hf, hf.base_model_prefix, hf).embeddings
+    prefix = ["cls_token", "distillation_token"] if family == "deit" else ["cls_token"]
+    ds = td.decompose_layers(model, x, granularity="head", split_input=True)
+    assert [d.layer for d in ds] == [*range(len(states)), "final"]
+    for d in ds:
+        want = last if d.layer == "final" else states[d.layer]
+        assert _rel(d.factors.sum(0), want) <= TOL, (family, d.layer)
+    d0 = ds[0]
+    assert list(d0.labels[: 3 + len(prefix)]) == ["patch", "patch_bias", *prefix, "pos_embed"]
+    term = dict(zip(d0.labels, d0.factors, strict=True))
+    n = len(prefix)
+    with torch.inference_mode():
+        patches = emb.patch_embeddings(x)  # [batch patch d_model], the conv's bias included
+    assert _rel((term["patch"] + term["patch_bias"])[:, n:], patches) <= 1e-12
+    bias = emb.patch_embeddings.projection.bias
+    assert _rel(term["patch_bias"][:, n:], bias.expand_as(patches)) == 0.0
+    for k, name in enumerate(prefix):
+        assert torch.equal(term[name][:, k], getattr(emb, name)[0, 0].expand(2, -1).to(x))
+        assert not term[name][:, [j for j in range(term[name].shape[1]) if j != k]].any()
+    for name in ("patch", "patch_bias"):
+        assert not term[name][:, :n].any()  # the prefix tokens have no patch
+    assert torch.equal(term["pos_embed"], emb.position_embeddings.expand(2, -1, -1).to(x))
+    pieces = torch.stack([term[k] for k in ["patch", "patch_bias", *prefix, "pos_embed"]])
+    assert _rel(pieces.sum(0), states[0]) <= 1e-12
+
+
+def test_split_input_coarse_float32_and_own_cache():
+    """Coarse granularity keeps one input row; a float32 model splits within float32; a cache
+    run with the split's names filter holds the pixels it re-reads."""
+    model, x = _model("vit"), zoo.pixels("vit")
+    states, _ = _hf_states("vit")
+    d = td.decompose(model, x, layer=0, split_input=True)
+    assert d.labels[0] == "i" and _rel(d.factors[0], states[0]) <= 1e-12
+    names = td.decomposition_names_filter(model, granularity="layer", split_input=True)
+    _, cache = model.run_with_cache(x, names_filter=names)
+    own = td.decompose(model, cache, layer=2, granularity="layer", split_input=True)
+    assert own.labels[0] == "patch" and _rel(own.factors.sum(0), states[2]) <= TOL
+    f32 = zoo.boot("vit", torch.float32)
+    d32 = td.decompose(f32, x.float(), layer=3, granularity="layer", split_input=True)
+    assert d32.labels[0] == "patch" and _rel(d32.factors.sum(0), states[3]) <= 1e-4
+
+
+def test_split_input_refuses_a_split_that_misses_the_embedding():
+    model, x = _model("vit"), zoo.pixels("vit")
+    _, cache = model.run_with_cache(x, names_filter=lambda n: n == "embed.hook_out")
+    hooked = cache["embed.hook_out"]
+    assert len(td.adapters.embedding_terms(model, x, hooked, torch.float64)) == 4
+    with pytest.raises(NotImplementedError, match="sum to its output only to"):
+        td.adapters.embedding_terms(model, x, hooked * (1 + 1e-9), torch.float64)
+
+
+# -- token identifiability on patches ------------------------------------------------------
+
+
+def _nearest_reference(states, e0):
+    """Brute force, one image and position at a time: the first position of the same image
+    whose layer-0 vector has the highest cosine with the state (a zero vector scores 0)."""
+    out = torch.empty(states.shape[:-1], dtype=torch.long)
+    for b in range(states.shape[0]):
+        for t in range(states.shape[1]):
+            best, arg = -2.0, -1
+            for j in range(e0.shape[1]):
+                u, v = states[b, t], e0[b, j]
+                norm = (u.norm() * v.norm()).item()
+                s = (u @ v).item() / norm if norm > 0 else 0.0
+                if s > best:
+                    best, arg = s, j
+            out[b, t] = arg
+    return out
+
+
+@pytest.mark.parametrize("family", VISION)
+def test_identifiability_on_patches_matches_brute_force(family):
+    """Naive cosine rates per layer on 4 images equal a nearest-neighbour search over Hugging
+    Face's own hidden states; layer 0 identifies itself wherever its vectors are distinct."""
+    model, x = _model(family), zoo.pixels(family, batch=4, seed=3)
+    res = td.token_identifiability(
+        model, x, mapping="naive", test_fraction=0.75, batch_size=2, progress=False
+    )
+    hf = zoo.hf_reference(family)
+    with torch.inference_mode():
+        states = getattr(hf, hf.base_model_prefix, hf)(x, output_hidden_states=True).hidden_states
+    image = td.adapters.image_input(model)
+    assert image is not None
+    assert res.layers == tuple(range(len(states))) and res.match == "position"
+    assert sorted(res.train + res.test) == [0, 1, 2, 3] and len(res.test) == 3
+    test = list(res.test)
+    for k, hs in enumerate(states):
+        nearest = _nearest_reference(hs[test], states[0][test])
+        hits = nearest == torch.arange(image.n_pos)
+        assert res.rate(k) == pytest.approx(hits.double().mean().item(), abs=0), (family, k)
+    e0 = states[0][test]
+    distinct = all(torch.unique(e, dim=0).shape[0] == image.n_pos for e in e0)
+    if distinct:
+        assert res.rate(0) == 1.0
+    else:  # DeiT's zoo copy keeps zero CLS and distillation tokens: DIST finds CLS first
+        assert res.rate(0) < 1.0
+    assert res.positions.tolist() == list(range(image.n_pos)) * 3
+    assert torch.equal(res.token_ids, res.positions)  # positions stand in for token ids
+
+
+def test_identifiability_on_patches_inputs_and_batching():
+    """A sequence of images is the same corpus as their stack; batch size changes nothing;
+    a fitted map splits by image."""
+    model, x = _model("vit"), zoo.pixels("vit", batch=6, seed=1)
+    a = td.token_identifiability(model, x, mapping="naive", batch_size=4, progress=False)
+    b = td.token_identifiability(model, list(x), mapping="naive", batch_size=1, progress=False)
+    assert torch.equal(a.rates, b.rates) and a.test == b.test
+    lin = td.token_identifiability(model, x, mapping="linear", distance="l2", progress=False)
+    assert set(lin.train).isdisjoint(lin.test) and len(lin.train + lin.test) == 6
+    assert lin.rate(0) == 1.0 and lin.rates.shape == (4,)
+
+
+def test_identifiability_on_patches_checks_input_first():
+    model, x = _model("vit"), zoo.pixels("vit", batch=4)
+    for bad, err, match in (
+        (x, ValueError, "lookup='vocab'.*pixels"),
+        (x[0], ValueError, r"\[n_images channels height width\]"),
+        (x[:, :2], ValueError, "3 channels of 16x16 pixels, not 2"),
+        ([x[0], x[1, :, :8]], ValueError, r"corpus\[1\].*not 3 of 8x16"),
+        ([x[0], x[1, 0]], ValueError, r"corpus\[1\]: one image is \[channels height width\]"),
+        (["a photo", "a cat"], TypeError, "reads pixel values.*not text"),
+        (x[:0], ValueError, "no images"),
+    ):
+        lookup = "vocab" if match.startswith("lookup") else "sequence"
+        with pytest.raises(err, match=match):
+            td.token_identifiability(model, bad, lookup=lookup, progress=False)
+    with pytest.raises(ValueError, match="match='token'.*patches have none"):
+        td.token_identifiability(model, x, match="token", progress=False)
+    with pytest.raises(ValueError, match="batch_size"):
+        td.token_identifiability(model, x, batch_size=0, progress=False)
+    with pytest.raises(TypeError):
+        td.token_identifiability(zoo.boot("gpt2"), x, progress=False)

@@ -1,4 +1,5 @@
-"""The project's tolerances, imported from the library (docs/method.md §1.4), and hook checks."""
+"""The project's tolerances, imported from the library (docs/method.md §1.4), hook checks and
+the effective-attention reference."""
 
 from __future__ import annotations
 
@@ -14,6 +15,17 @@ def assert_close(actual: Tensor, expected: Tensor, dtype: torch.dtype, what: str
     err = (actual - expected).abs().max().item()
     scale = expected.abs().max().item()
     assert err <= RTOL[dtype] * scale, f"{what}: max abs error {err:.3g} vs |target| {scale:.3g}"
+
+
+def projected_row(row: Tensor, t: Tensor, keys: list[int]) -> Tensor:
+    """Effective attention's reference for one query row: its weights on exactly `keys`
+    projected onto the column space of ``T = V W_O`` over those keys (one SVD; the rank
+    cut at ``eps * max(keys, d_model) * s_0``), zero elsewhere."""
+    u, s, _ = torch.linalg.svd(t, full_matrices=False)
+    basis = u[:, s > torch.finfo(torch.float64).eps * max(t.shape) * s[0]]
+    want = torch.zeros_like(row)
+    want[keys] = row[keys] @ basis @ basis.T
+    return want
 
 
 def hook_state(model) -> dict[str, tuple[int, ...]]:

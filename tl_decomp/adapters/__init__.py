@@ -55,7 +55,15 @@ from tl_decomp.adapters._state import (
     load_forward_ad,
     user_hooks,
 )
-from tl_decomp.adapters._vision import Image, image_input, sample_input
+from tl_decomp.adapters._vision import (
+    PIXELS_HOOK,
+    Image,
+    embedding_terms,
+    image_corpus,
+    image_input,
+    input_labels,
+    sample_input,
+)
 
 __all__ = [
     "STACKS",
@@ -63,6 +71,7 @@ __all__ = [
     "FrozenMoE",
     "FrozenSites",
     "Image",
+    "PIXELS_HOOK",
     "Routing",
     "as_tokens",
     "cache_model",
@@ -75,13 +84,16 @@ __all__ = [
     "check_lengths",
     "eager_experts",
     "embedding_matrix",
+    "embedding_terms",
     "evaluating",
     "exclusive",
     "expert_terms",
     "freeze_moe",
     "frozen_sites",
     "hold_experts",
+    "image_corpus",
     "image_input",
+    "input_labels",
     "is_seq2seq",
     "load_forward_ad",
     "mlm_logits",

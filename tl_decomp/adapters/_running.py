@@ -16,6 +16,7 @@ from torch import Tensor
 from tl_decomp._core import checks
 from tl_decomp._core.spec import ModelSpec
 from tl_decomp.adapters._common import model_kind
+from tl_decomp.adapters._seq2seq import decoder_text_ids, is_seq2seq
 from tl_decomp.adapters._state import evaluating, exclusive
 from tl_decomp.adapters._vision import Image, image_input
 
@@ -70,10 +71,13 @@ def check_lengths(model: Any, spec: ModelSpec, texts: Sequence[str], arg: str = 
 
 def _ids(model: Any, text: str, *, encoder: bool) -> list[int]:
     """One text's ids as `tokenize` gives them: the tokenizer's own specials on encoders
-    ([CLS] ... [SEP]); on decoders a BOS where TransformerLens would prepend one."""
+    ([CLS] ... [SEP]); on decoders a BOS where TransformerLens would prepend one; on an
+    encoder–decoder's decoder its target ids shifted behind the decoder's start token."""
     tok = model.tokenizer
     if encoder:
         return tok(text)["input_ids"]
+    if is_seq2seq(model):  # the decoder reads what Hugging Face's training feeds it
+        return decoder_text_ids(model, text)
     ids = tok(text, add_special_tokens=False)["input_ids"]
     bos = tok.bos_token_id
     if getattr(model.cfg, "default_prepend_bos", True) and bos is not None:
@@ -85,7 +89,8 @@ def tokenize(model: Any, texts: str | Sequence[str], *, encoder: bool) -> tuple[
     """Token ids and a 1/0 attention mask, right-padded, with the model's special tokens.
 
     Encoders get the tokenizer's own specials ([CLS] ... [SEP]); decoders get a BOS token
-    where TransformerLens would prepend one.
+    where TransformerLens would prepend one; an encoder–decoder's decoder (``encoder=False``)
+    gets its targets shifted right behind its start token (`decoder_text_ids`).
     """
     tok = model.tokenizer
     if tok is None:

@@ -342,8 +342,36 @@ def cross_values(model: Any, L: int) -> Tensor:
     return W_V.detach()
 
 
+def shift_right(model: Any, labels: Tensor) -> Tensor:
+    """Target ids `labels` ``[batch pos]`` shifted right one place behind the decoder's start
+    token, as Hugging Face's training feeds the decoder: the model's own
+    ``prepare_decoder_input_ids_from_labels`` where it has one (T5Gemma's start is its
+    decoder's BOS; mBART's, each row's last real label wrapped round), else
+    ``config.decoder_start_token_id`` (``shift_tokens_right``)."""
+    hf = getattr(model, "original_model", None)
+    prepare = getattr(hf, "prepare_decoder_input_ids_from_labels", None)
+    if callable(prepare):
+        return torch.as_tensor(prepare(labels=labels))
+    start = getattr(getattr(hf, "config", None), "decoder_start_token_id", None)
+    if not isinstance(start, int):
+        raise unsupported(
+            "decoder_input as text on a model whose config names no decoder_start_token_id "
+            "(pass the decoder's token ids)",
+            model,
+        )
+    return torch.cat([labels.new_full((labels.shape[0], 1), start), labels[:, :-1]], 1)
+
+
+def decoder_text_ids(model: Any, text: str) -> list[int]:
+    """One text's decoder ids: the tokenizer's ids of it as a target (``text_target=``, its own
+    special tokens for labels, e.g. a closing EOS) `shift_right`ed, as long as the labels."""
+    labels = model.tokenizer(text_target=text)["input_ids"]
+    return shift_right(model, torch.tensor([labels], dtype=torch.long))[0].tolist()
+
+
 def start_tokens(model: Any, batch: int, device: torch.device) -> Tensor:
-    """One decoder-start token per example: what an encoder-only question runs the decoder on."""
+    """One decoder-start token per example: what an encoder-only question runs the decoder on
+    (the encoder never reads it; 0 where the config names none)."""
     hf = getattr(getattr(model, "original_model", None), "config", None)
     start = getattr(hf, "decoder_start_token_id", None)
     start = start if isinstance(start, int) else 0
@@ -355,9 +383,11 @@ __all__ = [
     "StackName",
     "cross_spec",
     "cross_values",
+    "decoder_text_ids",
     "is_seq2seq",
     "rescale",
     "run_seq2seq",
+    "shift_right",
     "spec_stack",
     "start_tokens",
     "unembedding",

@@ -103,22 +103,26 @@ def windowed(
     eff[..., :w, :w] = causal(u[..., :w, :], a[..., :w, :w], mask[:, :w], rtol[..., :w])
     queries = mask[:, w:].nonzero()  # padded queries see nothing: no window to solve
     queries[:, 1] += w
-    heads = torch.arange(u.shape[1], device=u.device)[:, None]
     span = torch.arange(window, device=u.device) - window + 1  # key offsets from the query
-    k = u.shape[-1]  # a window's keys (window x k) and its factors (k x k) per query and head
-    per_query = max(1, _CHUNK_ELEMENTS // (u.shape[1] * max(window, k) * k))
+    _solve_spans(eff, u, a, mask, rtol, queries, span)
+    return eff
+
+
+def _solve_spans(eff: Tensor, u: Tensor, a: Tensor, mask: Tensor, rtol: Tensor, queries, span):
+    """Rows ``queries`` (``[n 2]``: example, position t) of `eff`, each projected onto its
+    keys ``t + span``: gathered, a chunk of queries at a time, into small bidirectional
+    problems (a span's keys x k and its k x k factors per query and head)."""
+    heads = torch.arange(u.shape[1], device=u.device)[:, None]
+    k = u.shape[-1]
+    per_query = max(1, _CHUNK_ELEMENTS // (u.shape[1] * max(len(span), k) * k))
     for chunk in queries.split(per_query):
         bi, t = chunk.unbind(-1)
-        keys = (t[:, None] + span)[:, None]  # [chunk 1 window]
+        keys = (t[:, None] + span)[:, None]  # [chunk 1 span]
         where = bi[:, None, None], heads, t[:, None, None], keys
-        rows = _window_rows(
-            u[bi[:, None, None], heads, keys],
-            a[where],
-            mask[bi[:, None], keys[:, 0]],
+        eff[where] = _window_rows(
+            u[bi[:, None, None], heads, keys], a[where], mask[bi[:, None], keys[:, 0]],
             rtol[bi, :, t],
-        )
-        eff[where] = rows
-    return eff
+        )  # fmt: skip
 
 
 def banded(
@@ -132,22 +136,13 @@ def banded(
     space of its valid keys j with ``|t - j| <= window`` (`a` must be zero outside them). As
     `windowed`'s later rows: each query's keys gathered into a small bidirectional problem;
     ``window`` zero keys padded on both sides keep every gathered key distinct."""
-    n, k, heads_n = u.shape[-2], u.shape[-1], u.shape[1]
+    n = u.shape[-2]
     up = torch.nn.functional.pad(u, (0, 0, window, window))  # zero rows: outside every span
     ap = torch.nn.functional.pad(a, (window, window))
     mp = torch.nn.functional.pad(mask, (window, window))
     eff = torch.zeros_like(ap)
-    heads = torch.arange(heads_n, device=u.device)[:, None]
     span = torch.arange(2 * window + 1, device=u.device)  # padded key index: t + offset
-    per_query = max(1, _CHUNK_ELEMENTS // (heads_n * max(2 * window + 1, k) * k))
-    for chunk in mask.nonzero().split(per_query):  # padded queries see nothing
-        bi, t = chunk.unbind(-1)
-        keys = (t[:, None] + span)[:, None]  # [chunk 1 span]
-        where = bi[:, None, None], heads, t[:, None, None], keys
-        eff[where] = _window_rows(
-            up[bi[:, None, None], heads, keys], ap[where], mp[bi[:, None], keys[:, 0]],
-            rtol[bi, :, t],
-        )  # fmt: skip
+    _solve_spans(eff, up, ap, mp, rtol, mask.nonzero(), span)  # padded queries see nothing
     return eff[..., window : window + n]
 
 

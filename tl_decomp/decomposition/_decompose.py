@@ -183,7 +183,8 @@ def decompose(
         centering: ``correction`` puts every LayerNorm centering in ``c`` (the paper);
             ``terms`` centres each term so ``c`` holds biases only. The sum is identical.
         attention_mask: 1/0 mask for token-id input.
-        split_input: split the input term into ``embed``/``pos_embed``/``token_type_embed``.
+        split_input: split the input term into ``embed``/``pos_embed``/``token_type_embed``
+            (a vision model's: ``patch``/``patch_bias``/``cls_token``/``pos_embed``).
         split_correction: split ``c`` into ``ln_center``, ``ln_bias``, ``attn_bias``, ``mlp_bias``.
         dtype: compute dtype (default: the model's; float32 for half-precision models).
         decoder_input: on an encoder–decoder, the decoder's token ids (or text): the state

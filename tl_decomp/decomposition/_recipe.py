@@ -142,6 +142,8 @@ class DecompositionRecipe(Terms):
 
     @property
     def hooks(self) -> list[str]:
+        if self.split_input and adapters.image_input(self.model) is not None:  # + the pixels
+            return [adapters.PIXELS_HOOK, *replace(self, split_input=False).hooks]
         if self.encoder is not None:  # the encoder's terms, and the values each block reads
             values = [b.cross.v for b in self.spec.blocks if b.cross is not None]
             own = replace(self, cross=None, encoder=None).hooks
@@ -240,10 +242,11 @@ class DecompositionRecipe(Terms):
                 f"reduce= with cross='encoder' ({self.spec.architecture}) is not supported by "
                 "tl_decomp: the materialised decomposition is"
             )
-        if self.stack is not None and isinstance(statistic, tuple):  # the unembedding's
+        if self.stack == "encoder" and isinstance(statistic, tuple):  # logits: the decoder's
             raise NotImplementedError(
-                f"reduce={statistic[0]!r} on an encoder–decoder ({self.spec.architecture}) is "
-                "not supported by tl_decomp: Decomposition.logit_attrs is"
+                f"logit attribution on {self.spec.architecture}'s encoder: its states reach "
+                "the logits only through the decoder's cross-attention; decompose the decoder "
+                "(decoder_input=) for logits"
             )
         return iter_reduced(
             self, cache, statistic, layers, attention_mask=attention_mask, routing=routing
@@ -318,7 +321,12 @@ class DecompositionRecipe(Terms):
 
     def _input(self, st: Rows, cache: Any, dt: torch.dtype) -> None:
         spec = self.spec
-        if self.split_input or not spec.input:
+        if self.split_input and adapters.image_input(self.model) is not None:
+            # patches, prefix tokens, positions: recomputed from the pixels, checked
+            hooked, pixels = cache[spec.embeds[0][1]], cache[adapters.PIXELS_HOOK]
+            for label, term in adapters.embedding_terms(self.model, pixels, hooked, dt):
+                st.add(self._label("i", label), term)
+        elif self.split_input or not spec.input:
             for label, hook in spec.embeds:
                 st.add(self._label("i", label if self.split_input else "input"), cache[hook].to(dt))
         else:  # the summed embeddings as the model holds them (scaled: Gemma, Granite)

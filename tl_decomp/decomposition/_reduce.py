@@ -32,7 +32,7 @@ from tl_decomp._core.convention import Layer
 from tl_decomp._core.results import Result
 from tl_decomp._core.spec import InexactDecompositionError, ModelSpec
 from tl_decomp.decomposition._algebra import Rows, check_patterns, is_coarse
-from tl_decomp.decomposition._logit import own_logits, pick_bias, token_columns
+from tl_decomp.decomposition._logit import own_logits, pick_bias, token_columns, unembedding
 
 STATISTICS = ("shares", "norm_ratios", "cosines")
 
@@ -198,14 +198,13 @@ class _Logit:
         if not spec.unembed_reads_final or (lens and spec.norm_placement != "pre"):
             raise NotImplementedError(f"logit attribution at this layer of {spec.architecture}")
         tokens, incorrect = statistic[1], statistic[2] if len(statistic) == 3 else None
-        W_U, shape = model.W_U.detach().to(dt), x.shape[:2]
-        b_U = getattr(model, "b_U", None)
-        b_U = torch.zeros(W_U.shape[1], dtype=dt, device=W_U.device) if b_U is None else b_U
+        W_U, b_U = unembedding(recipe, dt)  # an encoder–decoder's measured scale and bias
+        shape = x.shape[:2]
         direction = token_columns(model, W_U, tokens, shape)
-        bias = pick_bias(b_U.detach().to(dt), model, tokens, shape)
+        bias = pick_bias(b_U, model, tokens, shape)
         if incorrect is not None:
             direction = direction - token_columns(model, W_U, incorrect, shape)
-            bias = bias - pick_bias(b_U.detach().to(dt), model, incorrect, shape)
+            bias = bias - pick_bias(b_U, model, incorrect, shape)
         self.direction, self.per_token = direction.to(x.device), None
         self.extra: list[tuple[str, Tensor]] = []
         if lens:

@@ -50,7 +50,10 @@ class Terms:
         if g == "coarse":  # x split by the encoder's own coarse terms
             x = encoder_rows(self.encoder, cache, n_pos)
             return {r: k2 for k in spec.kinds for r, k2 in (x.items() if k == "x" else [(k, k)])}
-        rows = {label: "i" for label, _ in (spec.embeds if self.split_input else [("input", "")])}
+        inputs = [label for label, _ in spec.embeds] if self.split_input else ["input"]
+        if self.split_input and (vision := adapters.input_labels(self.model)) is not None:
+            inputs = list(vision)  # the pixels' patches, prefix tokens and positions
+        rows = dict.fromkeys(inputs, "i")
         moe = self.moe_layers if g == "expert" else ()
         for L in range(spec.n_layers):
             if spec.blocks[L].mixer is not None:  # alone, or beside the attention (Falcon-H1)

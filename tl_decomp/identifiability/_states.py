@@ -17,10 +17,10 @@ from __future__ import annotations
 import functools
 from collections.abc import Iterator, Sequence
 from dataclasses import replace
-from typing import Any, Literal
+from typing import Any, Literal, cast
 
 import torch
-from jaxtyping import Int
+from jaxtyping import Float, Int
 from torch import Tensor
 from tqdm import tqdm
 
@@ -49,14 +49,15 @@ def _capture(store: dict[str, Tensor], site: str, tensor: Tensor, *, hook: Any) 
 def gather_states(
     model: Any,
     spec: ModelSpec,
-    corpus: Sequence[str],
+    corpus: Sequence[str] | Tensor,
     order: Sequence[int],
     layers: Sequence[Layer],
     batch_size: int,
     vocab: bool,
     bar: Any,
 ) -> Iterator[StateBatch]:
-    """Hidden states of `corpus[order]`, a batch at a time; the run stops at the deepest layer."""
+    """Hidden states of `corpus[order]` (texts, or a vision model's images ``[n channels
+    height width]``), a batch at a time; the run stops at the deepest layer."""
     deepest = max(layers, key=lambda L: convention.depth(spec, L))
     sites = [spec.layer0] + [convention.site(spec, L) for L in layers if L != 0]
     sites.append(convention.site(spec, deepest))  # the run stops after the last site
@@ -65,16 +66,11 @@ def gather_states(
     device = adapters.model_device(model)
     batches = [list(order[i : i + batch_size]) for i in range(0, len(order), batch_size)]
     for _, idx in distributed.deal(batches):  # under torch.distributed: this rank's share
-        tokens, mask = adapters.tokenize(model, [corpus[i] for i in idx], encoder=not spec.causal)
-        if tokens.shape[1] > spec.n_ctx:
-            raise ValueError(
-                f"a sequence has {tokens.shape[1]} tokens; the context is {spec.n_ctx}"
-            )
-        tokens, mask = tokens.to(device), mask.to(device)
+        run_on, tokens, mask = _inputs(model, spec, corpus, idx, device)
         got: dict[str, Tensor] = {}
         hooks = [(s, functools.partial(_capture, got, s)) for s in dict.fromkeys(sites + embeds)]
         with torch.no_grad():
-            adapters.run_with_hooks(model, tokens, mask, hooks, stop_after=sites[-1])
+            adapters.run_with_hooks(model, run_on, mask, hooks, stop_after=sites[-1])
         adapters.check_finite({s: got[s] for s in dict.fromkeys(sites)}, mask)
         e0 = got[spec.layer0]
         states = torch.stack([got[convention.site(spec, L)] for L in layers])
@@ -83,9 +79,24 @@ def gather_states(
         bar.update(len(idx))
 
 
+def _inputs(
+    model: Any, spec: ModelSpec, corpus: Sequence[str] | Tensor, idx: list[int], device
+) -> tuple[Tensor, Tensor, Tensor]:
+    """One batch's model input, token ids and mask. Images have no token ids: each
+    position's index (prefix tokens, then patches) stands in for one."""
+    if isinstance(corpus, Tensor):
+        pixels, mask = adapters.as_tokens(model, spec, corpus[torch.tensor(idx)])
+        ids = torch.arange(mask.shape[1]).expand_as(mask)
+        return pixels.to(device, next(model.parameters()).dtype), ids.to(device), mask.to(device)
+    tokens, mask = adapters.tokenize(model, [corpus[i] for i in idx], encoder=not spec.causal)
+    if tokens.shape[1] > spec.n_ctx:
+        raise ValueError(f"a sequence has {tokens.shape[1]} tokens; the context is {spec.n_ctx}")
+    return tokens.to(device), tokens.to(device), mask.to(device)
+
+
 def _check(
     spec: ModelSpec,
-    corpus: Sequence[str],
+    corpus: Sequence[str] | Tensor | Sequence[Tensor],
     layers: Sequence[Layer] | None,
     options: dict[str, tuple[str, tuple[str, ...]]],
     test_fraction: float,
@@ -98,10 +109,29 @@ def _check(
     return layers
 
 
+def _check_images(
+    image: adapters.Image, corpus: Any, lookup: str, match: str, batch_size: int
+) -> Float[Tensor, "batch channels height width"]:
+    """A vision model's corpus, checked: its patches have positions but no vocabulary."""
+    if lookup == "vocab":
+        raise ValueError(
+            "lookup='vocab' looks among vocabulary items: a vision model reads pixels and has "
+            "none; use lookup='sequence' (the image's own layer-0 vectors)"
+        )
+    if match == "token":
+        raise ValueError(
+            "match='token' compares token ids: a vision model's patches have none; "
+            "use match='position'"
+        )
+    checks.integer(batch_size, "batch_size", least=1)
+    return adapters.image_corpus(image, corpus)
+
+
 def split_corpus(
-    corpus: Sequence[str], test_fraction: float, seed: int, mapping: str
+    corpus: Sequence[str] | Tensor, test_fraction: float, seed: int, mapping: str
 ) -> tuple[list[int], list[int]]:
-    """Random split by sequence; each side sorted by length, which keeps padding low."""
+    """Random split by sequence (or image); each side sorted by length, which keeps padding
+    low."""
     n = len(corpus)
     n_test = max(1, round(n * test_fraction))
     need = 10 if mapping == "mlp" else 1
@@ -117,7 +147,7 @@ def split_corpus(
 
 def token_identifiability(
     model: Any,
-    corpus: Sequence[str],
+    corpus: Sequence[str] | Tensor | Sequence[Tensor],
     *,
     mapping: Mapping = "linear",
     distance: Distance = "cosine",
@@ -129,7 +159,7 @@ def token_identifiability(
     batch_size: int = 32,
     cross_layer: bool = False,
     max_mlp_tokens: int = 20_000,
-    match: Match = "token",
+    match: Match | None = None,
     progress: bool = True,
     stack: adapters.StackName | None = None,
     decoder_input: Sequence[str] | None = None,
@@ -141,7 +171,9 @@ def token_identifiability(
 
     Args:
         model: a TransformerBridge, HookedTransformer or HookedEncoder.
-        corpus: texts, one sequence each (the split is by sequence).
+        corpus: texts, one sequence each (the split is by sequence); for a vision model,
+            images ``[n_images channels height width]`` or a sequence of ``[channels height
+            width]`` (split by image; each position, prefix tokens and patches, is scored).
         mapping: ``naive`` (identity), ``linear`` (an affine map) or ``mlp`` (one hidden
             layer; Adam; early stopping on every 10th training sequence).
         distance: ``cosine`` or ``l2`` for the nearest-neighbour lookup.
@@ -167,11 +199,13 @@ def token_identifiability(
         max_mlp_tokens: training tokens a trained map (``mlp``, or ``linear`` with
             ``loss="cosine"``) keeps in memory (a uniform sample of the training split's
             tokens).
-        match: ``token`` (default): identified when the nearest layer-0 vector holds the
-            same token id; ``position``: only when it is the token's own position, stricter
-            where a sequence repeats a token (demo 03: MiniLM, 300 shipped sentences, naive
-            cosine, layer 6: 0.933 by id, 0.862 by position). Brunner et al. do not say
-            which they counted.
+        match: ``token`` (default for text): identified when the nearest layer-0 vector
+            holds the same token id; ``position``: only when it is the token's own
+            position, stricter where a sequence repeats a token (demo 03: MiniLM, 300
+            shipped sentences, naive cosine, layer 6: 0.933 by id, 0.862 by position).
+            Brunner et al. do not say which they counted. A vision model's patches have no
+            ids: ``position`` only (its default; the result's `token_ids` then hold each
+            position's index).
         progress: show a progress bar over the corpus.
         stack: on an encoder–decoder, ``"encoder"`` (the corpus's tokens in the encoder's
             states) or ``"decoder"`` (implied by `decoder_input`: the decoder text's tokens
@@ -190,10 +224,13 @@ def token_identifiability(
     """
     stack = "decoder" if stack is None and decoder_input is not None else stack
     decoder = None
+    texts = cast("Sequence[str]", corpus)  # checked as texts below, unless images
     if stack is not None:  # an encoder–decoder's stack: its own texts, checked
-        spec, corpus, decoder = check_stack(model, stack, corpus, decoder_input, batch_size, lookup)
+        spec, texts, decoder = check_stack(model, stack, texts, decoder_input, batch_size, lookup)
     else:
         spec = adapters.model_spec(model)
+    image = adapters.image_input(model) if stack is None else None
+    match = match if match is not None else ("position" if image is not None else "token")
     options: dict[str, tuple[str, tuple[str, ...]]] = {
         "mapping": (mapping, ("naive", "linear", "mlp")),
         "distance": (distance, ("cosine", "l2")),
@@ -202,14 +239,16 @@ def token_identifiability(
     }
     layers = _check(spec, corpus, layers, options, test_fraction)
     loss = check_loss(mapping, distance, loss)
+    images = None if image is None else _check_images(image, corpus, lookup, match, batch_size)
     if match == "position" and lookup == "vocab":
         raise ValueError("match='position' needs lookup='sequence' (vocabulary items have none)")
-    if stack is None:
-        corpus = adapters.check_corpus(model, spec, corpus, batch_size, "corpus")
+    if stack is None and image is None:
+        texts = adapters.check_corpus(model, spec, texts, batch_size, "corpus")
+    data: Sequence[str] | Tensor = texts if images is None else images
     checks.integer(seed, "seed")
     checks.integer(max_mlp_tokens, "max_mlp_tokens", least=1)
     trained = mapping == "mlp" or loss == "cosine"  # every 10th training sequence validates
-    train, test = split_corpus(corpus, test_fraction, seed, "mlp" if trained else mapping)
+    train, test = split_corpus(data, test_fraction, seed, "mlp" if trained else mapping)
     vocab = Vocab.for_model(model, spec) if lookup == "vocab" else None
     total = len(test) + (len(train) if mapping != "naive" else 0)
     bar_on = progress and distributed.is_main()
@@ -218,7 +257,7 @@ def token_identifiability(
             gather_states,
             model,
             spec,
-            corpus,
+            data,
             layers=layers,
             batch_size=batch_size,
             vocab=vocab is not None,
@@ -226,7 +265,7 @@ def token_identifiability(
         )
         if stack is not None:
             gather = functools.partial(
-                gather_stack_states, model, spec, corpus, decoder,
+                gather_stack_states, model, spec, texts, decoder,
                 layers=layers, batch_size=batch_size, bar=bar,
             )  # fmt: skip
         result = identifiability_from_states(
