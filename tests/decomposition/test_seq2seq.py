@@ -480,7 +480,7 @@ def test_seq2seq_refusals_by_name() -> None:
         e.logit_attrs(5)
     with pytest.raises(NotImplementedError, match="encoder–decoder model outside"):
         td.token_identifiability(model, ["the cat sat on the mat ."] * 4, progress=False)
-    with pytest.raises(NotImplementedError, match="logit attribution on"):
+    with pytest.raises(NotImplementedError, match="encoder: its states reach the logits"):
         td.decompose_layers(model, ENC, stack="encoder", reduce=("logit", 5))
     with pytest.raises(ValueError, match="cross=True is the decoder's"):
         td.attention_names_filter(model, stack="encoder", cross=True)

@@ -291,9 +291,7 @@ def decompose_layers(
     recipe = DecompositionRecipe.for_model(model, **options)
     layers = convention.resolve_many(recipe.spec, layers)
     if reduce is not None:
-        from tl_decomp.decomposition._reduce import check_statistic
-
-        check_statistic(reduce, recipe.spec)  # before the forward pass
+        recipe.check_statistic(reduce)  # before the forward pass
     stacks = 0 if reduce is not None else len(layers) + 1  # the list, and the walk's buffer
     cache, tokens, mask, routing = cache_for(
         model, recipe, input, attention_mask, n_stacks=stacks, max_memory=max_memory,

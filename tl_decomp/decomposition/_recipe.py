@@ -237,17 +237,7 @@ class DecompositionRecipe(Terms):
         """
         if self.granularity == "token":
             return self._token_reduced(cache, statistic, layers, attention_mask)
-        if self.encoder is not None:  # a streamed row is recorded once, x.<label> many times
-            raise NotImplementedError(
-                f"reduce= with cross='encoder' ({self.spec.architecture}) is not supported by "
-                "tl_decomp: the materialised decomposition is"
-            )
-        if self.stack == "encoder" and isinstance(statistic, tuple):  # logits: the decoder's
-            raise NotImplementedError(
-                f"logit attribution on {self.spec.architecture}'s encoder: its states reach "
-                "the logits only through the decoder's cross-attention; decompose the decoder "
-                "(decoder_input=) for logits"
-            )
+        self.check_statistic(statistic)
         return iter_reduced(
             self, cache, statistic, layers, attention_mask=attention_mask, routing=routing
         )
@@ -269,6 +259,21 @@ class DecompositionRecipe(Terms):
         dt = self.compute_dtype()
         run = self._token_run(cache, wanted, None, mask, dt)
         return reduce_tokens(self, run, cache, statistic, wanted, mask, dt)
+
+    def check_statistic(self, statistic: Any) -> None:
+        """Refuse, before any forward pass, a `reduce=` statistic this recipe cannot stream."""
+        if self.encoder is not None:  # a streamed row is recorded once, x.<label> many times
+            raise NotImplementedError(
+                f"reduce= with cross='encoder' ({self.spec.architecture}) is not supported by "
+                "tl_decomp: the materialised decomposition is"
+            )
+        if self.stack == "encoder" and isinstance(statistic, tuple):  # logits: the decoder's
+            raise NotImplementedError(
+                f"logit attribution on {self.spec.architecture}'s encoder: its states reach "
+                "the logits only through the decoder's cross-attention; decompose the decoder "
+                "(decoder_input=) for logits"
+            )
+        check_statistic(statistic, self.spec)
 
     def steps(self, wanted: Sequence[Layer]) -> list[tuple[str, Any]]:
         """The walk up to the deepest of `wanted`, in forward order: ``("input", None)``,
