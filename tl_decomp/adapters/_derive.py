@@ -82,7 +82,7 @@ def _spec(model: Any, kind: str) -> ModelSpec:
         spec = _hooked.spec_hooked_encoder(model)
     else:
         spec = _hooked.spec_hooked_transformer(model)
-    mixers = {L for L, b in enumerate(spec.blocks) if b.mixer is not None}
+    mixers = frozenset(L for L, b in enumerate(spec.blocks) if b.mixer is not None)
     wins, chunks = windows(model, spec.n_layers, mixers), _chunks(model, spec.n_layers)
     blocks = zip(spec.blocks, wins, chunks, strict=True)
     return replace(spec, blocks=tuple(replace(b, window=w, chunk=c) for b, w, c in blocks))
@@ -101,7 +101,9 @@ def _chunks(model: Any, n_layers: int) -> tuple[int | None, ...]:
     return tuple(int(size) if t == "chunked_attention" else None for t in types[:n_layers])
 
 
-def windows(model: Any, n_layers: int, mixers: set[int] = set()) -> tuple[int | None, ...]:  # noqa: B006
+def windows(
+    model: Any, n_layers: int, mixers: frozenset[int] = frozenset()
+) -> tuple[int | None, ...]:
     """Per block: how many keys (itself included) a query sees, or None for every earlier key.
 
     Read from the Hugging Face config (`layer_types` + `sliding_window`, GPT-Neo's
